@@ -1,0 +1,73 @@
+"""Calibration and evaluation text: read local files (or hub datasets) and cut token windows."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+HUB_PREFIX = "hf:"
+
+
+class DataError(ValueError):
+    """A data file or dataset name that cannot be used, with what to do about it."""
+
+
+def domain_name(spec: str) -> str:
+    """Name a data source in reports: file stem for files, dataset id for hub datasets."""
+    return spec[len(HUB_PREFIX):].split(":")[0] if spec.startswith(HUB_PREFIX) else Path(spec).stem
+
+
+def read_texts(spec: str) -> list[str]:
+    """Documents from a `.jsonl` file ({"text": ...} per line), a plain text file (blank-line
+    separated documents), or `hf:NAME[:CONFIG[:SPLIT]]` for a datasets-library dataset."""
+    if spec.startswith(HUB_PREFIX):
+        return _read_hub_dataset(spec[len(HUB_PREFIX):])
+    path = Path(spec)
+    if not path.is_file():
+        raise DataError(f"data file {spec} does not exist (pass a .jsonl/.txt file or hf:DATASET[:CONFIG[:SPLIT]])")
+    if path.suffix == ".jsonl":
+        texts = []
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    texts.append(json.loads(line)["text"])
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise DataError(f"{spec}:{n}: expected a JSON object with a 'text' field ({e})") from None
+    else:
+        texts = path.read_text(encoding="utf-8").split("\n\n")
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise DataError(f"data file {spec} holds no text: calibration and evaluation need non-empty documents")
+    return texts
+
+
+def _read_hub_dataset(name: str) -> list[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("hub datasets need the `datasets` package: pip install datasets") from None
+    parts = name.split(":")
+    ds = datasets.load_dataset(parts[0], parts[1] if len(parts) > 1 and parts[1] else None,
+                               split=parts[2] if len(parts) > 2 else "train")
+    return [t for t in ds["text"] if t and t.strip()]
+
+
+def token_windows(tokenizer, texts: list[str], seq_len: int, max_windows: int | None = None,
+                  eos_id: int | None = None) -> torch.Tensor:
+    """Concatenate documents (EOS between them) and cut into [n, seq_len] windows, in order."""
+    eos = tokenizer.eos_token_id if eos_id is None else eos_id
+    budget = None if max_windows is None else max_windows * seq_len
+    ids: list[int] = []
+    for t in texts:
+        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
+        ids.append(eos)
+        if budget is not None and len(ids) >= budget:
+            break
+    n = len(ids) // seq_len if max_windows is None else min(len(ids) // seq_len, max_windows)
+    if n == 0:
+        raise DataError(f"only {len(ids)} tokens of text, fewer than one window of {seq_len}: "
+                        "give more text or a smaller --seq-len")
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
