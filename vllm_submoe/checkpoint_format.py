@@ -1,0 +1,183 @@
+"""Checkpoint format v1: the `submoe` block in config.json and the expert tensors' names.
+
+Shared by the offline compressor (writes) and the vLLM plugin (reads, validates). Imports
+neither side, nor vLLM, nor torch: it must stay importable everywhere.
+
+    "submoe": {"format_version": 1, "method": "submoe",
+               "source": {"architecture": "MixtralForCausalLM", "num_experts": 8, ...},
+               "num_router_experts": 8,
+               "layers": [{"num_experts": 4, "expert_map": [0, 0, 1, 2, 3, 1, 2, 3]}, ...]}
+
+`expert_map[l][i]` is the merged expert that serves router expert i in layer l.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+FORMAT_VERSION = 1
+BLOCK_KEY = "submoe"
+
+
+class CheckpointFormatError(ValueError):
+    """A `submoe` block or expert tensor that does not follow format v1."""
+
+
+@dataclass(frozen=True)
+class MoELayout:
+    """Where an architecture keeps its MoE: config fields and checkpoint tensor names."""
+
+    model_type: str
+    source_architecture: str
+    plugin_architecture: str
+    num_experts_field: str
+    top_k_field: str
+    intermediate_field: str
+    moe_prefix: str  # module under model.layers.{l}
+    router_name: str
+    expert_names: tuple[str, str, str]  # gate (W_G), down (W_D), up (W_U)
+
+    def router_tensor(self, layer: int) -> str:
+        return f"model.layers.{layer}.{self.moe_prefix}.{self.router_name}.weight"
+
+    def expert_tensor(self, layer: int, expert: int, which: str) -> str:
+        """`which` is one of 'gate', 'down', 'up'."""
+        name = dict(zip(("gate", "down", "up"), self.expert_names))[which]
+        return f"model.layers.{layer}.{self.moe_prefix}.experts.{expert}.{name}.weight"
+
+    def expert_shapes(self, hidden: int, intermediate: int) -> dict[str, tuple[int, int]]:
+        return {"gate": (intermediate, hidden), "up": (intermediate, hidden), "down": (hidden, intermediate)}
+
+
+MIXTRAL = MoELayout(
+    model_type="mixtral", source_architecture="MixtralForCausalLM",
+    plugin_architecture="SubMoEMixtralForCausalLM", num_experts_field="num_local_experts",
+    top_k_field="num_experts_per_tok", intermediate_field="intermediate_size",
+    moe_prefix="block_sparse_moe", router_name="gate", expert_names=("w1", "w2", "w3"),
+)
+LAYOUTS = {MIXTRAL.model_type: MIXTRAL}
+
+
+def layout_for(config: Mapping[str, Any]) -> MoELayout:
+    model_type = config.get("model_type")
+    if model_type not in LAYOUTS:
+        raise CheckpointFormatError(
+            f"unsupported architecture model_type={model_type!r} "
+            f"(architectures={config.get('architectures')}); supported: {', '.join(sorted(LAYOUTS))}")
+    return LAYOUTS[model_type]
+
+
+@dataclass(frozen=True)
+class SubMoEBlock:
+    """A validated `submoe` block."""
+
+    method: str
+    num_router_experts: int
+    expert_maps: tuple[tuple[int, ...], ...]
+    raw: Mapping[str, Any]
+
+    @property
+    def experts_per_layer(self) -> tuple[int, ...]:
+        return tuple(max(m) + 1 for m in self.expert_maps)
+
+
+def make_block(method: str, source: Mapping[str, Any], num_router_experts: int,
+               expert_maps: Iterable[Iterable[int]], **extra: Any) -> dict[str, Any]:
+    maps = [[int(i) for i in m] for m in expert_maps]
+    block = {
+        "format_version": FORMAT_VERSION,
+        "method": method,
+        "source": dict(source),
+        "num_router_experts": int(num_router_experts),
+        "layers": [{"num_experts": max(m) + 1, "expert_map": m} for m in maps],
+        **extra,
+    }
+    return block
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parse_block(config: Mapping[str, Any]) -> SubMoEBlock:
+    """Validate the `submoe` block of a config dict; one error naming layer and field."""
+    block = config.get(BLOCK_KEY)
+    where = f"config.json `{BLOCK_KEY}`"
+    if not isinstance(block, Mapping):
+        raise CheckpointFormatError(
+            f"{where} block is missing: this checkpoint was not written by `submoe compress` "
+            f"(serve it with its source architecture instead)")
+    version = block.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointFormatError(
+            f"{where}.format_version is {version!r}; this vllm-submoe reads version {FORMAT_VERSION}: "
+            f"upgrade vllm-submoe or re-export the checkpoint")
+    n_router = block.get("num_router_experts")
+    if not _int(n_router) or n_router < 1:
+        raise CheckpointFormatError(f"{where}.num_router_experts must be a positive integer, got {n_router!r}")
+    layers = block.get("layers")
+    num_layers = config.get("num_hidden_layers")
+    if not isinstance(layers, list) or len(layers) != num_layers:
+        got = len(layers) if isinstance(layers, list) else repr(layers)
+        raise CheckpointFormatError(f"{where}.layers must list one entry per decoder layer "
+                                    f"(num_hidden_layers={num_layers}), got {got}")
+    maps = []
+    for l, layer in enumerate(layers):
+        lw = f"{where}.layers[{l}]"
+        n = layer.get("num_experts") if isinstance(layer, Mapping) else None
+        m = layer.get("expert_map") if isinstance(layer, Mapping) else None
+        if not _int(n) or not 1 <= n <= n_router:
+            raise CheckpointFormatError(f"{lw}.num_experts must be an integer in 1..{n_router}, got {n!r}")
+        if not isinstance(m, list) or len(m) != n_router:
+            got = len(m) if isinstance(m, list) else repr(m)
+            raise CheckpointFormatError(f"{lw}.expert_map must have one entry per router expert "
+                                        f"({n_router}), got {got}")
+        bad = [(i, e) for i, e in enumerate(m) if not _int(e) or not 0 <= e < n]
+        if bad:
+            i, e = bad[0]
+            raise CheckpointFormatError(f"{lw}.expert_map[{i}] = {e!r} is outside 0..{n - 1} "
+                                        f"(num_experts={n}): the map would index a missing expert")
+        unreached = sorted(set(range(n)) - set(m))
+        if unreached:
+            raise CheckpointFormatError(f"{lw}.expert_map reaches no router expert to merged expert(s) "
+                                        f"{unreached}: drop them or fix the map")
+        maps.append(tuple(m))
+    layout = layout_for(config)
+    declared = config.get(layout.num_experts_field)
+    if declared != max(max(m) + 1 for m in maps):
+        raise CheckpointFormatError(
+            f"config.json `{layout.num_experts_field}` is {declared!r} but the largest per-layer "
+            f"expert count in `{BLOCK_KEY}.layers` is {max(max(m) + 1 for m in maps)}: they must agree")
+    top_k = config.get(layout.top_k_field)
+    if _int(top_k) and top_k > n_router:
+        raise CheckpointFormatError(f"config.json `{layout.top_k_field}`={top_k} exceeds num_router_experts={n_router}")
+    return SubMoEBlock(method=str(block.get("method", "unknown")), num_router_experts=n_router,
+                       expert_maps=tuple(maps), raw=block)
+
+
+def expected_expert_tensors(config: Mapping[str, Any], block: SubMoEBlock) -> dict[str, tuple[int, int]]:
+    """Every expert and router tensor a format-v1 checkpoint must hold, with its shape."""
+    layout = layout_for(config)
+    hidden, inter = config["hidden_size"], config[layout.intermediate_field]
+    shapes = layout.expert_shapes(hidden, inter)
+    out = {}
+    for l, n in enumerate(block.experts_per_layer):
+        out[layout.router_tensor(l)] = (block.num_router_experts, hidden)
+        for j in range(n):
+            for which, shape in shapes.items():
+                out[layout.expert_tensor(l, j, which)] = shape
+    return out
+
+
+def check_tensor_shape(name: str, shape: Iterable[int], expected: Mapping[str, tuple[int, int]]) -> None:
+    want = expected.get(name)
+    if want is not None and tuple(shape) != want:
+        raise CheckpointFormatError(f"tensor {name} has shape {tuple(shape)}, expected {want} "
+                                    f"from config.json and the `{BLOCK_KEY}` block")
+
+
+def check_all_present(seen: Iterable[str], expected: Mapping[str, Any]) -> None:
+    missing = sorted(set(expected) - set(seen))
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointFormatError(f"checkpoint is missing tensor(s) {', '.join(missing[:3])}{more}")

@@ -1,0 +1,90 @@
+"""Compression facts as Prometheus gauges on vLLM's `/metrics`, beside its latency histograms.
+
+Loaded through the `vllm.stat_logger_plugins` entry point: it runs in the API-server process,
+whose default registry `/metrics` serves. The facts are static, so they are set once at start.
+Exported for any MoE vLLM serves (a stock Mixtral shows ratio 1), so two deployments compare.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prometheus_client import Gauge
+from vllm.v1.metrics.loggers import StatLoggerBase
+
+from .checkpoint_format import BLOCK_KEY, CheckpointFormatError, layout_for, parse_block
+
+_GAUGES: dict[str, Gauge] = {}
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def _gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
+    # Module-level cache: a second engine in one process must not register the name twice.
+    if name not in _GAUGES:
+        _GAUGES[name] = Gauge(name, doc, ["model_name", *labels], multiprocess_mode="mostrecent")
+    return _GAUGES[name]
+
+
+def weight_bytes(model_dir: str) -> int | None:
+    """Sum of the tensors' sizes in a local checkpoint, read from safetensors headers only."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        with f.open("rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        total += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
+    return total
+
+
+def compression_facts(config: dict, model_dir: str) -> dict | None:
+    """Experts per layer, expert parameters and bytes, total weight bytes, ratio to the source."""
+    try:
+        layout = layout_for(config)
+    except CheckpointFormatError:
+        return None  # not an MoE this plugin knows: nothing to export
+    hidden, inter = config["hidden_size"], config[layout.intermediate_field]
+    if BLOCK_KEY in config:
+        counts = list(parse_block(config).experts_per_layer)
+        source = config[BLOCK_KEY].get("source", {})
+    else:
+        counts = [config[layout.num_experts_field]] * config["num_hidden_layers"]
+        source = {}
+    expert_params = sum(counts) * 3 * hidden * inter
+    total = weight_bytes(model_dir)
+    facts = {
+        "experts_per_layer": counts,
+        "expert_parameters": expert_params,
+        "expert_bytes": expert_params * _DTYPE_BYTES.get(str(config.get("torch_dtype") or config.get("dtype")), 2),
+        "weight_bytes": total,
+        "source_weight_bytes": source.get("weight_bytes", total),
+    }
+    facts["compression_ratio"] = (facts["source_weight_bytes"] / total) if total else 1.0
+    return facts
+
+
+class SubMoEStatLogger(StatLoggerBase):
+    def __init__(self, vllm_config, engine_index: int = 0):
+        model_config = vllm_config.model_config
+        self.facts = compression_facts(model_config.hf_config.to_dict(), model_config.model)
+        if self.facts is None:
+            return
+        name = model_config.served_model_name
+        name = name[0] if isinstance(name, (list, tuple)) else name
+        for layer, n in enumerate(self.facts["experts_per_layer"]):
+            _gauge("submoe_experts", "Experts held per MoE layer", ("layer",)).labels(name, str(layer)).set(n)
+        _gauge("submoe_expert_parameters", "Expert parameters in all MoE layers").labels(name).set(
+            self.facts["expert_parameters"])
+        _gauge("submoe_expert_bytes", "Bytes of expert weights").labels(name).set(self.facts["expert_bytes"])
+        if self.facts["weight_bytes"]:
+            _gauge("submoe_weight_bytes", "Bytes of all model weights").labels(name).set(self.facts["weight_bytes"])
+        _gauge("submoe_compression_ratio", "Source weight bytes / served weight bytes").labels(name).set(
+            self.facts["compression_ratio"])
+
+    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+        pass
+
+    def log_engine_initialized(self):
+        pass

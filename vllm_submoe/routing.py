@@ -1,0 +1,30 @@
+"""Remapped routing: the source model's top-k over N router experts, then ids -> merged ids.
+
+Pure torch, device-agnostic, no host synchronisation: safe under torch.compile and CUDA graphs.
+"""
+
+import torch
+from torch import nn
+
+
+class RemappedSoftmaxTopK(nn.Module):
+    """Mixtral routing (softmax over N logits, top-k, optional renormalisation) followed by
+    `expert_map[ids]`. Passed to vLLM's fused MoE as `custom_routing_function`.
+
+    Two chosen router experts that map to one merged expert both stay in the list: the fused
+    kernels accept duplicate ids and add their weights, which is exactly the merged forward.
+    """
+
+    def __init__(self, expert_map: list[int]):
+        super().__init__()
+        # Built under vLLM's device context at model construction, so it already lives on
+        # the model's device; non-persistent: it comes from config.json, not the weights.
+        self.register_buffer("expert_map", torch.tensor(expert_map, dtype=torch.int32), persistent=False)
+
+    def forward(self, hidden_states: torch.Tensor, gating_output: torch.Tensor, topk: int,
+                renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = torch.softmax(gating_output.float(), dim=-1)
+        weights, ids = torch.topk(probs, topk, dim=-1)
+        if renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, self.expert_map[ids.long()]
