@@ -1,0 +1,145 @@
+"""Checkpoint I/O at the edges: lazy safetensors reads of a source, atomic writes of a result.
+
+Reads go through `safe_open` (memory-mapped): a tensor is materialised only when asked for,
+so a compressor holds one decoder layer at a time, whatever the model size.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "generation_config.json", "chat_template.jinja")
+
+
+class CheckpointError(ValueError):
+    """A source checkpoint that cannot be read, with what to do about it."""
+
+
+def resolve_model_dir(spec: str) -> Path:
+    """A local directory, or a hub id resolved through the local Hugging Face cache / download."""
+    path = Path(spec)
+    if path.is_dir():
+        return path
+    if path.exists() or spec.startswith((".", "/")) or spec.count("/") != 1:
+        raise CheckpointError(f"model {spec} is not a directory with config.json and *.safetensors "
+                              f"(pass a local checkpoint directory or a hub id like org/name)")
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+    except Exception as e:  # network, auth, missing repo: one message either way
+        raise CheckpointError(f"could not fetch {spec} from the hub ({type(e).__name__}: {e}); "
+                              f"download it first and pass the local directory") from None
+
+
+class LazyCheckpoint:
+    """Name -> tensor access over one or many safetensors files, without loading them."""
+
+    def __init__(self, model_dir: str | Path):
+        self.dir = resolve_model_dir(str(model_dir))
+        config_path = self.dir / "config.json"
+        if not config_path.is_file():
+            raise CheckpointError(f"{self.dir} has no config.json: not a Hugging Face checkpoint directory")
+        self.config = json.loads(config_path.read_text())
+        files = sorted(self.dir.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{self.dir} has no *.safetensors weights (only safetensors are read; "
+                                  f"convert .bin checkpoints first)")
+        self._file_of: dict[str, Path] = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as h:
+                for name in h.keys():
+                    self._file_of[name] = f
+        self._handles: dict[Path, object] = {}
+
+    def names(self) -> list[str]:
+        return list(self._file_of)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file_of
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._file_of:
+            raise CheckpointError(f"{self.dir} is missing tensor {name}")
+        f = self._file_of[name]
+        if f not in self._handles:
+            self._handles[f] = safe_open(str(f), framework="pt")
+        return self._handles[f].get_tensor(name)
+
+    def nbytes(self) -> int:
+        total = 0
+        for f in {*self._file_of.values()}:
+            with safe_open(str(f), framework="pt") as h:
+                for name in h.keys():
+                    sl = h.get_slice(name)
+                    n = 1
+                    for d in sl.get_shape():
+                        n *= d
+                    total += n * _dtype_bytes(sl.get_dtype())
+        return total
+
+
+def _dtype_bytes(dtype: str) -> int:
+    return {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}.get(dtype, 2)
+
+
+class ShardWriter:
+    """Writes tensors shard by shard (one shard per call) plus the safetensors index."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+        self.weight_map: dict[str, str] = {}
+        self.total_bytes = 0
+        self._shards: list[str] = []
+
+    def write(self, tensors: dict[str, torch.Tensor]) -> None:
+        name = f"model-part-{len(self._shards):05d}.safetensors"
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        save_file(tensors, str(self.out_dir / name), metadata={"format": "pt"})
+        self._shards.append(name)
+        for k, v in tensors.items():
+            self.weight_map[k] = name
+            self.total_bytes += v.numel() * v.element_size()
+
+    def finish(self) -> None:
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+@contextmanager
+def atomic_output_dir(dst: Path, force: bool):
+    """Yield a temporary directory beside `dst`; rename it to `dst` only if the body succeeds.
+
+    An existing `dst` is kept unless `force`; a failed run leaves no partial directory.
+    """
+    dst = Path(dst)
+    if dst.exists() and not force:
+        raise FileExistsError(f"output {dst} already exists: choose another --out or pass --force to replace it")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if dst.exists():  # --force: swap in the new directory, then drop the old one
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.rename(dst, old)
+        os.rename(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, dst)
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)

@@ -1,0 +1,85 @@
+"""`submoe`: compress a Mixture-of-Experts checkpoint, and measure what it cost.
+
+    submoe compress --model SRC --out DST --method submoe --num-experts 4 --calib data/calib/*.jsonl
+    submoe eval --model DST --reference SRC --data data/eval/*.jsonl --json eval.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from vllm_submoe.checkpoint_format import CheckpointFormatError
+
+from .checkpoint import CheckpointError
+from .data import DataError
+from .methods import METHODS, MethodError
+
+USER_ERRORS = (CheckpointError, CheckpointFormatError, DataError, MethodError, FileExistsError)
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="submoe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="merge experts and write a checkpoint vLLM serves through the plugin")
+    c.add_argument("--model", required=True, help="source checkpoint directory (or hub id)")
+    c.add_argument("--out", required=True, type=Path, help="output directory (must not exist unless --force)")
+    c.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}")
+    c.add_argument("--num-experts", required=True, type=int, help="experts per layer after merging")
+    c.add_argument("--calib", nargs="+", default=[], metavar="FILE",
+                   help=".jsonl/.txt calibration files (one per domain) or hf:DATASET[:CONFIG[:SPLIT]]")
+    c.add_argument("--samples", type=int, default=256, help="calibration windows (default 256)")
+    c.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window (default 256)")
+    rank = c.add_mutually_exclusive_group()
+    rank.add_argument("--rank", type=int, help="submoe: rank kept per merged matrix")
+    rank.add_argument("--rank-ratio", type=float, help="submoe: rank kept as a fraction of full rank (default 1)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where each layer is computed")
+    c.add_argument("--force", action="store_true", help="replace an existing --out directory")
+    c.add_argument("--no-progress", action="store_true")
+
+    e = sub.add_parser("eval", help="per-domain perplexity, KL and top-1 agreement against a reference")
+    e.add_argument("--model", required=True)
+    e.add_argument("--reference", help="the source checkpoint to compare against")
+    e.add_argument("--data", nargs="+", required=True, metavar="FILE", help="one file per domain")
+    e.add_argument("--seq-len", type=int, default=256)
+    e.add_argument("--max-windows", type=int, default=32, help="windows per domain (default 32)")
+    e.add_argument("--json", type=Path, help="write the figures here")
+    e.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "compress":
+            from .compress import CompressError, CompressOptions, compress
+            try:
+                report = compress(CompressOptions(
+                    model=args.model, out=args.out, method=args.method, num_experts=args.num_experts,
+                    calib=args.calib, samples=args.samples, seq_len=args.seq_len, rank=args.rank,
+                    rank_ratio=args.rank_ratio, seed=args.seed, device=args.device, force=args.force,
+                    progress=not args.no_progress))
+            except CompressError as e:
+                raise MethodError(str(e)) from None
+            s = report["sizes"]
+            print(f"wrote {args.out}: experts per layer {s['experts_per_layer']}, "
+                  f"{s['source_weight_bytes'] / 1e6:.2f} MB -> {s['weight_bytes'] / 1e6:.2f} MB, "
+                  f"{report['time_seconds']:.1f} s (report: {args.out}/compression_report.md)")
+        else:
+            from .evaluate import evaluate, to_table
+            result = evaluate(args.model, args.data, args.reference, args.seq_len, args.max_windows,
+                              progress=not args.no_progress)
+            print(to_table(result))
+            if args.json:
+                args.json.write_text(json.dumps(result, indent=2) + "\n")
+    except USER_ERRORS as e:
+        print(f"submoe {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

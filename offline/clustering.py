@@ -1,0 +1,24 @@
+"""Grouping experts by what they compute on calibration tokens."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.cluster import KMeans
+
+
+def output_features(outputs: torch.Tensor) -> np.ndarray:
+    """One unit vector per expert: its outputs on the calibration tokens, flattened.
+    Euclidean k-means on unit vectors clusters by cosine similarity."""
+    flat = outputs.reshape(outputs.shape[0], -1).double()
+    return torch.nn.functional.normalize(flat, dim=1).numpy()
+
+
+def kmeans_clusters(features: np.ndarray, k: int, seed: int) -> list[list[int]]:
+    """k-means with k-means++ initialisation, seeded; several restarts for stability."""
+    labels = KMeans(n_clusters=k, init="k-means++", n_init=10, random_state=seed).fit(features).labels_
+    return [np.flatnonzero(labels == c).tolist() for c in range(k)]
+
+
+def cosine_similarity(outputs: torch.Tensor) -> torch.Tensor:
+    f = torch.from_numpy(output_features(outputs))
+    return f @ f.T

@@ -1,0 +1,149 @@
+"""`submoe compress`: stream a source MoE one decoder layer at a time and write a merged checkpoint.
+
+Per layer: read its tensors (memory-mapped), run the calibration hidden states through it,
+measure routing and expert outputs, group and merge the experts, write the layer's shard,
+free it. Hidden states then move on through the *source* layer, so every layer is calibrated
+on the activations the original model produces.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import AutoTokenizer
+
+from vllm_submoe.checkpoint_format import BLOCK_KEY, CheckpointFormatError, layout_for, make_block
+
+from . import report as report_mod
+from .calibration import calibration_windows
+from .checkpoint import LazyCheckpoint, ShardWriter, atomic_output_dir, copy_tokenizer
+from .methods import LayerStats, make_method
+from .mixtral_layer import Rotary, attention_half, build_layer, expert_tensors, hf_config, non_expert_names, \
+    read_experts
+from .moe_math import Experts, all_expert_outputs, moe_forward, routing_frequency
+
+
+class CompressError(ValueError):
+    """Compression settings that cannot work for this model."""
+
+
+@dataclass
+class CompressOptions:
+    model: str
+    out: Path
+    method: str
+    num_experts: int
+    calib: list[str] = field(default_factory=list)
+    samples: int = 256
+    seq_len: int = 256
+    rank: int | None = None
+    rank_ratio: float | None = None
+    seed: int = 0
+    device: str = "cpu"
+    force: bool = False
+    output_tokens: int = 2048  # tokens on which every expert's output is measured (clustering)
+    progress: bool = True
+
+
+def _check_options(opts: CompressOptions, config: dict) -> int:
+    layout = layout_for(config)
+    if BLOCK_KEY in config:
+        raise CompressError(f"{opts.model} is already a compressed checkpoint (config.json has a `{BLOCK_KEY}` "
+                            f"block): compress the source model instead")
+    n = config[layout.num_experts_field]
+    if not 1 <= opts.num_experts < n:
+        raise CompressError(f"--num-experts must be between 1 and {n - 1} (the source has {n} experts per layer), "
+                            f"got {opts.num_experts}")
+    if opts.device.startswith("cuda") and not torch.cuda.is_available():
+        raise CompressError("--device cuda was given but no CUDA device is visible: use --device cpu")
+    return n
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def compress(opts: CompressOptions) -> dict:
+    t0 = time.time()
+    ckpt = LazyCheckpoint(opts.model)
+    config = ckpt.config
+    n_src = _check_options(opts, config)
+    layout = layout_for(config)
+    method = make_method(opts.method, **({"rank": opts.rank, "rank_ratio": opts.rank_ratio}))
+    tokenizer = AutoTokenizer.from_pretrained(str(ckpt.dir))
+    windows, calib_info = calibration_windows(tokenizer, opts.calib, opts.samples, opts.seq_len, opts.seed)
+    cfg = hf_config(config)
+    dev = torch.device(opts.device)
+    top_k = config[layout.top_k_field]
+    names = ckpt.names()
+    src_dtype = ckpt.get("model.embed_tokens.weight").dtype
+
+    with atomic_output_dir(opts.out, opts.force) as tmp:
+        writer = ShardWriter(tmp)
+        globals_ = {n: ckpt.get(n) for n in names if not n.startswith("model.layers.")}
+        x = globals_["model.embed_tokens.weight"].float()[windows].to(dev)
+        writer.write(globals_)
+        del globals_
+        rotary = Rotary(cfg, opts.seq_len)
+        rotary.cos, rotary.sin = rotary.cos.to(dev), rotary.sin.to(dev)
+        gen = torch.Generator().manual_seed(opts.seed)
+        layers, maps = [], []
+        for l in tqdm(range(cfg.num_hidden_layers), desc=f"compress {opts.method} {n_src}->{opts.num_experts}",
+                      unit="layer", disable=not opts.progress):
+            tl = time.time()
+            tensors = {n: ckpt.get(n) for n in non_expert_names(names, l)}
+            experts = read_experts(ckpt, l, n_src)
+            layer = build_layer(cfg, l, tensors, experts).to(dev)
+            with torch.no_grad():
+                h = attention_half(layer, x, rotary)
+                moe_in = layer.post_attention_layernorm(h)
+                flat = moe_in.reshape(-1, cfg.hidden_size)
+                router = tensors[layout.router_tensor(l)].float().to(dev)
+                logits = flat @ router.T
+                idx = torch.randperm(flat.shape[0], generator=gen)[: opts.output_tokens].to(dev)
+                experts32 = experts.to(torch.float32)
+                experts_dev = _to(experts32, dev)
+                stats = LayerStats(frequency=routing_frequency(logits, top_k).cpu(), tokens=flat[idx].cpu(),
+                                   outputs=all_expert_outputs(flat[idx], experts_dev).cpu(),
+                                   router_logits=logits[idx].cpu())
+                result = method.reduce_layer(experts32, stats, opts.num_experts, opts.seed)
+                emap = torch.tensor(result.expert_map, device=dev)
+                sample = flat[idx]
+                original = moe_forward(sample, router, experts_dev, top_k)
+                merged = moe_forward(sample, router, _to(result.experts, dev), top_k, emap)
+                x = h + layer.mlp(moe_in)
+            out_err = (torch.linalg.norm(merged - original) / torch.linalg.norm(original)).item()
+            writer.write({**tensors, **expert_tensors(l, result.experts.to(src_dtype))})
+            maps.append(result.expert_map)
+            layers.append(report_mod.layer_entry(l, stats, result, out_err, time.time() - tl))
+            del layer, experts, experts32, experts_dev, tensors, h, moe_in, flat, stats, result
+        writer.finish()
+
+        out_config = dict(config)
+        out_config[layout.num_experts_field] = max(max(m) + 1 for m in maps)
+        out_config["architectures"] = [layout.plugin_architecture]
+        source_bytes = ckpt.nbytes()
+        out_config[BLOCK_KEY] = make_block(
+            method=opts.method, num_router_experts=n_src, expert_maps=maps,
+            source={"architecture": (config.get("architectures") or [layout.source_architecture])[0],
+                    "num_experts": n_src, "weight_bytes": source_bytes, "path": str(opts.model)},
+            weight_bytes=writer.total_bytes,
+        )
+        (tmp / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
+        copy_tokenizer(ckpt.dir, tmp)
+        report = report_mod.build(opts, method, calib_info, layers, source_bytes, writer.total_bytes,
+                                  n_src, time.time() - t0, peak_rss_bytes())
+        report_mod.write(report, tmp)
+    return report
+
+
+def _to(experts: Experts, dev: torch.device) -> Experts:
+    return Experts(experts.gate.to(dev), experts.up.to(dev), experts.down.to(dev))
+
+
+__all__ = ["CompressError", "CompressOptions", "compress", "CheckpointFormatError"]

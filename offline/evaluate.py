@@ -1,0 +1,103 @@
+"""`submoe eval`: per-domain perplexity, KL(reference ‖ model) and top-1 agreement.
+
+The torch reference forward of a merged checkpoint is transformers' Mixtral with N router
+experts whose expert i holds merged expert expert_map[i]: top-k over the N logits, then each
+chosen router expert computes with its merged expert, which is exactly the remapped forward.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm import tqdm
+from transformers import AutoTokenizer, MixtralForCausalLM
+from transformers.models.mixtral.modeling_mixtral import MixtralRotaryEmbedding
+
+from vllm_submoe.checkpoint_format import BLOCK_KEY, layout_for, parse_block
+
+from .checkpoint import LazyCheckpoint
+from .data import domain_name, read_texts, token_windows
+from .mixtral_layer import hf_config, hf_layer_state, layer_prefix, non_expert_names, read_experts
+from .moe_math import Experts
+
+
+def expert_maps(config: dict) -> list[list[int]]:
+    """Per-layer router -> served expert map; the identity for an uncompressed source."""
+    if BLOCK_KEY in config:
+        return [list(m) for m in parse_block(config).expert_maps]
+    n = config[layout_for(config).num_experts_field]
+    return [list(range(n))] * config["num_hidden_layers"]
+
+
+def load_reference(model_dir: str, dtype: torch.dtype = torch.float32) -> MixtralForCausalLM:
+    """transformers Mixtral computing exactly what the checkpoint serves (remap included)."""
+    ckpt = LazyCheckpoint(model_dir)
+    config = ckpt.config
+    maps = expert_maps(config)
+    cfg = hf_config({**config, layout_for(config).num_experts_field: len(maps[0])})
+    with torch.device("meta"):
+        model = MixtralForCausalLM(cfg)
+    state = {n: ckpt.get(n) for n in ckpt.names() if not n.startswith("model.layers.")}
+    names = ckpt.names()
+    for l, m in enumerate(maps):
+        merged = read_experts(ckpt, l, max(m) + 1)
+        idx = torch.tensor(m)
+        expanded = Experts(merged.gate[idx], merged.up[idx], merged.down[idx])
+        tensors = {n: ckpt.get(n) for n in non_expert_names(names, l)}
+        for k, v in hf_layer_state(l, tensors, expanded).items():
+            state[layer_prefix(l) + k] = v
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    if cfg.tie_word_embeddings:
+        model.tie_weights()
+    model.model.rotary_emb = MixtralRotaryEmbedding(cfg)  # its buffers are not in the checkpoint
+    return model.eval()
+
+
+@torch.no_grad()
+def next_token_logprobs(model, windows: torch.Tensor, batch: int = 8) -> torch.Tensor:
+    return torch.cat([model(input_ids=w).logits.float().log_softmax(-1) for w in windows.split(batch)])
+
+
+def compare(logp: torch.Tensor, windows: torch.Tensor, ref_logp: torch.Tensor | None) -> dict:
+    """Figures for one domain from [S, L, V] log-probabilities of model (and reference)."""
+    tgt = windows[:, 1:]
+    nll = -logp[:, :-1].gather(-1, tgt.unsqueeze(-1)).mean().item()
+    out = {"tokens": tgt.numel(), "perplexity": math.exp(nll)}
+    if ref_logp is not None:
+        ref_nll = -ref_logp[:, :-1].gather(-1, tgt.unsqueeze(-1)).mean().item()
+        kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+        out.update(reference_perplexity=math.exp(ref_nll), kl=kl.mean().item(),
+                   top1_agreement=(ref_logp.argmax(-1) == logp.argmax(-1)).float().mean().item(),
+                   perplexity_retention=math.exp(ref_nll) / math.exp(nll))
+    return out
+
+
+def evaluate(model_dir: str, data: list[str], reference: str | None = None, seq_len: int = 256,
+             max_windows: int = 32, progress: bool = True) -> dict:
+    tokenizer = AutoTokenizer.from_pretrained(str(LazyCheckpoint(model_dir).dir))
+    model = load_reference(model_dir)
+    ref = load_reference(reference) if reference else None
+    domains = {}
+    for spec in tqdm(data, desc="eval", unit="domain", disable=not progress):
+        windows = token_windows(tokenizer, read_texts(spec), seq_len, max_windows)
+        logp = next_token_logprobs(model, windows)
+        ref_logp = next_token_logprobs(ref, windows) if ref is not None else None
+        domains[domain_name(spec)] = compare(logp, windows, ref_logp)
+    keys = [k for k in ("perplexity", "kl", "top1_agreement", "perplexity_retention") if k in next(iter(domains.values()))]
+    mean = {k: sum(d[k] for d in domains.values()) / len(domains) for k in keys}
+    return {"model": str(model_dir), "reference": reference, "seq_len": seq_len, "domains": domains, "mean": mean}
+
+
+def to_table(result: dict) -> str:
+    has_ref = result["reference"] is not None
+    head = "| domain | perplexity |" + (" reference ppl | KL | top-1 agreement |" if has_ref else "")
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, d in {**result["domains"], "mean": result["mean"]}.items():
+        row = f"| {name} | {d['perplexity']:.2f} |"
+        if has_ref:
+            ref = f"{d['reference_perplexity']:.2f}" if "reference_perplexity" in d else ""
+            row += f" {ref} | {d['kl']:.4f} | {d['top1_agreement']:.3f} |"
+        rows.append(row)
+    return "\n".join(rows)

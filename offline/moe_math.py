@@ -1,0 +1,70 @@
+"""The MoE block as small pure tensor functions (SwiGLU experts, softmax top-k routing, remap)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Experts:
+    """A layer's experts stacked: gate W_G [E, I, H] (w1), up W_U [E, I, H] (w3), down W_D [E, H, I] (w2)."""
+
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.gate.shape[0]
+
+    def to(self, dtype: torch.dtype) -> "Experts":
+        return Experts(self.gate.to(dtype), self.up.to(dtype), self.down.to(dtype))
+
+    def matrices(self) -> dict[str, torch.Tensor]:
+        return {"gate": self.gate, "up": self.up, "down": self.down}
+
+
+def expert_hidden(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU activations silu(x W_Gᵀ) * (x W_Uᵀ): [T, H] -> [T, I]."""
+    return F.silu(x @ gate.T) * (x @ up.T)
+
+
+def expert_forward(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    return expert_hidden(x, gate, up) @ down.T
+
+
+def all_expert_outputs(x: torch.Tensor, experts: Experts) -> torch.Tensor:
+    """Every expert applied to every token: [E, T, H]."""
+    return torch.stack([expert_forward(x, experts.gate[e], experts.up[e], experts.down[e])
+                        for e in range(len(experts))])
+
+
+def softmax_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool = True):
+    """Mixtral routing: softmax over all N logits, top-k, renormalise the k weights."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def moe_forward(x: torch.Tensor, router: torch.Tensor, experts: Experts, top_k: int,
+                expert_map: torch.Tensor | None = None) -> torch.Tensor:
+    """Sparse MoE output for tokens x [T, H]; `expert_map` remaps router ids to merged experts."""
+    weights, ids = softmax_topk(x @ router.T, top_k)
+    if expert_map is not None:
+        ids = expert_map[ids]
+    out = torch.zeros_like(x, dtype=torch.float32)
+    for e in ids.unique().tolist():
+        rows, slot = torch.where(ids == e)
+        y = expert_forward(x[rows], experts.gate[e], experts.up[e], experts.down[e])
+        out.index_add_(0, rows, (y * weights[rows, slot, None]).float())
+    return out.to(x.dtype)
+
+
+def routing_frequency(router_logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Share of top-k selections each router expert receives (sums to 1)."""
+    _, ids = softmax_topk(router_logits, top_k)
+    counts = torch.bincount(ids.flatten(), minlength=router_logits.shape[-1]).double()
+    return counts / counts.sum()

@@ -1,0 +1,73 @@
+"""compression_report.json and its readable .md twin."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def layer_entry(layer: int, stats, result, output_error: float, seconds: float) -> dict:
+    return {
+        "layer": layer,
+        "num_experts": len(result.experts),
+        "expert_map": result.expert_map,
+        "clusters": result.clusters,
+        "frequency": [round(f, 5) for f in stats.frequency.tolist()],
+        "moe_output_relative_error": output_error,
+        "seconds": round(seconds, 2),
+        "merge": result.info.get("clusters", []),
+    }
+
+
+def build(opts, method, calib_info: dict, layers: list[dict], source_bytes: int, out_bytes: int,
+          n_src: int, seconds: float, peak_rss: int) -> dict:
+    return {
+        "method": opts.method,
+        "method_description": method.description,
+        "settings": {"num_experts": opts.num_experts, "seed": opts.seed, "device": opts.device,
+                     "expert_output_tokens": opts.output_tokens, **method.settings()},
+        "source": {"path": str(opts.model), "num_experts": n_src, "weight_bytes": source_bytes},
+        "calibration": calib_info,
+        "sizes": {"source_weight_bytes": source_bytes, "weight_bytes": out_bytes,
+                  "compression_ratio": source_bytes / out_bytes,
+                  "experts_per_layer": [l["num_experts"] for l in layers]},
+        "time_seconds": round(seconds, 2),
+        "peak_rss_bytes": peak_rss,
+        "layers": layers,
+    }
+
+
+def to_markdown(r: dict) -> str:
+    s = r["sizes"]
+    lines = [
+        f"# Compression report: {r['method']}",
+        "",
+        f"{r['method_description']}.",
+        "",
+        f"- source: `{r['source']['path']}` ({r['source']['num_experts']} experts per layer)",
+        f"- settings: " + ", ".join(f"{k}={v}" for k, v in r["settings"].items()),
+        f"- calibration: {r['calibration']['samples']} windows x {r['calibration']['seq_len']} tokens "
+        f"({r['calibration']['tokens']} tokens) from " + ", ".join(r["calibration"]["sources"]),
+        f"- weights: {s['source_weight_bytes'] / 1e6:.2f} MB -> {s['weight_bytes'] / 1e6:.2f} MB "
+        f"(ratio {s['compression_ratio']:.3f})",
+        f"- time: {r['time_seconds']:.1f} s, peak resident memory {r['peak_rss_bytes'] / 2**20:.0f} MiB",
+        "",
+        "| layer | experts | expert map | routing frequency | MoE output rel. error |",
+        "|---:|---:|---|---|---:|",
+    ]
+    for l in r["layers"]:
+        freq = " ".join(f"{f:.3f}" for f in l["frequency"])
+        lines.append(f"| {l['layer']} | {l['num_experts']} | {l['expert_map']} | {freq} | "
+                     f"{l['moe_output_relative_error']:.4f} |")
+    trunc = [(l["layer"], c) for l in r["layers"] for c in l["merge"] if "gate_truncation_error" in c]
+    if trunc:
+        lines += ["", "Per-matrix rank and relative truncation error of each merged expert:", "",
+                  "| layer | members | W_G rank / err | W_U rank / err | W_D rank / err |", "|---:|---|---|---|---|"]
+        for layer, c in trunc:
+            cells = [f"{c[f'{m}_rank']} / {c[f'{m}_truncation_error']:.4f}" for m in ("gate", "up", "down")]
+            lines.append(f"| {layer} | {c['members']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write(report: dict, out_dir: Path) -> None:
+    (out_dir / "compression_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "compression_report.md").write_text(to_markdown(report))
