@@ -46,6 +46,7 @@ corpus:
 model: $(STAMP) corpus
 	$(PY) scripts/train_tokenizer.py --corpus build/corpus --out build/tokenizer
 	$(PY) scripts/train_tiny_moe.py --corpus build/corpus --tokenizer build/tokenizer --data data --out models/tiny-mixtral-8e
+	$(PY) scripts/model_card.py models/tiny-mixtral-8e
 
 clean:
 	rm -rf build demo-out .pytest_cache

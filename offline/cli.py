@@ -13,10 +13,20 @@ from pathlib import Path
 from vllm_submoe.checkpoint_format import CheckpointFormatError
 
 from .checkpoint import CheckpointError
+from .compress import CompressError, CompressOptions, compress
 from .data import DataError
+from .evaluate import evaluate, to_table
 from .methods import METHODS, MethodError
 
-USER_ERRORS = (CheckpointError, CheckpointFormatError, DataError, MethodError, FileExistsError)
+USER_ERRORS = (CheckpointError, CheckpointFormatError, CompressError, DataError, MethodError, FileExistsError)
+
+
+def _counts(text: str) -> int | list[int]:
+    try:
+        counts = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or a comma-separated list of integers, got {text!r}")
+    return counts[0] if len(counts) == 1 else counts
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--model", required=True, help="source checkpoint directory (or hub id)")
     c.add_argument("--out", required=True, type=Path, help="output directory (must not exist unless --force)")
     c.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}")
-    c.add_argument("--num-experts", required=True, type=int, help="experts per layer after merging")
+    c.add_argument("--num-experts", required=True, type=_counts,
+                   help="experts per layer after merging: N, or N0,N1,... one per layer")
     c.add_argument("--calib", nargs="+", default=[], metavar="FILE",
                    help=".jsonl/.txt calibration files (one per domain) or hf:DATASET[:CONFIG[:SPLIT]]")
     c.add_argument("--samples", type=int, default=256, help="calibration windows (default 256)")
@@ -55,21 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "compress":
-            from .compress import CompressError, CompressOptions, compress
-            try:
-                report = compress(CompressOptions(
-                    model=args.model, out=args.out, method=args.method, num_experts=args.num_experts,
-                    calib=args.calib, samples=args.samples, seq_len=args.seq_len, rank=args.rank,
-                    rank_ratio=args.rank_ratio, seed=args.seed, device=args.device, force=args.force,
-                    progress=not args.no_progress))
-            except CompressError as e:
-                raise MethodError(str(e)) from None
+            report = compress(CompressOptions(
+                model=args.model, out=args.out, method=args.method, num_experts=args.num_experts,
+                calib=args.calib, samples=args.samples, seq_len=args.seq_len, rank=args.rank,
+                rank_ratio=args.rank_ratio, seed=args.seed, device=args.device, force=args.force,
+                progress=not args.no_progress))
             s = report["sizes"]
             print(f"wrote {args.out}: experts per layer {s['experts_per_layer']}, "
                   f"{s['source_weight_bytes'] / 1e6:.2f} MB -> {s['weight_bytes'] / 1e6:.2f} MB, "
                   f"{report['time_seconds']:.1f} s (report: {args.out}/compression_report.md)")
         else:
-            from .evaluate import evaluate, to_table
             result = evaluate(args.model, args.data, args.reference, args.seq_len, args.max_windows,
                               progress=not args.no_progress)
             print(to_table(result))

@@ -37,7 +37,7 @@ class CompressOptions:
     model: str
     out: Path
     method: str
-    num_experts: int
+    num_experts: int | list[int]  # one count for every layer, or one per layer (heterogeneous)
     calib: list[str] = field(default_factory=list)
     samples: int = 256
     seq_len: int = 256
@@ -50,18 +50,23 @@ class CompressOptions:
     progress: bool = True
 
 
-def _check_options(opts: CompressOptions, config: dict) -> int:
+def _check_options(opts: CompressOptions, config: dict) -> tuple[int, list[int]]:
+    """Source experts per layer and the per-layer target counts, or a clear error."""
     layout = layout_for(config)
     if BLOCK_KEY in config:
         raise CompressError(f"{opts.model} is already a compressed checkpoint (config.json has a `{BLOCK_KEY}` "
                             f"block): compress the source model instead")
-    n = config[layout.num_experts_field]
-    if not 1 <= opts.num_experts < n:
+    n, num_layers = config[layout.num_experts_field], config["num_hidden_layers"]
+    counts = opts.num_experts if isinstance(opts.num_experts, list) else [opts.num_experts] * num_layers
+    if len(counts) != num_layers:
+        raise CompressError(f"--num-experts lists {len(counts)} counts but the model has {num_layers} layers: "
+                            f"give one count, or one per layer")
+    if not all(1 <= c < n for c in counts):
         raise CompressError(f"--num-experts must be between 1 and {n - 1} (the source has {n} experts per layer), "
                             f"got {opts.num_experts}")
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise CompressError("--device cuda was given but no CUDA device is visible: use --device cpu")
-    return n
+    return n, counts
 
 
 def peak_rss_bytes() -> int:
@@ -72,7 +77,7 @@ def compress(opts: CompressOptions) -> dict:
     t0 = time.time()
     ckpt = LazyCheckpoint(opts.model)
     config = ckpt.config
-    n_src = _check_options(opts, config)
+    n_src, budgets = _check_options(opts, config)
     layout = layout_for(config)
     method = make_method(opts.method, **({"rank": opts.rank, "rank_ratio": opts.rank_ratio}))
     tokenizer = AutoTokenizer.from_pretrained(str(ckpt.dir))
@@ -111,7 +116,7 @@ def compress(opts: CompressOptions) -> dict:
                 stats = LayerStats(frequency=routing_frequency(logits, top_k).cpu(), tokens=flat[idx].cpu(),
                                    outputs=all_expert_outputs(flat[idx], experts_dev).cpu(),
                                    router_logits=logits[idx].cpu())
-                result = method.reduce_layer(experts32, stats, opts.num_experts, opts.seed)
+                result = method.reduce_layer(experts32, stats, budgets[l], opts.seed)
                 emap = torch.tensor(result.expert_map, device=dev)
                 sample = flat[idx]
                 original = moe_forward(sample, router, experts_dev, top_k)

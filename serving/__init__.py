@@ -1,0 +1,1 @@
+"""Serving side: launch `vllm serve`, talk to it over HTTP, compare deployments."""

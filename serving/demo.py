@@ -1,0 +1,104 @@
+"""`make demo`: compress the shipped tiny MoE 8->4 with Sub-MoE, serve both models with
+`vllm serve`, talk to them with the openai client, print one side-by-side table.
+
+    python -m serving.demo [--out demo-out] [--num-experts 4]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from offline.compress import CompressOptions, compress
+from offline.evaluate import evaluate
+from offline.data import read_texts
+from vllm_submoe.metrics import compression_facts
+
+from .client import client_for, served_model, timed_completion
+from .launcher import VLLMServer
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "models" / "tiny-mixtral-8e"
+
+
+def serve_and_measure(model: Path, prompts: list[str], max_tokens: int, log: Path) -> dict:
+    """Start `vllm serve MODEL`, send a completion and a chat request, time streamed completions."""
+    t0 = time.time()
+    with VLLMServer(str(model), log_path=log) as server:
+        startup = time.time() - t0
+        client = client_for(server.base_url)
+        name = served_model(client)
+        completion = client.completions.create(model=name, prompt=prompts[0], max_tokens=24, temperature=0)
+        chat = client.chat.completions.create(model=name, max_tokens=24, temperature=0,
+                                              messages=[{"role": "user", "content": "Wie geht es dir?"}])
+        timed_completion(client, name, prompts[0], 4)  # warm-up
+        timings = [timed_completion(client, name, p, max_tokens) for p in prompts]
+    return {
+        "startup_seconds": startup,
+        "completion": completion.choices[0].text,
+        "chat": chat.choices[0].message.content,
+        "ttft_seconds": statistics.median(t.ttft for t in timings),
+        "output_tokens_per_second": statistics.median(t.decode_tokens_per_second for t in timings),
+    }
+
+
+def side_by_side(original: dict, compressed: dict, quality: dict) -> str:
+    rows = [("experts per layer", original["experts"], compressed["experts"]),
+            ("weight bytes", f"{original['weight_bytes'] / 1e6:.2f} MB", f"{compressed['weight_bytes'] / 1e6:.2f} MB")]
+    for dom, d in quality["domains"].items():
+        rows.append((f"perplexity {dom}", f"{d['reference_perplexity']:.2f}", f"{d['perplexity']:.2f}"))
+    for dom, d in quality["domains"].items():
+        rows.append((f"KL / top-1 {dom}", "0 / 1.000", f"{d['kl']:.4f} / {d['top1_agreement']:.3f}"))
+    m = quality["mean"]
+    rows += [("mean KL / top-1 agreement", "0 / 1.000", f"{m['kl']:.4f} / {m['top1_agreement']:.3f}"),
+             ("time to first token (median)", f"{original['ttft_seconds'] * 1e3:.1f} ms",
+              f"{compressed['ttft_seconds'] * 1e3:.1f} ms"),
+             ("output tokens/s (median)", f"{original['output_tokens_per_second']:.1f}",
+              f"{compressed['output_tokens_per_second']:.1f}")]
+    w = max(len(r[0]) for r in rows)
+    lines = [f"{'':{w}}  {'original':>18}  {'compressed':>18}"]
+    lines += [f"{a:{w}}  {str(b):>18}  {str(c):>18}" for a, b, c in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=SHIPPED)
+    ap.add_argument("--out", type=Path, default=ROOT / "demo-out")
+    ap.add_argument("--num-experts", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    args = ap.parse_args()
+    calib = sorted(str(p) for p in (ROOT / "data" / "calib").glob("*.jsonl"))
+    evals = sorted(str(p) for p in (ROOT / "data" / "eval").glob("*.jsonl"))
+    args.out.mkdir(parents=True, exist_ok=True)
+    dst = args.out / f"tiny-mixtral-submoe-{args.num_experts}e"
+
+    print(f"[1/4] submoe compress {args.model.name} 8->{args.num_experts} (Sub-MoE) -> {dst}", flush=True)
+    report = compress(CompressOptions(model=str(args.model), out=dst, method="submoe",
+                                      num_experts=args.num_experts, calib=calib, force=True))
+    print(f"      {report['time_seconds']:.1f} s; report: {dst}/compression_report.md", flush=True)
+
+    print("[2/4] submoe eval: per-domain perplexity, KL and top-1 agreement against the original", flush=True)
+    quality = evaluate(str(dst), evals, reference=str(args.model))
+
+    prompts = [read_texts(f)[0][:200] for f in evals]
+    results = {}
+    for i, (label, model) in enumerate((("original", args.model), ("compressed", dst)), start=3):
+        print(f"[{i}/4] vllm serve {model} ... completion, chat, {len(prompts)} timed streams", flush=True)
+        r = serve_and_measure(model, prompts, args.max_tokens, args.out / f"serve-{label}.log")
+        facts = compression_facts(json.loads((model / "config.json").read_text()), str(model))
+        r.update(experts=",".join(map(str, sorted(set(facts["experts_per_layer"])))), weight_bytes=facts["weight_bytes"])
+        print(f"      completion: {r['completion'][:70]!r}\n      chat: {r['chat'][:70]!r}", flush=True)
+        results[label] = r
+
+    print()
+    print(side_by_side(results["original"], results["compressed"], quality))
+    (args.out / "demo.json").write_text(json.dumps({"serving": results, "quality": quality,
+                                                    "compression": report["sizes"]}, indent=2) + "\n")
+    print(f"\nwrote {args.out / 'demo.json'}")
+
+
+if __name__ == "__main__":
+    main()

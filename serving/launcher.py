@@ -1,0 +1,106 @@
+"""Start and stop `vllm serve` as a user types it, on 127.0.0.1, and wait until it answers."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+DEFAULT_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+               "TOKENIZERS_PARALLELISM": "false"}
+
+
+class ServerError(RuntimeError):
+    """`vllm serve` exited or never became ready; carries the tail of its log."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def vllm_executable() -> str:
+    """The `vllm` CLI of the running interpreter's environment."""
+    exe = Path(sys.executable).with_name("vllm")
+    return str(exe) if exe.exists() else (shutil.which("vllm") or "vllm")
+
+
+class VLLMServer:
+    """`vllm serve MODEL` in a subprocess; a context manager that stops it (and its workers)."""
+
+    def __init__(self, model: str, *extra_args: str, host: str = "127.0.0.1", port: int | None = None,
+                 log_path: Path | None = None, model_flag: bool = False, env: dict | None = None,
+                 startup_timeout: float = 600):
+        self.model, self.host, self.port = model, host, port or free_port()
+        self.extra_args, self.model_flag = list(extra_args), model_flag
+        self.log_path = log_path or Path(os.environ.get("TMPDIR", "/tmp")) / f"vllm-serve-{self.port}.log"
+        self.env = {**os.environ, **{k: v for k, v in DEFAULT_ENV.items() if k not in os.environ}, **(env or {})}
+        self.startup_timeout = startup_timeout
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        model = ["--model", self.model] if self.model_flag else [self.model]
+        return [vllm_executable(), "serve", *model, "--host", self.host, "--port", str(self.port), *self.extra_args]
+
+    def start(self) -> "VLLMServer":
+        self._log = self.log_path.open("w")
+        # Own process group: stopping the server also stops its engine and worker processes.
+        self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+                                     start_new_session=True)
+        deadline = time.time() + self.startup_timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerError(f"vllm serve exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.base_url}/v1/models", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise ServerError(f"vllm serve did not answer within {self.startup_timeout:.0f} s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def pids(self) -> list[int]:
+        """The server and every process it started (API server, engine core, workers)."""
+        if self.proc is None:
+            return []
+        import psutil
+        try:
+            root = psutil.Process(self.proc.pid)
+            return [root.pid] + [c.pid for c in root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGINT)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self._log.close()
+
+    def __enter__(self) -> "VLLMServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

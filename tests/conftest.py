@@ -1,0 +1,48 @@
+"""Shared fixtures: the shipped model, random fixtures built from it, checkpoint helpers."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+for k, v in {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+             "TOKENIZERS_PARALLELISM": "false"}.items():
+    os.environ.setdefault(k, v)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "models" / "tiny-mixtral-8e"
+CALIB = sorted(str(p) for p in (ROOT / "data" / "calib").glob("*.jsonl"))
+EVAL = sorted(str(p) for p in (ROOT / "data" / "eval").glob("*.jsonl"))
+
+
+def tree_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f.relative_to(path).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def write_config(path: Path, **changes) -> None:
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+
+
+@pytest.fixture(scope="session")
+def random_source(tmp_path_factory) -> Path:
+    """A 2-layer, 8-expert random Mixtral (float32) with the shipped tokenizer."""
+    from offline.synthetic import random_mixtral
+    return random_mixtral(tmp_path_factory.mktemp("random") / "src", SHIPPED)
+
+
+@pytest.fixture(scope="session")
+def random_compressed(tmp_path_factory, random_source) -> Path:
+    from offline.compress import CompressOptions, compress
+    out = tmp_path_factory.mktemp("random-4e") / "out"
+    compress(CompressOptions(model=str(random_source), out=out, method="submoe", num_experts=4,
+                             calib=CALIB[:2], samples=8, seq_len=64, progress=False))
+    return out

@@ -1,0 +1,67 @@
+"""Format v1 validation: each malformed `submoe` block or tensor gets one error naming it."""
+import copy
+
+import pytest
+
+from vllm_submoe.checkpoint_format import (
+    CheckpointFormatError, check_all_present, check_tensor_shape, expected_expert_tensors, layout_for, make_block,
+    parse_block,
+)
+
+BASE = {"model_type": "mixtral", "architectures": ["SubMoEMixtralForCausalLM"], "num_hidden_layers": 2,
+        "hidden_size": 64, "intermediate_size": 96, "num_local_experts": 4, "num_experts_per_tok": 2,
+        "submoe": make_block("submoe", {"architecture": "MixtralForCausalLM", "num_experts": 8}, 8,
+                             [[0, 0, 1, 2, 3, 1, 2, 3], [0, 1, 2, 0, 1, 2, 0, 1]])}
+
+
+def _with(mutate):
+    config = copy.deepcopy(BASE)
+    mutate(config)
+    return config
+
+
+def test_valid_block_parses_with_per_layer_counts():
+    block = parse_block(BASE)
+    assert block.experts_per_layer == (4, 3)
+    assert block.num_router_experts == 8
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c: c.pop("submoe"), "block is missing"),
+    (lambda c: c["submoe"].update(format_version=2), "format_version is 2"),
+    (lambda c: c["submoe"].update(num_router_experts=0), "num_router_experts must be a positive integer"),
+    (lambda c: c["submoe"]["layers"].pop(), r"one entry per decoder layer \(num_hidden_layers=2\), got 1"),
+    (lambda c: c["submoe"]["layers"][1]["expert_map"].pop(), r"layers\[1\]\.expert_map must have one entry per router expert \(8\), got 7"),
+    (lambda c: c["submoe"]["layers"][0]["expert_map"].__setitem__(5, 4), r"layers\[0\]\.expert_map\[5\] = 4 is outside 0..3"),
+    (lambda c: c["submoe"]["layers"][0]["expert_map"].__setitem__(5, -1), r"layers\[0\]\.expert_map\[5\] = -1 is outside"),
+    (lambda c: c["submoe"]["layers"][0]["expert_map"].__setitem__(5, "1"), r"expert_map\[5\] = '1'"),
+    (lambda c: c["submoe"]["layers"][1].update(num_experts=4), r"layers\[1\]\.expert_map reaches no router expert to merged expert\(s\) \[3\]"),
+    (lambda c: c["submoe"]["layers"][0].update(num_experts=9), r"layers\[0\]\.num_experts must be an integer in 1..8"),
+    (lambda c: c.update(num_local_experts=8), "`num_local_experts` is 8 but the largest per-layer expert count"),
+    (lambda c: c.update(num_experts_per_tok=9), "exceeds num_router_experts=8"),
+    (lambda c: c.update(model_type="llama"), "unsupported architecture model_type='llama'.*supported: mixtral"),
+])
+def test_bad_blocks_give_one_clear_error(mutate, message):
+    with pytest.raises(CheckpointFormatError, match=message):
+        parse_block(_with(mutate))
+
+
+def test_expected_tensors_cover_every_merged_expert_and_router():
+    expected = expected_expert_tensors(BASE, parse_block(BASE))
+    layout = layout_for(BASE)
+    assert expected[layout.router_tensor(1)] == (8, 64)
+    assert expected[layout.expert_tensor(0, 3, "down")] == (64, 96)
+    assert layout.expert_tensor(1, 3, "gate") not in expected  # layer 1 has 3 experts
+    assert len(expected) == 2 + 3 * (4 + 3)
+
+
+def test_tensor_shape_and_presence_checks_name_the_tensor():
+    expected = expected_expert_tensors(BASE, parse_block(BASE))
+    name = layout_for(BASE).expert_tensor(0, 2, "gate")
+    check_tensor_shape(name, (96, 64), expected)
+    check_tensor_shape("model.norm.weight", (1,), expected)  # not an expert tensor: not ours to check
+    with pytest.raises(CheckpointFormatError, match=rf"{name} has shape \(64, 96\), expected \(96, 64\)"):
+        check_tensor_shape(name, (64, 96), expected)
+    with pytest.raises(CheckpointFormatError, match="missing tensor"):
+        check_all_present(set(expected) - {name}, expected)
+    check_all_present(expected, expected)

@@ -1,0 +1,177 @@
+"""`submoe compress` / `submoe eval` end to end on a random Mixtral, and every bad input."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import CALIB, EVAL, tree_digest, write_config
+from offline.checkpoint import LazyCheckpoint
+from offline.cli import main as cli
+from offline.evaluate import evaluate, load_reference
+from offline.mixtral_layer import Rotary, attention_half, build_layer, hf_config, non_expert_names, read_experts
+from offline.moe_math import moe_forward
+from vllm_submoe.checkpoint_format import expected_expert_tensors, layout_for, parse_block
+
+
+@torch.no_grad()
+def test_layer_by_layer_forward_equals_transformers_full_forward(random_source):
+    """The compressor's streamed forward is the source model's forward (no drift to calibrate on)."""
+    ckpt = LazyCheckpoint(random_source)
+    cfg = hf_config(ckpt.config)
+    ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    x = ckpt.get("model.embed_tokens.weight")[ids]
+    rotary = Rotary(cfg, ids.shape[1])
+    for l in range(cfg.num_hidden_layers):
+        tensors = {n: ckpt.get(n) for n in non_expert_names(ckpt.names(), l)}
+        experts = read_experts(ckpt, l, cfg.num_local_experts)
+        layer = build_layer(cfg, l, tensors, experts)
+        h = attention_half(layer, x, rotary)
+        moe_in = layer.post_attention_layernorm(h)
+        flat = moe_in.reshape(-1, cfg.hidden_size)
+        ours = moe_forward(flat, tensors[layout_for(ckpt.config).router_tensor(l)], experts, cfg.num_experts_per_tok)
+        torch.testing.assert_close(ours, layer.mlp(moe_in).reshape(-1, cfg.hidden_size), atol=1e-5, rtol=1e-4)
+        x = h + layer.mlp(moe_in)
+    x = torch.nn.functional.rms_norm(x, (cfg.hidden_size,), ckpt.get("model.norm.weight"), cfg.rms_norm_eps)
+    logits = x @ ckpt.get("lm_head.weight").T
+    torch.testing.assert_close(logits, load_reference(str(random_source))(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_compressed_checkpoint_is_complete_and_source_untouched(random_source, tmp_path):
+    before = tree_digest(random_source)
+    out = tmp_path / "c"
+    assert cli(["compress", "--model", str(random_source), "--out", str(out), "--method", "submoe",
+                "--num-experts", "3,5", "--calib", *CALIB[:2], "--samples", "8", "--seq-len", "64",
+                "--no-progress"]) == 0
+    assert tree_digest(random_source) == before
+    config = json.loads((out / "config.json").read_text())
+    block = parse_block(config)
+    assert block.experts_per_layer == (3, 5) and config["num_local_experts"] == 5
+    assert config["architectures"] == ["SubMoEMixtralForCausalLM"] and config["model_type"] == "mixtral"
+    expected = expected_expert_tensors(config, block)
+    ckpt = LazyCheckpoint(out)
+    for name, shape in expected.items():
+        assert tuple(ckpt.get(name).shape) == shape
+    assert not any(".experts.5." in n or ".1.block_sparse_moe.experts.5" in n for n in ckpt.names())
+    report = json.loads((out / "compression_report.json").read_text())
+    assert report["sizes"]["experts_per_layer"] == [3, 5]
+    assert report["sizes"]["weight_bytes"] < report["sizes"]["source_weight_bytes"]
+    assert report["peak_rss_bytes"] > 0 and len(report["layers"]) == 2
+    assert (out / "compression_report.md").read_text().startswith("# Compression report: submoe")
+    assert (out / "tokenizer.json").is_file()
+    assert not list(tmp_path.glob(".c.partial-*"))
+
+
+def test_compression_is_deterministic_given_a_seed(random_source, random_compressed, tmp_path):
+    from offline.compress import CompressOptions, compress
+    out = tmp_path / "again"
+    compress(CompressOptions(model=str(random_source), out=out, method="submoe", num_experts=4,
+                             calib=CALIB[:2], samples=8, seq_len=64, progress=False))
+    a, b = LazyCheckpoint(random_compressed), LazyCheckpoint(out)
+    assert sorted(a.names()) == sorted(b.names())
+    for n in a.names():
+        assert torch.equal(a.get(n), b.get(n)), n
+    assert json.loads((out / "config.json").read_text())["submoe"]["layers"] == \
+        json.loads((random_compressed / "config.json").read_text())["submoe"]["layers"]
+
+
+def test_reference_forward_applies_the_remap(random_source, random_compressed):
+    """The eval model of a merged checkpoint equals moe_forward with the merged experts + map."""
+    ckpt = LazyCheckpoint(random_compressed)
+    ref = load_reference(str(random_compressed))
+    block = parse_block(ckpt.config)
+    layer = ref.model.layers[0]
+    x = torch.randn(10, ckpt.config["hidden_size"], generator=torch.Generator().manual_seed(1))
+    experts = read_experts(ckpt, 0, block.experts_per_layer[0])
+    router = ckpt.get(layout_for(ckpt.config).router_tensor(0))
+    with torch.no_grad():
+        ours = moe_forward(x, router, experts, 2, torch.tensor(block.expert_maps[0]))
+        torch.testing.assert_close(layer.mlp(x.unsqueeze(0))[0], ours, atol=1e-5, rtol=1e-4)
+
+
+def test_eval_against_itself_is_exact_and_against_compressed_is_not(random_source, random_compressed):
+    same = evaluate(str(random_source), EVAL[:1], reference=str(random_source), seq_len=64, max_windows=2,
+                    progress=False)
+    d = next(iter(same["domains"].values()))
+    assert d["kl"] == pytest.approx(0, abs=1e-6) and d["top1_agreement"] == 1.0
+    assert d["perplexity"] == pytest.approx(d["reference_perplexity"])
+    merged = evaluate(str(random_compressed), EVAL[:1], reference=str(random_source), seq_len=64,
+                      max_windows=2, progress=False)
+    assert next(iter(merged["domains"].values()))["kl"] > 1e-4
+
+
+def _compress_args(src, out, *extra):
+    return ["compress", "--model", str(src), "--out", str(out), "--method", "submoe", "--num-experts", "4",
+            "--calib", CALIB[0], "--samples", "4", "--seq-len", "32", "--no-progress", *extra]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a: a.__setitem__(a.index("submoe"), "magic"), "unknown method 'magic'; choose one of: submoe"),
+    (lambda a: a.__setitem__(a.index("--num-experts") + 1, "8"), "--num-experts must be between 1 and 7"),
+    (lambda a: a.__setitem__(a.index("--num-experts") + 1, "4,4,4"), "lists 3 counts but the model has 2 layers"),
+    (lambda a: a.__setitem__(a.index("--model") + 1, "/nonexistent/model"), "is not a directory"),
+    (lambda a: a.__setitem__(a.index("--calib") + 1, "/nonexistent/calib.jsonl"), "data file /nonexistent/calib.jsonl does not exist"),
+    (lambda a: a.remove("--calib") or a.remove(CALIB[0]), "no calibration data: pass --calib"),
+    (lambda a: a.append("--rank-ratio") or a.append("0"), "--rank-ratio must be in"),
+])
+def test_bad_cli_input_gives_one_clear_error_and_no_output(random_source, tmp_path, capsys, change, message):
+    args = _compress_args(random_source, tmp_path / "out")
+    change(args)
+    assert cli(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("submoe compress: error:") and len(err.strip().splitlines()) == 1
+    assert message in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "holds no text"),
+    ('{"txt": "x"}\n', "expected a JSON object with a 'text' field"),
+    ('{"text": "tiny"}\n', "fewer than one window"),
+])
+def test_unusable_calibration_files_are_refused(random_source, tmp_path, capsys, content, message):
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text(content)
+    args = _compress_args(random_source, tmp_path / "out")
+    args[args.index("--calib") + 1] = str(calib)
+    assert cli(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_is_never_overwritten_without_force(random_source, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    assert cli(_compress_args(random_source, out)) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (out / "precious.txt").read_text() == "keep me"
+    assert cli(_compress_args(random_source, out, "--force")) == 0
+    assert not (out / "precious.txt").exists() and (out / "config.json").is_file()
+
+
+def test_failed_run_leaves_no_partial_directory(random_source, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(random_source, broken)
+    from safetensors.torch import save_file
+    with safe_open(str(broken / "model.safetensors"), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k != "model.layers.1.block_sparse_moe.experts.7.w2.weight"}
+    save_file(tensors, str(broken / "model.safetensors"))
+    out = tmp_path / "out"
+    assert cli(_compress_args(broken, out)) == 2
+    assert "missing tensor model.layers.1.block_sparse_moe.experts.7.w2.weight" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
+
+
+def test_compressing_a_compressed_checkpoint_is_refused(random_compressed, tmp_path, capsys):
+    assert cli(_compress_args(random_compressed, tmp_path / "out")) == 2
+    assert "already a compressed checkpoint" in capsys.readouterr().err
+
+
+def test_unsupported_architecture_lists_supported_ones(random_source, tmp_path, capsys):
+    other = tmp_path / "llama"
+    shutil.copytree(random_source, other)
+    write_config(other, model_type="llama", architectures=["LlamaForCausalLM"])
+    assert cli(_compress_args(other, tmp_path / "out")) == 2
+    assert "unsupported architecture model_type='llama'" in capsys.readouterr().err

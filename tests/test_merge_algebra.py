@@ -1,0 +1,110 @@
+"""Identities the merging methods must satisfy, on small random tensors."""
+import numpy as np
+import pytest
+import torch
+
+from offline.clustering import kmeans_clusters
+from offline.methods import LayerStats, make_method
+from offline.methods.base import clusters_to_map, merge_weights
+from offline.methods.submoe import subspace_merge
+from offline.moe_math import Experts
+
+
+def _mats(k=3, n_out=12, n_in=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(k, n_out, n_in, generator=g, dtype=torch.float64)
+
+
+def test_full_rank_submoe_equals_frequency_weighted_average():
+    mats = _mats()
+    w = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    merged, err = subspace_merge(mats, w, rank=None)
+    torch.testing.assert_close(merged, torch.einsum("k,kij->ij", w, mats), atol=1e-10, rtol=0)
+    assert err < 1e-12
+
+
+@pytest.mark.parametrize("rank", [1, 4, 8])
+def test_rank_r_merge_is_projection_onto_shared_top_r_subspace(rank):
+    mats = _mats()
+    w = torch.tensor([0.2, 0.7, 0.1], dtype=torch.float64)
+    merged, err = subspace_merge(mats, w, rank=rank)
+    U = torch.linalg.svd(torch.cat(list(mats), dim=1), full_matrices=False).U[:, :rank]
+    average = torch.einsum("k,kij->ij", w, mats)
+    torch.testing.assert_close(merged, U @ U.T @ average, atol=1e-10, rtol=0)
+    assert err > 0
+    # and it is no longer the plain average
+    assert not torch.allclose(merged, average)
+
+
+def test_merge_weights_fall_back_to_uniform_for_never_routed_cluster():
+    freq = torch.tensor([0.0, 0.0, 0.6, 0.4])
+    torch.testing.assert_close(merge_weights(freq, [0, 1]), torch.tensor([0.5, 0.5], dtype=torch.float64))
+    torch.testing.assert_close(merge_weights(freq, [1, 2]), torch.tensor([0.0, 1.0], dtype=torch.float64))
+
+
+def test_kmeans_is_seeded_and_finds_planted_groups():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 16)) * 10
+    points = np.concatenate([centres[c] + rng.normal(size=(2, 16)) * 0.01 for c in (0, 1, 2, 0, 1)])
+    # points 0,1,6,7 from centre 0; 2,3,8,9 from centre 1; 4,5 from centre 2
+    a = kmeans_clusters(points, 3, seed=1)
+    assert a == kmeans_clusters(points, 3, seed=1)
+    groups = sorted(sorted(c) for c in a)
+    assert groups == sorted(sorted(c) for c in kmeans_clusters(points, 3, seed=7))
+    assert groups == [[0, 1, 6, 7], [2, 3, 8, 9], [4, 5]]
+
+
+def _layer(seed=0, n=8, h=16, i=24, t=64):
+    g = torch.Generator().manual_seed(seed)
+    experts = Experts(torch.randn(n, i, h, generator=g), torch.randn(n, i, h, generator=g),
+                      torch.randn(n, h, i, generator=g))
+    tokens = torch.randn(t, h, generator=g)
+    from offline.moe_math import all_expert_outputs
+    freq = torch.rand(n, generator=g)
+    stats = LayerStats(frequency=freq / freq.sum(), tokens=tokens, outputs=all_expert_outputs(tokens, experts),
+                       router_logits=torch.randn(t, n, generator=g))
+    return experts, stats
+
+
+@pytest.mark.parametrize("method", ["submoe", "average", "freq-prune"])
+def test_methods_give_valid_maps_and_are_deterministic(method):
+    experts, stats = _layer()
+    a = make_method(method).reduce_layer(experts, stats, 3, seed=0)
+    b = make_method(method).reduce_layer(experts, stats, 3, seed=0)
+    assert len(a.experts) == 3 and a.experts.gate.shape == (3, 24, 16) and a.experts.down.shape == (3, 16, 24)
+    assert sorted(set(a.expert_map)) == [0, 1, 2] and len(a.expert_map) == 8
+    assert a.expert_map == b.expert_map
+    torch.testing.assert_close(a.experts.down, b.experts.down, atol=0, rtol=0)
+
+
+def test_submoe_layer_merge_is_weighted_average_of_its_clusters():
+    experts, stats = _layer(seed=3)
+    r = make_method("submoe").reduce_layer(experts, stats, 3, seed=0)
+    for j, members in enumerate(r.clusters):
+        w = merge_weights(stats.frequency, members).float()
+        torch.testing.assert_close(r.experts.up[j], torch.einsum("k,kij->ij", w, experts.up[members]),
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_freq_prune_keeps_the_most_frequent_experts_unchanged():
+    experts, stats = _layer(seed=5)
+    r = make_method("freq-prune").reduce_layer(experts, stats, 3, seed=0)
+    top = set(torch.argsort(stats.frequency, descending=True)[:3].tolist())
+    kept = {c["kept"] for c in r.info["clusters"]}
+    assert kept == top
+    for j, c in enumerate(r.info["clusters"]):
+        torch.testing.assert_close(r.experts.gate[j], experts.gate[c["kept"]], atol=0, rtol=0)
+
+
+def test_clusters_to_map_rejects_unassigned_experts():
+    with pytest.raises(ValueError, match="unassigned"):
+        clusters_to_map([[0, 1], [2]], 4)
+
+
+def test_method_options_are_checked():
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        make_method("nope")
+    with pytest.raises(ValueError, match="--rank-ratio must be in"):
+        make_method("submoe", rank_ratio=1.5)
+    with pytest.raises(ValueError, match="only applies to --method submoe"):
+        make_method("average", rank=4)

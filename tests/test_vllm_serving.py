@@ -1,0 +1,122 @@
+"""vLLM (through the plugin) computes what the torch reference computes, and refuses bad checkpoints.
+
+Engines are expensive (~40 s each on 2 cores): one `vllm serve` for the module, and one
+subprocess per offline engine.
+"""
+import json
+import shutil
+import urllib.request
+
+import openai
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import CALIB, EVAL, SHIPPED, write_config
+from offline.compress import CompressOptions, compress
+from offline.evaluate import load_reference
+from serving.launcher import VLLMServer
+from vllm_submoe.checkpoint_format import make_block
+from vllm_helpers import eval_prompts, reference_greedy, run_vllm, vllm_results
+
+pytestmark = pytest.mark.vllm
+MAX_TOKENS = 12
+LOGPROB_ATOL = 2e-3  # float32 both sides; different kernels and summation order
+
+
+def assert_matches_reference(got: dict, ref: dict) -> None:
+    """Greedy tokens identical (unless the reference itself is at a near-tie), logprobs close."""
+    for i, (a, b) in enumerate(zip(got["token_ids"], ref["token_ids"])):
+        if a != b:
+            assert ref["gaps"][i] < LOGPROB_ATOL, f"step {i}: vLLM chose {a}, reference {b} (gap {ref['gaps'][i]:.4f})"
+            return  # the continuations legitimately part at a tie
+        assert got["logprobs"][i] == pytest.approx(ref["logprobs"][i], abs=LOGPROB_ATOL), f"step {i}"
+    for i, (a, b) in enumerate(zip(got["prompt_logprobs"], ref["prompt_logprobs"])):
+        if b is not None:
+            assert a == pytest.approx(b, abs=LOGPROB_ATOL), f"prompt position {i}"
+
+
+@pytest.fixture(scope="module")
+def hetero(tmp_path_factory):
+    """The shipped model compressed with a different expert count in every layer."""
+    out = tmp_path_factory.mktemp("hetero") / "tiny-submoe-hetero"
+    compress(CompressOptions(model=str(SHIPPED), out=out, method="submoe", num_experts=[6, 4, 3, 5],
+                             calib=CALIB, samples=16, seq_len=128, progress=False))
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(hetero, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "serve.log"
+    with VLLMServer(str(hetero), "--dtype", "float32", "--max-model-len", "512", model_flag=True,
+                    log_path=log) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return eval_prompts(AutoTokenizer.from_pretrained(str(SHIPPED)), EVAL)
+
+
+def test_served_compressed_model_equals_reference_forward(server, hetero, prompts):
+    ref_model = load_reference(str(hetero))
+    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused")
+    for p in prompts:
+        r = client.completions.create(model=str(hetero), prompt=p, max_tokens=MAX_TOKENS, temperature=0,
+                                      logprobs=1, extra_body={"return_token_ids": True, "prompt_logprobs": 1})
+        c = r.choices[0]
+        prompt_lp = [None if d is None else d[str(t)]["logprob"] for d, t in zip(c.prompt_logprobs, p)]
+        got = {"token_ids": c.token_ids, "logprobs": c.logprobs.token_logprobs, "prompt_logprobs": prompt_lp}
+        assert len(got["token_ids"]) == MAX_TOKENS
+        assert_matches_reference(got, reference_greedy(ref_model, p, MAX_TOKENS))
+
+
+def test_metrics_export_compression_facts(server, hetero):
+    text = urllib.request.urlopen(f"{server.base_url}/metrics").read().decode()
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith("submoe_")}
+    for layer, n in enumerate([6, 4, 3, 5]):
+        assert values[f'submoe_experts{{layer="{layer}",model_name="{hetero}"}}'] == n
+    report = json.loads((hetero / "compression_report.json").read_text())
+    assert values[f'submoe_weight_bytes{{model_name="{hetero}"}}'] == report["sizes"]["weight_bytes"]
+    assert values[f'submoe_compression_ratio{{model_name="{hetero}"}}'] == pytest.approx(
+        report["sizes"]["compression_ratio"])
+    config = json.loads((hetero / "config.json").read_text())
+    assert values[f'submoe_expert_parameters{{model_name="{hetero}"}}'] == \
+        18 * 3 * config["hidden_size"] * config["intermediate_size"]
+    assert "vllm:time_to_first_token_seconds_count" in text  # vLLM's own histograms sit beside ours
+
+
+def test_chat_endpoint_answers(server, hetero):
+    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused")
+    r = client.chat.completions.create(model=str(hetero), messages=[{"role": "user", "content": "Guten Tag"}],
+                                       max_tokens=8, temperature=0)
+    assert r.choices[0].finish_reason in ("length", "stop") and r.usage.completion_tokens > 0
+
+
+def _identity_copy(src, dst):
+    shutil.copytree(src, dst)
+    config = json.loads((src / "config.json").read_text())
+    n, layers = config["num_local_experts"], config["num_hidden_layers"]
+    write_config(dst, architectures=["SubMoEMixtralForCausalLM"], submoe=make_block(
+        "identity", {"architecture": "MixtralForCausalLM", "num_experts": n}, n, [list(range(n))] * layers))
+    return dst
+
+
+def test_identity_map_equals_stock_vllm_serving_the_source(tmp_path, prompts):
+    identity = _identity_copy(SHIPPED, tmp_path / "identity")
+    stock = vllm_results(SHIPPED, prompts, tmp_path / "stock", MAX_TOKENS)
+    ours = vllm_results(identity, prompts, tmp_path / "ours", MAX_TOKENS)
+    for a, b in zip(ours, stock):
+        assert a["token_ids"] == b["token_ids"]
+        assert a["logprobs"] == pytest.approx(b["logprobs"], abs=1e-5)
+        assert a["prompt_logprobs"][1:] == pytest.approx(b["prompt_logprobs"][1:], abs=1e-5)
+
+
+def test_bad_expert_map_is_refused_at_load_with_a_clear_error(tmp_path):
+    bad = _identity_copy(SHIPPED, tmp_path / "bad")
+    config = json.loads((bad / "config.json").read_text())
+    config["submoe"]["layers"][2]["expert_map"][3] = 8  # one past the last expert: would corrupt memory
+    (bad / "config.json").write_text(json.dumps(config))
+    proc = run_vllm(bad, [[1, 2, 3]], tmp_path)
+    assert proc.returncode != 0
+    assert "`submoe`.layers[2].expert_map[3] = 8 is outside 0..7" in proc.stdout + proc.stderr
