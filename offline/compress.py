@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from vllm_submoe.checkpoint_format import BLOCK_KEY, CheckpointFormatError, layout_for, make_block
+from vllm_submoe.checkpoint_format import BLOCK_KEY, layout_for, make_block
 
 from . import report as report_mod
 from .calibration import calibration_windows
@@ -73,13 +73,37 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+@torch.no_grad()
+def calibrate_layer(layer, x: torch.Tensor, rotary: Rotary, router: torch.Tensor, experts: Experts, top_k: int,
+                    sample: torch.Tensor) -> tuple[LayerStats, torch.Tensor]:
+    """Run calibration windows x [S, L, H] through one source layer: routing frequency over all
+    tokens, every expert's output on the sampled tokens, and the layer's output (next layer's x)."""
+    h = attention_half(layer, x, rotary)
+    moe_in = layer.post_attention_layernorm(h)
+    flat = moe_in.reshape(-1, moe_in.shape[-1])
+    logits = flat @ router.T
+    tokens = flat[sample]
+    stats = LayerStats(frequency=routing_frequency(logits, top_k).cpu(), tokens=tokens.cpu(),
+                       outputs=all_expert_outputs(tokens, experts).cpu(), router_logits=logits[sample].cpu())
+    return stats, h + layer.mlp(moe_in)
+
+
+@torch.no_grad()
+def moe_output_error(tokens: torch.Tensor, router: torch.Tensor, experts: Experts, result, top_k: int) -> float:
+    """‖merged MoE output − source MoE output‖ / ‖source‖ on calibration tokens (routing included)."""
+    original = moe_forward(tokens, router, experts, top_k)
+    emap = torch.tensor(result.expert_map, device=tokens.device)
+    merged = moe_forward(tokens, router, result.experts.to(tokens.device), top_k, emap)
+    return (torch.linalg.norm(merged - original) / torch.linalg.norm(original)).item()
+
+
 def compress(opts: CompressOptions) -> dict:
     t0 = time.time()
     ckpt = LazyCheckpoint(opts.model)
     config = ckpt.config
     n_src, budgets = _check_options(opts, config)
     layout = layout_for(config)
-    method = make_method(opts.method, **({"rank": opts.rank, "rank_ratio": opts.rank_ratio}))
+    method = make_method(opts.method, rank=opts.rank, rank_ratio=opts.rank_ratio)
     tokenizer = AutoTokenizer.from_pretrained(str(ckpt.dir))
     windows, calib_info = calibration_windows(tokenizer, opts.calib, opts.samples, opts.seq_len, opts.seed)
     cfg = hf_config(config)
@@ -94,39 +118,24 @@ def compress(opts: CompressOptions) -> dict:
         x = globals_["model.embed_tokens.weight"].float()[windows].to(dev)
         writer.write(globals_)
         del globals_
-        rotary = Rotary(cfg, opts.seq_len)
-        rotary.cos, rotary.sin = rotary.cos.to(dev), rotary.sin.to(dev)
+        rotary = Rotary(cfg, opts.seq_len, device=dev)
         gen = torch.Generator().manual_seed(opts.seed)
         layers, maps = [], []
         for l in tqdm(range(cfg.num_hidden_layers), desc=f"compress {opts.method} {n_src}->{opts.num_experts}",
                       unit="layer", disable=not opts.progress):
             tl = time.time()
             tensors = {n: ckpt.get(n) for n in non_expert_names(names, l)}
-            experts = read_experts(ckpt, l, n_src)
+            experts = read_experts(ckpt, l, n_src).to(dev, torch.float32)
+            router = tensors[layout.router_tensor(l)].to(dev, torch.float32)
             layer = build_layer(cfg, l, tensors, experts).to(dev)
-            with torch.no_grad():
-                h = attention_half(layer, x, rotary)
-                moe_in = layer.post_attention_layernorm(h)
-                flat = moe_in.reshape(-1, cfg.hidden_size)
-                router = tensors[layout.router_tensor(l)].float().to(dev)
-                logits = flat @ router.T
-                idx = torch.randperm(flat.shape[0], generator=gen)[: opts.output_tokens].to(dev)
-                experts32 = experts.to(torch.float32)
-                experts_dev = _to(experts32, dev)
-                stats = LayerStats(frequency=routing_frequency(logits, top_k).cpu(), tokens=flat[idx].cpu(),
-                                   outputs=all_expert_outputs(flat[idx], experts_dev).cpu(),
-                                   router_logits=logits[idx].cpu())
-                result = method.reduce_layer(experts32, stats, budgets[l], opts.seed)
-                emap = torch.tensor(result.expert_map, device=dev)
-                sample = flat[idx]
-                original = moe_forward(sample, router, experts_dev, top_k)
-                merged = moe_forward(sample, router, _to(result.experts, dev), top_k, emap)
-                x = h + layer.mlp(moe_in)
-            out_err = (torch.linalg.norm(merged - original) / torch.linalg.norm(original)).item()
+            sample = torch.randperm(len(windows) * opts.seq_len, generator=gen)[: opts.output_tokens].to(dev)
+            stats, x = calibrate_layer(layer, x, rotary, router, experts, top_k, sample)
+            result = method.reduce_layer(experts.to("cpu"), stats, budgets[l], opts.seed)
+            err = moe_output_error(stats.tokens.to(dev), router, experts, result, top_k)
             writer.write({**tensors, **expert_tensors(l, result.experts.to(src_dtype))})
             maps.append(result.expert_map)
-            layers.append(report_mod.layer_entry(l, stats, result, out_err, time.time() - tl))
-            del layer, experts, experts32, experts_dev, tensors, h, moe_in, flat, stats, result
+            layers.append(report_mod.layer_entry(l, stats, result, err, time.time() - tl))
+            del layer, experts, tensors, stats, result
         writer.finish()
 
         out_config = dict(config)
@@ -147,8 +156,4 @@ def compress(opts: CompressOptions) -> dict:
     return report
 
 
-def _to(experts: Experts, dev: torch.device) -> Experts:
-    return Experts(experts.gate.to(dev), experts.up.to(dev), experts.down.to(dev))
-
-
-__all__ = ["CompressError", "CompressOptions", "compress", "CheckpointFormatError"]
+__all__ = ["CompressError", "CompressOptions", "calibrate_layer", "compress"]

@@ -71,10 +71,12 @@ def build_layer(config: MixtralConfig, layer: int, tensors: dict[str, torch.Tens
 class Rotary:
     """Position embeddings for [S, L] windows, computed once and shared by all layers."""
 
-    def __init__(self, config: MixtralConfig, seq_len: int, dtype: torch.dtype = torch.float32):
+    def __init__(self, config: MixtralConfig, seq_len: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu"):
         rope = MixtralRotaryEmbedding(config)
         pos = torch.arange(seq_len).unsqueeze(0)
-        self.cos, self.sin = rope(torch.zeros(1, seq_len, config.hidden_size, dtype=dtype), pos)
+        cos, sin = rope(torch.zeros(1, seq_len, config.hidden_size, dtype=dtype), pos)
+        self.cos, self.sin = cos.to(device), sin.to(device)
 
 
 @torch.no_grad()

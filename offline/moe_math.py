@@ -18,8 +18,9 @@ class Experts:
     def __len__(self) -> int:
         return self.gate.shape[0]
 
-    def to(self, dtype: torch.dtype) -> "Experts":
-        return Experts(self.gate.to(dtype), self.up.to(dtype), self.down.to(dtype))
+    def to(self, *args, **kwargs) -> "Experts":
+        """Like Tensor.to (dtype and/or device), for all three matrices."""
+        return Experts(self.gate.to(*args, **kwargs), self.up.to(*args, **kwargs), self.down.to(*args, **kwargs))
 
     def matrices(self) -> dict[str, torch.Tensor]:
         return {"gate": self.gate, "up": self.up, "down": self.down}

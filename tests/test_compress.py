@@ -10,7 +10,8 @@ from conftest import CALIB, EVAL, tree_digest, write_config
 from offline.checkpoint import LazyCheckpoint
 from offline.cli import main as cli
 from offline.evaluate import evaluate, load_reference
-from offline.mixtral_layer import Rotary, attention_half, build_layer, hf_config, non_expert_names, read_experts
+from offline.compress import calibrate_layer
+from offline.mixtral_layer import Rotary, build_layer, hf_config, non_expert_names, read_experts
 from offline.moe_math import moe_forward
 from vllm_submoe.checkpoint_format import expected_expert_tensors, layout_for, parse_block
 
@@ -23,16 +24,18 @@ def test_layer_by_layer_forward_equals_transformers_full_forward(random_source):
     ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     x = ckpt.get("model.embed_tokens.weight")[ids]
     rotary = Rotary(cfg, ids.shape[1])
+    k = cfg.num_experts_per_tok
     for l in range(cfg.num_hidden_layers):
         tensors = {n: ckpt.get(n) for n in non_expert_names(ckpt.names(), l)}
         experts = read_experts(ckpt, l, cfg.num_local_experts)
+        router = tensors[layout_for(ckpt.config).router_tensor(l)]
         layer = build_layer(cfg, l, tensors, experts)
-        h = attention_half(layer, x, rotary)
-        moe_in = layer.post_attention_layernorm(h)
-        flat = moe_in.reshape(-1, cfg.hidden_size)
-        ours = moe_forward(flat, tensors[layout_for(ckpt.config).router_tensor(l)], experts, cfg.num_experts_per_tok)
-        torch.testing.assert_close(ours, layer.mlp(moe_in).reshape(-1, cfg.hidden_size), atol=1e-5, rtol=1e-4)
-        x = h + layer.mlp(moe_in)
+        stats, x = calibrate_layer(layer, x, rotary, router, experts, k, torch.arange(ids.numel()))
+        # the MoE the methods reason about (moe_math) is transformers' MoE block
+        torch.testing.assert_close(moe_forward(stats.tokens, router, experts, k),
+                                   layer.mlp(stats.tokens.unsqueeze(0))[0], atol=1e-5, rtol=1e-4)
+        assert stats.outputs.shape == (cfg.num_local_experts, ids.numel(), cfg.hidden_size)
+        assert stats.frequency.sum().item() == pytest.approx(1.0)
     x = torch.nn.functional.rms_norm(x, (cfg.hidden_size,), ckpt.get("model.norm.weight"), cfg.rms_norm_eps)
     logits = x @ ckpt.get("lm_head.weight").T
     torch.testing.assert_close(logits, load_reference(str(random_source))(input_ids=ids).logits, atol=1e-4, rtol=1e-4)

@@ -53,7 +53,8 @@ def compression_facts(config: dict, model_dir: str) -> dict | None:
         counts = [config[layout.num_experts_field]] * config["num_hidden_layers"]
         source = {}
     expert_params = sum(counts) * 3 * hidden * inter
-    total = weight_bytes(model_dir)
+    # Local checkpoints: measured from the safetensors headers; otherwise what compress recorded.
+    total = weight_bytes(model_dir) or config.get(BLOCK_KEY, {}).get("weight_bytes")
     facts = {
         "experts_per_layer": counts,
         "expert_parameters": expert_params,
