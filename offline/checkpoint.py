@@ -16,6 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from vllm_submoe.checkpoint_format import safetensors_bytes
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "generation_config.json", "chat_template.jinja")
 
@@ -75,20 +77,7 @@ class LazyCheckpoint:
         return self._handles[f].get_tensor(name)
 
     def nbytes(self) -> int:
-        total = 0
-        for f in {*self._file_of.values()}:
-            with safe_open(str(f), framework="pt") as h:
-                for name in h.keys():
-                    sl = h.get_slice(name)
-                    n = 1
-                    for d in sl.get_shape():
-                        n *= d
-                    total += n * _dtype_bytes(sl.get_dtype())
-        return total
-
-
-def _dtype_bytes(dtype: str) -> int:
-    return {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}.get(dtype, 2)
+        return safetensors_bytes(self.dir)
 
 
 class ShardWriter:

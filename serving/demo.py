@@ -14,17 +14,18 @@ from pathlib import Path
 from offline.compress import CompressOptions, compress
 from offline.evaluate import evaluate
 from offline.data import read_texts
-from vllm_submoe.metrics import compression_facts
 
 from .client import client_for, served_model, timed_completion
 from .launcher import VLLMServer
+from .scrape import compression_gauges
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models" / "tiny-mixtral-8e"
 
 
 def serve_and_measure(model: Path, prompts: list[str], max_tokens: int, log: Path) -> dict:
-    """Start `vllm serve MODEL`, send a completion and a chat request, time streamed completions."""
+    """Start `vllm serve MODEL`, send a completion and a chat request, time streamed completions,
+    and read expert counts and weight bytes from the server's own /metrics."""
     t0 = time.time()
     with VLLMServer(str(model), log_path=log) as server:
         startup = time.time() - t0
@@ -35,7 +36,10 @@ def serve_and_measure(model: Path, prompts: list[str], max_tokens: int, log: Pat
                                               messages=[{"role": "user", "content": "Wie geht es dir?"}])
         timed_completion(client, name, prompts[0], 4)  # warm-up
         timings = [timed_completion(client, name, p, max_tokens) for p in prompts]
+        gauges = compression_gauges(server.base_url)
     return {
+        "experts_per_layer": gauges["experts_per_layer"],
+        "weight_bytes": gauges["weight_bytes"],
         "startup_seconds": startup,
         "completion": completion.choices[0].text,
         "chat": chat.choices[0].message.content,
@@ -45,7 +49,8 @@ def serve_and_measure(model: Path, prompts: list[str], max_tokens: int, log: Pat
 
 
 def side_by_side(original: dict, compressed: dict, quality: dict) -> str:
-    rows = [("experts per layer", original["experts"], compressed["experts"]),
+    experts = lambda r: ",".join(map(str, sorted(set(r["experts_per_layer"]))))  # noqa: E731
+    rows = [("experts per layer", experts(original), experts(compressed)),
             ("weight bytes", f"{original['weight_bytes'] / 1e6:.2f} MB", f"{compressed['weight_bytes'] / 1e6:.2f} MB")]
     for dom, d in quality["domains"].items():
         rows.append((f"perplexity {dom}", f"{d['reference_perplexity']:.2f}", f"{d['perplexity']:.2f}"))
@@ -88,8 +93,6 @@ def main() -> None:
     for i, (label, model) in enumerate((("original", args.model), ("compressed", dst)), start=3):
         print(f"[{i}/4] vllm serve {model} ... completion, chat, {len(prompts)} timed streams", flush=True)
         r = serve_and_measure(model, prompts, args.max_tokens, args.out / f"serve-{label}.log")
-        facts = compression_facts(json.loads((model / "config.json").read_text()), str(model))
-        r.update(experts=",".join(map(str, sorted(set(facts["experts_per_layer"])))), weight_bytes=facts["weight_bytes"])
         print(f"      completion: {r['completion'][:70]!r}\n      chat: {r['chat'][:70]!r}", flush=True)
         results[label] = r
 

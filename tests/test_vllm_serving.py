@@ -15,6 +15,7 @@ from conftest import CALIB, EVAL, SHIPPED, write_config
 from offline.compress import CompressOptions, compress
 from offline.evaluate import load_reference
 from serving.launcher import VLLMServer
+from serving.scrape import compression_gauges
 from vllm_submoe.checkpoint_format import make_block
 from vllm_helpers import eval_prompts, reference_greedy, run_vllm, vllm_results
 
@@ -71,18 +72,15 @@ def test_served_compressed_model_equals_reference_forward(server, hetero, prompt
 
 
 def test_metrics_export_compression_facts(server, hetero):
-    text = urllib.request.urlopen(f"{server.base_url}/metrics").read().decode()
-    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-              if line.startswith("submoe_")}
-    for layer, n in enumerate([6, 4, 3, 5]):
-        assert values[f'submoe_experts{{layer="{layer}",model_name="{hetero}"}}'] == n
+    gauges = compression_gauges(server.base_url)
     report = json.loads((hetero / "compression_report.json").read_text())
-    assert values[f'submoe_weight_bytes{{model_name="{hetero}"}}'] == report["sizes"]["weight_bytes"]
-    assert values[f'submoe_compression_ratio{{model_name="{hetero}"}}'] == pytest.approx(
-        report["sizes"]["compression_ratio"])
     config = json.loads((hetero / "config.json").read_text())
-    assert values[f'submoe_expert_parameters{{model_name="{hetero}"}}'] == \
-        18 * 3 * config["hidden_size"] * config["intermediate_size"]
+    assert gauges["experts_per_layer"] == [6, 4, 3, 5]
+    assert gauges["weight_bytes"] == report["sizes"]["weight_bytes"]
+    assert gauges["compression_ratio"] == pytest.approx(report["sizes"]["compression_ratio"])
+    assert gauges["expert_parameters"] == 18 * 3 * config["hidden_size"] * config["intermediate_size"]
+    assert gauges["expert_bytes"] == 4 * gauges["expert_parameters"]  # served in float32
+    text = urllib.request.urlopen(f"{server.base_url}/metrics").read().decode()
     assert "vllm:time_to_first_token_seconds_count" in text  # vLLM's own histograms sit beside ours
 
 

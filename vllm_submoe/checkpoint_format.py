@@ -12,7 +12,9 @@ neither side, nor vLLM, nor torch: it must stay importable everywhere.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 FORMAT_VERSION = 1
@@ -181,3 +183,16 @@ def check_all_present(seen: Iterable[str], expected: Mapping[str, Any]) -> None:
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise CheckpointFormatError(f"checkpoint is missing tensor(s) {', '.join(missing[:3])}{more}")
+
+
+def safetensors_bytes(model_dir: str | Path) -> int | None:
+    """Bytes of all tensors in a local checkpoint, from the safetensors headers alone."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        with f.open("rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        total += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
+    return total

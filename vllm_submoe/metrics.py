@@ -6,13 +6,10 @@ Exported for any MoE vLLM serves (a stock Mixtral shows ratio 1), so two deploym
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from prometheus_client import Gauge
 from vllm.v1.metrics.loggers import StatLoggerBase
 
-from .checkpoint_format import BLOCK_KEY, CheckpointFormatError, layout_for, parse_block
+from .checkpoint_format import BLOCK_KEY, CheckpointFormatError, layout_for, parse_block, safetensors_bytes
 
 _GAUGES: dict[str, Gauge] = {}
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -25,21 +22,7 @@ def _gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
     return _GAUGES[name]
 
 
-def weight_bytes(model_dir: str) -> int | None:
-    """Sum of the tensors' sizes in a local checkpoint, read from safetensors headers only."""
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        return None
-    total = 0
-    for f in files:
-        with f.open("rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n))
-        total += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
-    return total
-
-
-def compression_facts(config: dict, model_dir: str) -> dict | None:
+def compression_facts(config: dict, model_dir: str, served_dtype_bytes: int | None = None) -> dict | None:
     """Experts per layer, expert parameters and bytes, total weight bytes, ratio to the source."""
     try:
         layout = layout_for(config)
@@ -54,11 +37,12 @@ def compression_facts(config: dict, model_dir: str) -> dict | None:
         source = {}
     expert_params = sum(counts) * 3 * hidden * inter
     # Local checkpoints: measured from the safetensors headers; otherwise what compress recorded.
-    total = weight_bytes(model_dir) or config.get(BLOCK_KEY, {}).get("weight_bytes")
+    total = safetensors_bytes(model_dir) or config.get(BLOCK_KEY, {}).get("weight_bytes")
     facts = {
         "experts_per_layer": counts,
         "expert_parameters": expert_params,
-        "expert_bytes": expert_params * _DTYPE_BYTES.get(str(config.get("torch_dtype") or config.get("dtype")), 2),
+        "expert_bytes": expert_params * (served_dtype_bytes or
+                                         _DTYPE_BYTES.get(str(config.get("torch_dtype") or config.get("dtype")), 2)),
         "weight_bytes": total,
         "source_weight_bytes": source.get("weight_bytes", total),
     }
@@ -69,7 +53,8 @@ def compression_facts(config: dict, model_dir: str) -> dict | None:
 class SubMoEStatLogger(StatLoggerBase):
     def __init__(self, vllm_config, engine_index: int = 0):
         model_config = vllm_config.model_config
-        self.facts = compression_facts(model_config.hf_config.to_dict(), model_config.model)
+        self.facts = compression_facts(model_config.hf_config.to_dict(), model_config.model,
+                                       served_dtype_bytes=model_config.dtype.itemsize)
         if self.facts is None:
             return
         name = model_config.served_model_name
@@ -78,10 +63,10 @@ class SubMoEStatLogger(StatLoggerBase):
             _gauge("submoe_experts", "Experts held per MoE layer", ("layer",)).labels(name, str(layer)).set(n)
         _gauge("submoe_expert_parameters", "Expert parameters in all MoE layers").labels(name).set(
             self.facts["expert_parameters"])
-        _gauge("submoe_expert_bytes", "Bytes of expert weights").labels(name).set(self.facts["expert_bytes"])
+        _gauge("submoe_expert_bytes", "Bytes of expert weights in the served dtype").labels(name).set(self.facts["expert_bytes"])
         if self.facts["weight_bytes"]:
-            _gauge("submoe_weight_bytes", "Bytes of all model weights").labels(name).set(self.facts["weight_bytes"])
-        _gauge("submoe_compression_ratio", "Source weight bytes / served weight bytes").labels(name).set(
+            _gauge("submoe_weight_bytes", "Bytes of all weights in the checkpoint").labels(name).set(self.facts["weight_bytes"])
+        _gauge("submoe_compression_ratio", "Source checkpoint bytes / this checkpoint's bytes").labels(name).set(
             self.facts["compression_ratio"])
 
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
