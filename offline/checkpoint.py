@@ -62,6 +62,9 @@ class LazyCheckpoint:
                     self._file_of[name] = f
         self._handles: dict[Path, object] = {}
 
+    def has_tokenizer(self) -> bool:
+        return any((self.dir / n).is_file() for n in TOKENIZER_FILES[:2])
+
     def names(self) -> list[str]:
         return list(self._file_of)
 
@@ -103,32 +106,54 @@ class ShardWriter:
         (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+def _replaceable(path: Path) -> bool:
+    """--force replaces only what a previous run wrote (or an empty directory), never e.g. ~/models."""
+    return path.is_dir() and (not any(path.iterdir()) or (path / "compression_report.json").is_file())
+
+
 @contextmanager
-def atomic_output_dir(dst: Path, force: bool):
+def atomic_output_dir(dst: Path, force: bool, protect: Path | None = None):
     """Yield a temporary directory beside `dst`; rename it to `dst` only if the body succeeds.
 
-    An existing `dst` is kept unless `force`; a failed run leaves no partial directory.
+    An existing `dst` is kept unless `force` (and then only a previous output); a failed run
+    leaves no partial directory; `protect` (the source) can never be the output or inside it.
     """
-    dst = Path(dst)
-    if dst.exists() and not force:
-        raise FileExistsError(f"output {dst} already exists: choose another --out or pass --force to replace it")
+    dst = Path(dst).resolve()
+    if protect is not None:
+        src = Path(protect).resolve()
+        if dst == src or src.is_relative_to(dst) or dst.is_relative_to(src):
+            raise FileExistsError(f"output {dst} overlaps the source {src}: choose an --out outside it")
+    if dst.exists():
+        if not force:
+            raise FileExistsError(f"output {dst} already exists: choose another --out or pass --force to replace it")
+        if not _replaceable(dst):
+            raise FileExistsError(f"--force replaces only an earlier `submoe compress` output or an empty directory, "
+                                  f"and {dst} is neither: choose another --out")
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
     try:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if dst.exists():  # --force: swap in the new directory, then drop the old one
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.rename(dst, old)
-        os.rename(tmp, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, dst)
+        if dst.exists():  # --force: move the old directory aside, swap in the new one, then drop the old
+            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+            os.rename(dst, old / dst.name)
+            try:
+                os.rename(tmp, dst)
+            except BaseException:
+                os.rename(old / dst.name, dst)  # put the user's directory back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
 
 
 def copy_tokenizer(src: Path, dst: Path) -> None:
+    copied = 0
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copyfile(src / name, dst / name)
+            copied += 1
+    if not copied:
+        raise CheckpointError(f"{src} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}): "
+                              f"a servable checkpoint needs its tokenizer")

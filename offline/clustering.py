@@ -1,9 +1,12 @@
 """Grouping experts by what they compute on calibration tokens."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from sklearn.cluster import KMeans
+from sklearn.exceptions import ConvergenceWarning
 
 
 def output_features(outputs: torch.Tensor) -> np.ndarray:
@@ -14,9 +17,19 @@ def output_features(outputs: torch.Tensor) -> np.ndarray:
 
 
 def kmeans_clusters(features: np.ndarray, k: int, seed: int) -> list[list[int]]:
-    """k-means with k-means++ initialisation, seeded; several restarts for stability."""
-    labels = KMeans(n_clusters=k, init="k-means++", n_init=10, random_state=seed).fit(features).labels_
-    return [np.flatnonzero(labels == c).tolist() for c in range(k)]
+    """k-means with k-means++ initialisation, seeded; several restarts for stability.
+
+    Always exactly k non-empty clusters: when points coincide (identical experts) k-means can
+    leave a cluster empty, and the budget is then filled by splitting the largest clusters."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # duplicate points: handled below
+        labels = KMeans(n_clusters=k, init="k-means++", n_init=10, random_state=seed).fit(features).labels_
+    clusters = [np.flatnonzero(labels == c).tolist() for c in range(k)]
+    clusters = [c for c in clusters if c]
+    while len(clusters) < k:
+        largest = max(clusters, key=len)
+        clusters.append([largest.pop()])
+    return clusters
 
 
 def cosine_similarity(outputs: torch.Tensor) -> torch.Tensor:

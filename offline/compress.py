@@ -104,6 +104,9 @@ def compress(opts: CompressOptions) -> dict:
     n_src, budgets = _check_options(opts, config)
     layout = layout_for(config)
     method = make_method(opts.method, rank=opts.rank, rank_ratio=opts.rank_ratio)
+    if not ckpt.has_tokenizer():
+        raise CompressError(f"{ckpt.dir} has no tokenizer.json / tokenizer_config.json: calibration text cannot "
+                            f"be tokenized, and the output could not be served")
     tokenizer = AutoTokenizer.from_pretrained(str(ckpt.dir))
     windows, calib_info = calibration_windows(tokenizer, opts.calib, opts.samples, opts.seq_len, opts.seed)
     cfg = hf_config(config)
@@ -112,7 +115,7 @@ def compress(opts: CompressOptions) -> dict:
     names = ckpt.names()
     src_dtype = ckpt.get("model.embed_tokens.weight").dtype
 
-    with atomic_output_dir(opts.out, opts.force) as tmp:
+    with atomic_output_dir(opts.out, opts.force, protect=ckpt.dir) as tmp:
         writer = ShardWriter(tmp)
         globals_ = {n: ckpt.get(n) for n in names if not n.startswith("model.layers.")}
         x = globals_["model.embed_tokens.weight"].float()[windows].to(dev)

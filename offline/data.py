@@ -58,6 +58,8 @@ def _read_hub_dataset(name: str) -> list[str]:
 def token_windows(tokenizer, texts: list[str], seq_len: int, max_windows: int | None = None,
                   eos_id: int | None = None) -> torch.Tensor:
     """Concatenate documents (EOS between them) and cut into [n, seq_len] windows, in order."""
+    if seq_len < 2:
+        raise DataError(f"--seq-len must be at least 2 tokens, got {seq_len}")
     eos = tokenizer.eos_token_id if eos_id is None else eos_id
     budget = None if max_windows is None else max_windows * seq_len
     ids: list[int] = []

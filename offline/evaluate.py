@@ -15,7 +15,7 @@ from transformers.models.mixtral.modeling_mixtral import MixtralRotaryEmbedding
 
 from vllm_submoe.checkpoint_format import BLOCK_KEY, layout_for, parse_block
 
-from .checkpoint import LazyCheckpoint
+from .checkpoint import LazyCheckpoint, resolve_model_dir
 from .data import domain_name, read_texts, token_windows
 from .mixtral_layer import hf_config, hf_layer_state, layer_prefix, non_expert_names, read_experts
 from .moe_math import Experts
@@ -76,7 +76,7 @@ def compare(logp: torch.Tensor, windows: torch.Tensor, ref_logp: torch.Tensor | 
 
 def evaluate(model_dir: str, data: list[str], reference: str | None = None, seq_len: int = 256,
              max_windows: int = 32, progress: bool = True) -> dict:
-    tokenizer = AutoTokenizer.from_pretrained(str(LazyCheckpoint(model_dir).dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_dir(model_dir)))
     model = load_reference(model_dir)
     ref = load_reference(reference) if reference else None
     domains = {}

@@ -57,6 +57,14 @@ class VLLMServer:
         # Own process group: stopping the server also stops its engine and worker processes.
         self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
                                      start_new_session=True)
+        try:
+            self._wait_ready()
+        except BaseException:  # failed start, time-out or Ctrl-C: leave nothing running
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
         deadline = time.time() + self.startup_timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -64,11 +72,10 @@ class VLLMServer:
             try:
                 with urllib.request.urlopen(f"{self.base_url}/v1/models", timeout=2) as r:
                     if r.status == 200:
-                        return self
+                        return
             except OSError:
                 pass
             time.sleep(1)
-        self.stop()
         raise ServerError(f"vllm serve did not answer within {self.startup_timeout:.0f} s:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 40) -> str:
@@ -77,27 +84,28 @@ class VLLMServer:
         except OSError:
             return ""
 
-    def pids(self) -> list[int]:
-        """The server and every process it started (API server, engine core, workers)."""
-        if self.proc is None:
-            return []
-        import psutil
-        try:
-            root = psutil.Process(self.proc.pid)
-            return [root.pid] + [c.pid for c in root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
-
     def stop(self, timeout: float = 30) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        """SIGINT to the whole process group (vLLM shuts down cleanly), SIGKILL to what is left."""
+        if self.proc is None:
             return
-        os.killpg(self.proc.pid, signal.SIGINT)
         try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            if self.proc.poll() is None:
+                self._signal(signal.SIGINT)
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    pass
+            self._signal(signal.SIGKILL)  # engine core / workers that outlived the API server
             self.proc.wait()
-        self._log.close()
+        finally:
+            self._log.close()
+            self.proc = None
+
+    def _signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
 
     def __enter__(self) -> "VLLMServer":
         return self.start()

@@ -38,7 +38,9 @@ def test_valid_block_parses_with_per_layer_counts():
     (lambda c: c["submoe"]["layers"][1].update(num_experts=4), r"layers\[1\]\.expert_map reaches no router expert to merged expert\(s\) \[3\]"),
     (lambda c: c["submoe"]["layers"][0].update(num_experts=9), r"layers\[0\]\.num_experts must be an integer in 1..8"),
     (lambda c: c.update(num_local_experts=8), "`num_local_experts` is 8 but the largest per-layer expert count"),
-    (lambda c: c.update(num_experts_per_tok=9), "exceeds num_router_experts=8"),
+    (lambda c: c.update(num_experts_per_tok=9), r"`num_experts_per_tok` must be an integer in 1..8"),
+    (lambda c: c.update(num_experts_per_tok=0), r"`num_experts_per_tok` must be an integer in 1..8 .*got 0"),
+    (lambda c: c["submoe"].update(layers=[]), "one entry per decoder layer"),
     (lambda c: c.update(model_type="llama"), "unsupported architecture model_type='llama'.*supported: mixtral"),
 ])
 def test_bad_blocks_give_one_clear_error(mutate, message):
@@ -62,6 +64,11 @@ def test_tensor_shape_and_presence_checks_name_the_tensor():
     check_tensor_shape("model.norm.weight", (1,), expected)  # not an expert tensor: not ours to check
     with pytest.raises(CheckpointFormatError, match=rf"{name} has shape \(64, 96\), expected \(96, 64\)"):
         check_tensor_shape(name, (64, 96), expected)
+    stray = layout_for(BASE).expert_tensor(1, 3, "gate")  # layer 1 holds experts 0..2 only
+    with pytest.raises(CheckpointFormatError, match=f"unexpected expert tensor {stray}"):
+        check_tensor_shape(stray, (96, 64), expected)
+    with pytest.raises(CheckpointFormatError, match="unexpected expert tensor"):
+        check_tensor_shape("model.layers.0.block_sparse_moe.experts.0.gate_proj.weight", (96, 64), expected)
     with pytest.raises(CheckpointFormatError, match="missing tensor"):
         check_all_present(set(expected) - {name}, expected)
     check_all_present(expected, expected)

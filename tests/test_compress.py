@@ -56,7 +56,9 @@ def test_compressed_checkpoint_is_complete_and_source_untouched(random_source, t
     ckpt = LazyCheckpoint(out)
     for name, shape in expected.items():
         assert tuple(ckpt.get(name).shape) == shape
-    assert not any(".experts.5." in n or ".1.block_sparse_moe.experts.5" in n for n in ckpt.names())
+    assert {n for n in ckpt.names() if ".block_sparse_moe." in n} == set(expected)  # nothing stale or extra
+    assert set(ckpt.names()) - set(expected) == set(LazyCheckpoint(random_source).names()) - {
+        n for n in LazyCheckpoint(random_source).names() if ".block_sparse_moe." in n}
     report = json.loads((out / "compression_report.json").read_text())
     assert report["sizes"]["experts_per_layer"] == [3, 5]
     assert report["sizes"]["weight_bytes"] < report["sizes"]["source_weight_bytes"]
@@ -149,9 +151,35 @@ def test_existing_output_is_never_overwritten_without_force(random_source, tmp_p
     (out / "precious.txt").write_text("keep me")
     assert cli(_compress_args(random_source, out)) == 2
     assert "already exists" in capsys.readouterr().err
+    assert cli(_compress_args(random_source, out, "--force")) == 2  # not an earlier output: refused
+    assert "replaces only an earlier `submoe compress` output" in capsys.readouterr().err
     assert (out / "precious.txt").read_text() == "keep me"
-    assert cli(_compress_args(random_source, out, "--force")) == 0
-    assert not (out / "precious.txt").exists() and (out / "config.json").is_file()
+    (out / "precious.txt").unlink()
+    assert cli(_compress_args(random_source, out, "--force")) == 0  # empty: fine
+    first = tree_digest(out)
+    assert cli(_compress_args(random_source, out, "--force", "--seed", "1")) == 0  # an earlier output: replaced
+    assert (out / "config.json").is_file() and tree_digest(out) != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no .partial / .old leftovers
+
+
+def test_output_inside_or_equal_to_the_source_is_refused(random_source, tmp_path, capsys):
+    for out in (random_source, random_source / "sub"):
+        assert cli(_compress_args(random_source, out, "--force")) == 2
+        assert "overlaps the source" in capsys.readouterr().err
+    assert not (random_source / "sub").exists()
+
+
+def test_seq_len_and_missing_tokenizer_are_refused(random_source, tmp_path, capsys):
+    args = _compress_args(random_source, tmp_path / "out")
+    args[args.index("--seq-len") + 1] = "0"
+    assert cli(args) == 2
+    assert "--seq-len must be at least 2" in capsys.readouterr().err
+    bare = tmp_path / "bare"
+    shutil.copytree(random_source, bare)
+    (bare / "tokenizer.json").unlink()
+    (bare / "tokenizer_config.json").unlink()
+    assert cli(_compress_args(bare, tmp_path / "out")) == 2
+    assert "has no tokenizer.json" in capsys.readouterr().err
 
 
 def test_failed_run_leaves_no_partial_directory(random_source, tmp_path, capsys):

@@ -82,8 +82,25 @@ def test_submoe_layer_merge_is_weighted_average_of_its_clusters():
     r = make_method("submoe").reduce_layer(experts, stats, 3, seed=0)
     for j, members in enumerate(r.clusters):
         w = merge_weights(stats.frequency, members).float()
-        torch.testing.assert_close(r.experts.up[j], torch.einsum("k,kij->ij", w, experts.up[members]),
-                                   atol=1e-4, rtol=1e-4)
+        for which in ("gate", "up", "down"):
+            mats = getattr(experts, which)[members]
+            torch.testing.assert_close(getattr(r.experts, which)[j], torch.einsum("k,kij->ij", w, mats),
+                                       atol=1e-4, rtol=1e-4)
+    # and an explicit rank below full goes through the subspace projection instead
+    low = make_method("submoe", rank=4).reduce_layer(experts, stats, 3, seed=0)
+    assert low.expert_map == r.expert_map
+    assert all(c["gate_rank"] == 4 and c["gate_truncation_error"] > 0 for c in low.info["clusters"])
+
+
+def test_identical_experts_still_fill_the_budget():
+    experts, stats = _layer(seed=2)
+    same = Experts(*(m[:1].expand_as(m).clone() for m in experts.matrices().values()))
+    from offline.moe_math import all_expert_outputs
+    stats.outputs = all_expert_outputs(stats.tokens, same)
+    for method in ("submoe", "average"):
+        r = make_method(method).reduce_layer(same, stats, 3, seed=0)
+        assert len(r.experts) == 3 and sorted(set(r.expert_map)) == [0, 1, 2]
+        torch.testing.assert_close(r.experts.gate, same.gate[:3], atol=1e-5, rtol=1e-5)
 
 
 def test_freq_prune_keeps_the_most_frequent_experts_unchanged():

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 from conftest import CALIB, EVAL, SHIPPED, write_config
 from offline.compress import CompressOptions, compress
 from offline.evaluate import load_reference
-from serving.launcher import VLLMServer
+from serving.launcher import ServerError, VLLMServer
 from serving.scrape import compression_gauges
 from vllm_submoe.checkpoint_format import make_block
 from vllm_helpers import eval_prompts, reference_greedy, run_vllm, vllm_results
@@ -25,15 +25,17 @@ LOGPROB_ATOL = 2e-3  # float32 both sides; different kernels and summation order
 
 
 def assert_matches_reference(got: dict, ref: dict) -> None:
-    """Greedy tokens identical (unless the reference itself is at a near-tie), logprobs close."""
-    for i, (a, b) in enumerate(zip(got["token_ids"], ref["token_ids"])):
-        if a != b:
-            assert ref["gaps"][i] < LOGPROB_ATOL, f"step {i}: vLLM chose {a}, reference {b} (gap {ref['gaps'][i]:.4f})"
-            return  # the continuations legitimately part at a tie
-        assert got["logprobs"][i] == pytest.approx(ref["logprobs"][i], abs=LOGPROB_ATOL), f"step {i}"
+    """Prompt logprobs close at every position; greedy tokens identical (unless the reference
+    itself is at a near-tie, where the continuations may legitimately part) with close logprobs."""
+    assert len(got["prompt_logprobs"]) == len(ref["prompt_logprobs"])
     for i, (a, b) in enumerate(zip(got["prompt_logprobs"], ref["prompt_logprobs"])):
         if b is not None:
             assert a == pytest.approx(b, abs=LOGPROB_ATOL), f"prompt position {i}"
+    for i, (a, b) in enumerate(zip(got["token_ids"], ref["token_ids"])):
+        if a != b:
+            assert ref["gaps"][i] < LOGPROB_ATOL, f"step {i}: vLLM chose {a}, reference {b} (gap {ref['gaps'][i]:.4f})"
+            return
+        assert got["logprobs"][i] == pytest.approx(ref["logprobs"][i], abs=LOGPROB_ATOL), f"step {i}"
 
 
 @pytest.fixture(scope="module")
@@ -110,11 +112,37 @@ def test_identity_map_equals_stock_vllm_serving_the_source(tmp_path, prompts):
         assert a["prompt_logprobs"][1:] == pytest.approx(b["prompt_logprobs"][1:], abs=1e-5)
 
 
-def test_bad_expert_map_is_refused_at_load_with_a_clear_error(tmp_path):
-    bad = _identity_copy(SHIPPED, tmp_path / "bad")
-    config = json.loads((bad / "config.json").read_text())
+def _break_map(ckpt):
+    config = json.loads((ckpt / "config.json").read_text())
     config["submoe"]["layers"][2]["expert_map"][3] = 8  # one past the last expert: would corrupt memory
-    (bad / "config.json").write_text(json.dumps(config))
+    (ckpt / "config.json").write_text(json.dumps(config))
+
+
+def _transpose_one_expert(ckpt):
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    name = "model.layers.1.block_sparse_moe.experts.5.w2.weight"
+    tensors[name] = tensors[name].T.contiguous()
+    save_file(tensors, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_break_map, "`submoe`.layers[2].expert_map[3] = 8 is outside 0..7"),
+    (_transpose_one_expert, "tensor model.layers.1.block_sparse_moe.experts.5.w2.weight has shape (384, 256), "
+                            "expected (256, 384)"),
+])
+def test_bad_checkpoint_is_refused_at_load_with_a_clear_error(tmp_path, damage, message):
+    bad = _identity_copy(SHIPPED, tmp_path / "bad")
+    damage(bad)
     proc = run_vllm(bad, [[1, 2, 3]], tmp_path)
     assert proc.returncode != 0
-    assert "`submoe`.layers[2].expert_map[3] = 8 is outside 0..7" in proc.stdout + proc.stderr
+    assert message in proc.stdout + proc.stderr
+
+
+def test_launcher_reports_a_failed_start_and_leaves_nothing_running(tmp_path):
+    import psutil
+    server = VLLMServer(str(tmp_path / "no-such-model"), log_path=tmp_path / "serve.log")
+    with pytest.raises(ServerError, match="vllm serve exited with"):
+        server.start()
+    assert server.proc is None
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]

@@ -119,7 +119,7 @@ def parse_block(config: Mapping[str, Any]) -> SubMoEBlock:
         raise CheckpointFormatError(f"{where}.num_router_experts must be a positive integer, got {n_router!r}")
     layers = block.get("layers")
     num_layers = config.get("num_hidden_layers")
-    if not isinstance(layers, list) or len(layers) != num_layers:
+    if not isinstance(layers, list) or len(layers) != num_layers or not layers:
         got = len(layers) if isinstance(layers, list) else repr(layers)
         raise CheckpointFormatError(f"{where}.layers must list one entry per decoder layer "
                                     f"(num_hidden_layers={num_layers}), got {got}")
@@ -151,8 +151,9 @@ def parse_block(config: Mapping[str, Any]) -> SubMoEBlock:
             f"config.json `{layout.num_experts_field}` is {declared!r} but the largest per-layer "
             f"expert count in `{BLOCK_KEY}.layers` is {max(max(m) + 1 for m in maps)}: they must agree")
     top_k = config.get(layout.top_k_field)
-    if _int(top_k) and top_k > n_router:
-        raise CheckpointFormatError(f"config.json `{layout.top_k_field}`={top_k} exceeds num_router_experts={n_router}")
+    if not _int(top_k) or not 1 <= top_k <= n_router:
+        raise CheckpointFormatError(f"config.json `{layout.top_k_field}` must be an integer in 1..{n_router} "
+                                    f"(num_router_experts), got {top_k!r}")
     return SubMoEBlock(method=str(block.get("method", "unknown")), num_router_experts=n_router,
                        expert_maps=tuple(maps), raw=block)
 
@@ -171,9 +172,17 @@ def expected_expert_tensors(config: Mapping[str, Any], block: SubMoEBlock) -> di
     return out
 
 
-def check_tensor_shape(name: str, shape: Iterable[int], expected: Mapping[str, tuple[int, int]]) -> None:
+def check_tensor_shape(name: str, shape: Iterable[int], expected: Mapping[str, tuple[int, int]],
+                       layout: MoELayout = MIXTRAL) -> None:
+    """A known expert/router tensor must have its shape; an expert tensor the block does not
+    expect (an id past the layer's count, another naming) is an error, not silently dropped."""
     want = expected.get(name)
-    if want is not None and tuple(shape) != want:
+    if want is None:
+        if f".{layout.moe_prefix}.experts." in name:
+            raise CheckpointFormatError(f"unexpected expert tensor {name}: the `{BLOCK_KEY}` block gives that layer "
+                                        f"fewer experts, or the name is not {'/'.join(layout.expert_names)}")
+        return
+    if tuple(shape) != want:
         raise CheckpointFormatError(f"tensor {name} has shape {tuple(shape)}, expected {want} "
                                     f"from config.json and the `{BLOCK_KEY}` block")
 

@@ -43,8 +43,7 @@ class SubMoE(ExpertReducer):
         self.rank, self.rank_ratio = rank, rank_ratio
 
     def settings(self) -> dict:
-        return {"rank": self.rank, "rank_ratio": self.rank_ratio if self.rank is not None or self.rank_ratio
-                is not None else 1.0}
+        return {"rank": self.rank, "rank_ratio": self.rank_ratio or (None if self.rank else 1.0)}
 
     def group(self, stats: LayerStats, num_out: int, seed: int) -> list[list[int]]:
         return kmeans_clusters(output_features(stats.outputs), num_out, seed)
@@ -62,8 +61,14 @@ class SubMoE(ExpertReducer):
         merged, info = {}, {"members": members, "weights": [round(x, 6) for x in w.tolist()]}
         for which, mats in experts.matrices().items():
             sub = mats[members]
+            full = min(sub.shape[1], len(members) * sub.shape[2])
             rank = self.rank_for(sub.shape[1], len(members) * sub.shape[2])
-            merged[which], err = subspace_merge(sub, w, rank)
-            info[f"{which}_rank"] = rank if rank is not None else min(sub.shape[1], len(members) * sub.shape[2])
+            if rank is None or rank >= full:
+                # Full rank is exactly the weighted average (tested identity): skip the SVD,
+                # which for Mixtral-size experts costs minutes and a GB per matrix.
+                merged[which], err = torch.einsum("k,kij->ij", w.to(sub.dtype), sub), 0.0
+            else:
+                merged[which], err = subspace_merge(sub, w, rank)
+            info[f"{which}_rank"] = full if rank is None else min(rank, full)
             info[f"{which}_truncation_error"] = err
         return Experts(**{k: v.unsqueeze(0) for k, v in merged.items()}), info

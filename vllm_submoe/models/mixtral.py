@@ -171,6 +171,9 @@ class SubMoEMixtralForCausalLM(nn.Module, SupportsPP):
         expected = {k: v for k, v in expected.items() if int(k.split(".")[2]) in layers}
         seen = set()
         for name, tensor in weights:
+            if name.startswith("model.layers.") and int(name.split(".")[2]) not in layers:
+                yield name, tensor  # another pipeline stage's layer: vLLM skips it
+                continue
             check_tensor_shape(name, tensor.shape, expected)
             seen.add(name)
             yield name, tensor
