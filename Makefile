@@ -46,7 +46,9 @@ corpus:
 
 model: $(STAMP) corpus
 	$(PY) scripts/train_tokenizer.py --corpus build/corpus --out build/tokenizer
-	$(PY) scripts/train_tiny_moe.py --corpus build/corpus --tokenizer build/tokenizer --data data --out models/tiny-mixtral-8e
+	$(PY) scripts/train_tiny_moe.py --corpus build/corpus --tokenizer build/tokenizer --data data --out build/model/stage1
+	$(PY) scripts/train_tiny_moe.py --corpus build/corpus --tokenizer build/tokenizer --data data --out models/tiny-mixtral-8e \
+	    --resume build/model/stage1 --balance-steps 300 --balance-coef 0.1
 	$(PY) scripts/model_card.py models/tiny-mixtral-8e
 
 clean:

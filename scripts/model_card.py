@@ -27,11 +27,16 @@ def card(model_dir: Path) -> str:
         f"- made as Mixtral and Qwen1.5-MoE were made ({f['kind']}): "
         + (f"a dense SwiGLU model trained {t['dense_steps']} steps, its feed-forward block copied into all "
            f"{cfg['num_local_experts']} experts with noise of 1% of each weight's std, then {t['moe_steps']} MoE steps "
-           f"with Mixtral's load-balancing loss (coefficient {t['aux_loss_coef']})" if f["kind"] == "upcycled"
-           else f"{t['moe_steps']} MoE steps from a random start"),
+           f"with transformers' load-balancing loss (coefficient {t['aux_loss_coef']})" if f["kind"] == "upcycled"
+           else f"{t['moe_steps']} MoE steps from a random start")
+        + (f"; then {t['balance_steps']} steps with a per-layer load-balancing loss (coefficient "
+           f"{t['balance_coef']}, learning rate 3e-4): transformers' loss concatenates all layers' router "
+           f"logits, so it balances expert indices across layers and had let two experts of layer 0 fall "
+           f"below 1% of the load" if t.get("balance_steps") else ""),
         f"- {tokens} tokens a step (batch {t['batch']} x {t['seq_len']}), AdamW, cosine schedule, seed {t['seed']}, "
-        f"{t['threads']} threads: {(t['dense_steps'] + t['moe_steps']) * tokens / 1e6:.1f}M tokens in "
-        f"{f['train_seconds'] / 60:.0f} minutes on this machine",
+        f"{t['threads']} threads: {(t['dense_steps'] + t['moe_steps'] + t.get('balance_steps', 0)) * tokens / 1e6:.1f}M "
+        f"tokens in {f['train_seconds'] / 60:.0f} minutes on this machine (shared with other work while it ran; "
+        f"about an hour on an idle 2-core machine)",
         "- corpus (`scripts/build_corpus.py`, Debian packages): Python standard-library source, Python docs "
         "(python3-doc), fortunes in German, Spanish, Italian, Russian, Polish and Czech; domains sampled with "
         "probability proportional to the square root of their size",

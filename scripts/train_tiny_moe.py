@@ -71,7 +71,21 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(model, sampler, steps: int, peak_lr: float, batch: int, tag: str, log) -> None:
+def per_layer_balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
+    """Switch/Mixtral load-balancing loss N·Σ f_i P_i computed per layer, then averaged.
+
+    transformers' `load_balancing_loss_func` concatenates all layers' logits first, so it only
+    balances expert *indices* across layers: expert 6 may starve in layer 0 while expert 6 of
+    another layer makes up for it. This one balances every layer on its own (balanced = top_k)."""
+    losses = []
+    for logits in router_logits:
+        probs = torch.softmax(logits.float(), dim=-1)
+        chosen = torch.zeros_like(probs).scatter_(1, probs.topk(top_k, dim=-1).indices, 1.0)
+        losses.append(probs.shape[-1] * (chosen.mean(0) * probs.mean(0)).sum())
+    return torch.stack(losses).mean()
+
+
+def train(model, sampler, steps: int, peak_lr: float, batch: int, tag: str, log, balance_coef: float = 0.0) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, betas=(0.9, 0.95), weight_decay=0.1)
     model.train()
     t0, tokens = time.time(), 0
@@ -80,7 +94,11 @@ def train(model, sampler, steps: int, peak_lr: float, batch: int, tag: str, log)
             g["lr"] = lr_at(step, steps, peak_lr, warmup=min(100, steps // 10 + 1))
         x = sampler.batch(batch)
         out = model(input_ids=x[:, :-1], labels=x[:, 1:].contiguous(), shift_labels=x[:, 1:].contiguous())
-        out.loss.backward()
+        loss = out.loss
+        if balance_coef:
+            out.aux_loss = per_layer_balance_loss(out.router_logits, TOP_K)
+            loss = loss + balance_coef * out.aux_loss
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -171,6 +189,10 @@ def main() -> None:
     ap.add_argument("--moe-steps", type=int, default=1300)
     ap.add_argument("--from-scratch", action="store_true", help="no dense phase: random independent experts")
     ap.add_argument("--aux-loss-coef", type=float, default=0.03)
+    ap.add_argument("--resume", type=Path, help="start from this exported MoE instead of training from zero")
+    ap.add_argument("--balance-steps", type=int, default=0,
+                    help="then train on with a per-layer load-balancing loss for this many steps")
+    ap.add_argument("--balance-coef", type=float, default=0.1)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
@@ -198,15 +220,28 @@ def main() -> None:
     moe_config = MixtralConfig(**ARCH, num_local_experts=NUM_EXPERTS, num_experts_per_tok=TOP_K,
                                router_aux_loss_coef=args.aux_loss_coef, output_router_logits=True,
                                experts_implementation="grouped_mm")
-    if args.from_scratch:
+    earlier = None
+    if args.resume:
+        from offline.evaluate import load_reference
+        model = load_reference(str(args.resume))
+        model.config.output_router_logits = True
+        earlier = json.loads((args.resume / "figures.json").read_text())
+        log(f"resumed from {args.resume}")
+    elif args.from_scratch:
         model = MixtralForCausalLM(moe_config)
     else:
         dense = MistralForCausalLM(MistralConfig(**ARCH))
         train(dense, sampler, args.dense_steps, 2e-3, args.batch, "dense", log)
         model = upcycle(dense, moe_config, noise=0.01, seed=args.seed)
         del dense
-    train(model, sampler, args.moe_steps, 1e-3 if not args.from_scratch else 2e-3, args.batch, "moe", log)
-    train_seconds = time.time() - t_start
+    if not args.resume:
+        train(model, sampler, args.moe_steps, 1e-3 if not args.from_scratch else 2e-3, args.batch, "moe", log)
+    if args.balance_steps:
+        model.router_aux_loss_coef = 0.0  # replaced by the per-layer loss below
+        balance_sampler = MixtureSampler(domains, args.seq_len, args.seed + 1)
+        train(model, balance_sampler, args.balance_steps, 3e-4, args.batch, "balance", log,
+              balance_coef=args.balance_coef)
+    train_seconds = time.time() - t_start + (earlier["train_seconds"] if earlier else 0)
 
     eval_windows = {p.stem: token_windows(tok, read_texts(str(p)), args.seq_len)
                     for p in sorted((args.data / "eval").glob("*.jsonl"))}
@@ -223,11 +258,14 @@ def main() -> None:
     (args.out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (args.out / f).write_bytes((args.tokenizer / f).read_bytes())
+    train_args = {k: getattr(args, k) for k in ("dense_steps", "moe_steps", "batch", "seq_len", "seed",
+                                                "aux_loss_coef", "threads", "balance_steps", "balance_coef")}
+    if earlier:
+        train_args.update({k: v for k, v in earlier["train"].items() if k not in ("balance_steps", "balance_coef")})
     summary = {
-        "kind": "from-scratch" if args.from_scratch else "upcycled",
+        "kind": earlier["kind"] if earlier else ("from-scratch" if args.from_scratch else "upcycled"),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "train": {k: getattr(args, k) for k in ("dense_steps", "moe_steps", "batch", "seq_len", "seed",
-                                                "aux_loss_coef", "threads")},
+        "train": train_args,
         "train_tokens_per_domain": {n: len(d) for n, d in domains.items()},
         "train_seconds": round(train_seconds),
         "eval": figures,

@@ -65,7 +65,7 @@ def test_served_compressed_model_equals_reference_forward(server, hetero, prompt
     client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused")
     for p in prompts:
         r = client.completions.create(model=str(hetero), prompt=p, max_tokens=MAX_TOKENS, temperature=0,
-                                      logprobs=1, extra_body={"return_token_ids": True, "prompt_logprobs": 1})
+                                      logprobs=1, extra_body={"return_token_ids": True, "prompt_logprobs": 1, "ignore_eos": True})
         c = r.choices[0]
         prompt_lp = [None if d is None else d[str(t)]["logprob"] for d, t in zip(c.prompt_logprobs, p)]
         got = {"token_ids": c.token_ids, "logprobs": c.logprobs.token_logprobs, "prompt_logprobs": prompt_lp}

@@ -22,7 +22,7 @@ def main() -> None:
 
     prompts = json.load(open(args.prompts))
     llm = LLM(model=args.model, dtype="float32", max_model_len=512, seed=0)
-    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, logprobs=1, prompt_logprobs=1)
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, logprobs=1, prompt_logprobs=1, ignore_eos=True)
     results = []
     for out in llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False):
         o = out.outputs[0]
