@@ -146,3 +146,18 @@ def test_launcher_reports_a_failed_start_and_leaves_nothing_running(tmp_path):
         server.start()
     assert server.proc is None
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
+
+
+def test_plugin_registration_is_idempotent():
+    import importlib.metadata as md
+
+    import vllm_submoe
+    (entry,) = [e for e in md.entry_points(group="vllm.general_plugins") if e.name == "submoe"]
+    assert entry.load() is vllm_submoe.register
+    from vllm import ModelRegistry
+    vllm_submoe.register()
+    vllm_submoe.register()
+    assert "SubMoEMixtralForCausalLM" in ModelRegistry.get_supported_archs()
+    (stat,) = [e for e in md.entry_points(group="vllm.stat_logger_plugins") if e.name == "submoe"]
+    from vllm.v1.metrics.loggers import StatLoggerBase
+    assert issubclass(stat.load(), StatLoggerBase)
