@@ -23,8 +23,12 @@ class RemappedSoftmaxTopK(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, gating_output: torch.Tensor, topk: int,
                 renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        probs = torch.softmax(gating_output.float(), dim=-1)
-        weights, ids = torch.topk(probs, topk, dim=-1)
+        # Top-k on the logits, then softmax over the k chosen: equal to Mixtral's softmax over
+        # all N, top-k, renormalise, in fewer ops (vLLM's own CPU router does the same).
+        logits = gating_output.float()
+        top_logits, ids = torch.topk(logits, topk, dim=-1)
         if renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+            weights = torch.softmax(top_logits, dim=-1)
+        else:
+            weights = (top_logits - torch.logsumexp(logits, dim=-1, keepdim=True)).exp()
         return weights, self.expert_map[ids.long()]
