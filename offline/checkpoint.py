@@ -68,9 +68,6 @@ class LazyCheckpoint:
     def names(self) -> list[str]:
         return list(self._file_of)
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._file_of
-
     def get(self, name: str) -> torch.Tensor:
         if name not in self._file_of:
             raise CheckpointError(f"{self.dir} is missing tensor {name}")

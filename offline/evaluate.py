@@ -13,7 +13,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, MixtralForCausalLM
 from transformers.models.mixtral.modeling_mixtral import MixtralRotaryEmbedding
 
-from vllm_submoe.checkpoint_format import BLOCK_KEY, layout_for, parse_block
+from vllm_submoe.checkpoint_format import layout_for, served_expert_maps
 
 from .checkpoint import LazyCheckpoint, resolve_model_dir
 from .data import domain_name, read_texts, token_windows
@@ -21,19 +21,11 @@ from .mixtral_layer import hf_config, hf_layer_state, layer_prefix, non_expert_n
 from .moe_math import Experts
 
 
-def expert_maps(config: dict) -> list[list[int]]:
-    """Per-layer router -> served expert map; the identity for an uncompressed source."""
-    if BLOCK_KEY in config:
-        return [list(m) for m in parse_block(config).expert_maps]
-    n = config[layout_for(config).num_experts_field]
-    return [list(range(n))] * config["num_hidden_layers"]
-
-
 def load_reference(model_dir: str, dtype: torch.dtype = torch.float32) -> MixtralForCausalLM:
     """transformers Mixtral computing exactly what the checkpoint serves (remap included)."""
     ckpt = LazyCheckpoint(model_dir)
     config = ckpt.config
-    maps = expert_maps(config)
+    maps = served_expert_maps(config)
     cfg = hf_config({**config, layout_for(config).num_experts_field: len(maps[0])})
     with torch.device("meta"):
         model = MixtralForCausalLM(cfg)

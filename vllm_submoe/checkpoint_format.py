@@ -158,6 +158,15 @@ def parse_block(config: Mapping[str, Any]) -> SubMoEBlock:
                        expert_maps=tuple(maps), raw=block)
 
 
+def served_expert_maps(config: Mapping[str, Any]) -> list[list[int]]:
+    """Per-layer router expert -> served expert: the validated maps of a compressed
+    checkpoint, the identity for a source model."""
+    if BLOCK_KEY in config:
+        return [list(m) for m in parse_block(config).expert_maps]
+    n = config[layout_for(config).num_experts_field]
+    return [list(range(n)) for _ in range(config["num_hidden_layers"])]
+
+
 def expected_expert_tensors(config: Mapping[str, Any], block: SubMoEBlock) -> dict[str, tuple[int, int]]:
     """Every expert and router tensor a format-v1 checkpoint must hold, with its shape."""
     layout = layout_for(config)
