@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from vllm_submoe.checkpoint_format import CheckpointFormatError
@@ -43,9 +44,20 @@ def _parser() -> argparse.ArgumentParser:
                    help=".jsonl/.txt calibration files (one per domain) or hf:DATASET[:CONFIG[:SPLIT]]")
     c.add_argument("--samples", type=int, default=256, help="calibration windows (default 256)")
     c.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window (default 256)")
-    rank = c.add_mutually_exclusive_group()
+    c.add_argument("--output-tokens", type=int, default=2048,
+                   help="sampled tokens on which every expert's output is measured (default 2048)")
+    m = c.add_argument_group("method options (each applies to the methods named)")
+    rank = m.add_mutually_exclusive_group()
     rank.add_argument("--rank", type=int, help="submoe: rank kept per merged matrix")
     rank.add_argument("--rank-ratio", type=float, help="submoe: rank kept as a fraction of full rank (default 1)")
+    m.add_argument("--adaptive", action="store_true", help="submoe: cluster adjacent layers jointly")
+    m.add_argument("--intra-rank-ratio", type=float,
+                   help="submoe: Sub-MoE†, whitened low-rank truncation of each merged matrix (written dense)")
+    m.add_argument("--align-neurons", action="store_true",
+                   help="weight-merging methods: permutation-align intermediate neurons before merging")
+    c.add_argument("--export", choices=("remap", "vanilla"), default="remap",
+                   help="remap: N-row router + remap tables (vLLM plugin, per-layer counts); vanilla: N'-row "
+                        "router, a stock Mixtral any loader reads (router rows of each group's dominant expert)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where each layer is computed")
     c.add_argument("--force", action="store_true", help="replace an existing --out directory")
@@ -62,15 +74,22 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"submoe: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    warnings.showwarning = _show_warning
     try:
         if args.command == "compress":
+            options = {k: getattr(args, k) for k in ("rank", "rank_ratio", "adaptive", "intra_rank_ratio",
+                                                     "align_neurons")}
             report = compress(CompressOptions(
                 model=args.model, out=args.out, method=args.method, num_experts=args.num_experts,
-                calib=args.calib, samples=args.samples, seq_len=args.seq_len, rank=args.rank,
-                rank_ratio=args.rank_ratio, seed=args.seed, device=args.device, force=args.force,
-                progress=not args.no_progress))
+                calib=args.calib, samples=args.samples, seq_len=args.seq_len, method_options=options,
+                seed=args.seed, device=args.device, force=args.force, output_tokens=args.output_tokens,
+                export=args.export, progress=not args.no_progress))
             s = report["sizes"]
             print(f"wrote {args.out}: experts per layer {s['experts_per_layer']}, "
                   f"{s['source_weight_bytes'] / 1e6:.2f} MB -> {s['weight_bytes'] / 1e6:.2f} MB, "

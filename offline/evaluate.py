@@ -52,6 +52,20 @@ def next_token_logprobs(model, windows: torch.Tensor, batch: int = 8) -> torch.T
     return torch.cat([model(input_ids=w).logits.float().log_softmax(-1) for w in windows.split(batch)])
 
 
+@torch.no_grad()
+def greedy_continuations(model, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """[P, new_tokens] greedy continuations of equal-length prompts [P, L] (EOS does not stop them)."""
+    out = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=model.config.eos_token_id)
+    return out[:, prompts.shape[1]:]
+
+
+def first_divergence(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[P] index of the first differing token of each row pair (the row length when identical)."""
+    differ = a != b
+    return torch.where(differ.any(1), differ.float().argmax(1), torch.full((len(a),), a.shape[1]))
+
+
 def compare(logp: torch.Tensor, windows: torch.Tensor, ref_logp: torch.Tensor | None) -> dict:
     """Figures for one domain from [S, L, V] log-probabilities of model (and reference)."""
     tgt = windows[:, 1:]

@@ -14,6 +14,7 @@ def layer_entry(layer: int, stats, result, output_error: float, seconds: float) 
         "frequency": [round(f, 5) for f in stats.frequency.tolist()],
         "moe_output_relative_error": output_error,
         "seconds": round(seconds, 2),
+        "representatives": result.representatives,
         "merge": result.info.get("clusters", []),
     }
 
@@ -23,7 +24,7 @@ def build(opts, method, calib_info: dict, layers: list[dict], source_bytes: int,
     return {
         "method": opts.method,
         "method_description": method.description,
-        "settings": {"num_experts": opts.num_experts, "seed": opts.seed, "device": opts.device,
+        "settings": {"num_experts": opts.num_experts, "seed": opts.seed, "device": opts.device, "export": opts.export,
                      "expert_output_tokens": opts.output_tokens, **method.settings()},
         "source": {"path": str(opts.model), "num_experts": n_src, "weight_bytes": source_bytes},
         "calibration": calib_info,
@@ -58,6 +59,14 @@ def to_markdown(r: dict) -> str:
         freq = " ".join(f"{f:.3f}" for f in l["frequency"])
         lines.append(f"| {l['layer']} | {l['num_experts']} | {l['expert_map']} | {freq} | "
                      f"{l['moe_output_relative_error']:.4f} |")
+    intra = [(l["layer"], c) for l in r["layers"] for c in l["merge"] if "gate_intra_error" in c]
+    if intra:
+        lines += ["", "Sub-MoE† intra-expert low rank (whitened by routed tokens; written dense, so memory "
+                  "is unchanged until served as factors): rank / relative output error per matrix", "",
+                  "| layer | members | W_G | W_U | W_D |", "|---:|---|---|---|---|"]
+        for layer, c in intra:
+            cells = [f"{c[f'{m}_intra_rank']} / {c[f'{m}_intra_error']:.4f}" for m in ("gate", "up", "down")]
+            lines.append(f"| {layer} | {c['members']} | " + " | ".join(cells) + " |")
     trunc = [(l["layer"], c) for l in r["layers"] for c in l["merge"] if "gate_truncation_error" in c]
     if trunc:
         lines += ["", "Per-matrix rank and relative truncation error of each merged expert:", "",

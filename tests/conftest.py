@@ -32,6 +32,22 @@ def write_config(path: Path, **changes) -> None:
     (path / "config.json").write_text(json.dumps(config, indent=2))
 
 
+def random_layer(seed=0, n=8, h=16, i=24, t=64):
+    """One random MoE layer's experts and calibration statistics (in memory)."""
+    import torch
+
+    from offline.methods import LayerStats
+    from offline.moe_math import Experts, all_expert_outputs
+    g = torch.Generator().manual_seed(seed)
+    experts = Experts(torch.randn(n, i, h, generator=g), torch.randn(n, i, h, generator=g),
+                      torch.randn(n, h, i, generator=g))
+    tokens = torch.randn(t, h, generator=g)
+    freq = torch.rand(n, generator=g)
+    stats = LayerStats(frequency=freq / freq.sum(), tokens=tokens, outputs=all_expert_outputs(tokens, experts),
+                       router_logits=torch.randn(t, n, generator=g), top_k=2, samples=64)
+    return experts, stats
+
+
 @pytest.fixture(scope="session")
 def random_source(tmp_path_factory) -> Path:
     """A 2-layer, 8-expert random Mixtral (float32) with the shipped tokenizer."""

@@ -119,6 +119,14 @@ def _compress_args(src, out, *extra):
     (lambda a: a.__setitem__(a.index("--calib") + 1, "/nonexistent/calib.jsonl"), "data file /nonexistent/calib.jsonl does not exist"),
     (lambda a: a.remove("--calib") or a.remove(CALIB[0]), "no calibration data: pass --calib"),
     (lambda a: a.append("--rank-ratio") or a.append("0"), "--rank-ratio must be in"),
+    (lambda a: a.__setitem__(a.index("submoe"), "reap") or a.append("--align-neurons"),
+     "--align-neurons does not apply to --method reap"),
+    (lambda a: a.__setitem__(a.index("--num-experts") + 1, "3,5") or a.extend(["--export", "vanilla"]),
+     "--export vanilla writes a stock Mixtral, whose layers all have the same expert count"),
+    (lambda a: a.__setitem__(a.index("--num-experts") + 1, "1") or a.extend(["--export", "vanilla"]),
+     "--export vanilla needs at least top_k=2 experts per layer"),
+    (lambda a: a.extend(["--adaptive"]) or a.__setitem__(a.index("--num-experts") + 1, "3,5"),
+     "--adaptive clusters adjacent layers jointly, so their --num-experts must be equal"),
 ])
 def test_bad_cli_input_gives_one_clear_error_and_no_output(random_source, tmp_path, capsys, change, message):
     args = _compress_args(random_source, tmp_path / "out")
@@ -206,3 +214,52 @@ def test_unsupported_architecture_lists_supported_ones(random_source, tmp_path, 
     write_config(other, model_type="llama", architectures=["LlamaForCausalLM"])
     assert cli(_compress_args(other, tmp_path / "out")) == 2
     assert "unsupported architecture model_type='llama'" in capsys.readouterr().err
+
+
+def test_vanilla_export_is_a_stock_mixtral_with_the_kept_router_rows(random_source, tmp_path):
+    """Pruning exported with an N'-row router: stock transformers loads it, and it computes the
+    source MoE with the dropped experts' router rows removed."""
+    from transformers import AutoModelForCausalLM
+    out = tmp_path / "vanilla"
+    args = _compress_args(random_source, out, "--export", "vanilla", "--force")
+    args[args.index("submoe")] = "reap"
+    assert cli(args) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["MixtralForCausalLM"] and config["num_local_experts"] == 4
+    assert "submoe" not in config
+    report = json.loads((out / "compression_report.json").read_text())
+    src, ckpt = LazyCheckpoint(random_source), LazyCheckpoint(out)
+    router = layout_for(config).router_tensor
+    for l, entry in enumerate(report["layers"]):
+        kept = entry["representatives"]
+        assert sorted(kept) == sorted(c["kept"] for c in entry["merge"])
+        assert torch.equal(ckpt.get(router(l)), src.get(router(l))[kept])
+        for j, e in enumerate(kept):
+            name = lambda i: f"model.layers.{l}.block_sparse_moe.experts.{i}.w2.weight"  # noqa: E731
+            assert torch.equal(ckpt.get(name(j)), src.get(name(e)))
+    stock = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    ids = torch.randint(0, 4096, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(stock(input_ids=ids).logits, load_reference(str(out))(input_ids=ids).logits,
+                                   atol=1e-5, rtol=1e-4)
+
+
+def test_non_finite_source_weights_are_refused(random_source, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+    bad = tmp_path / "bad"
+    shutil.copytree(random_source, bad)
+    tensors = load_file(str(bad / "model.safetensors"))
+    tensors["model.layers.1.block_sparse_moe.experts.2.w3.weight"][0, 0] = float("inf")
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    assert cli(_compress_args(bad, tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert "NaN/inf expert outputs in layer 1" in err and "not finite" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_mergemoe_warns_when_calibration_is_below_the_collapse_threshold(random_source, tmp_path, capsys):
+    args = _compress_args(random_source, tmp_path / "out")
+    args[args.index("submoe")] = "mergemoe"
+    assert cli(args) == 0
+    err = capsys.readouterr().err
+    assert "submoe: warning: mergemoe: least squares on too little calibration: 4 calibration samples" in err

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from offline.clustering import kmeans_clusters
-from offline.methods import LayerStats, make_method
+from conftest import random_layer as _layer
+from offline.methods import METHODS, make_method
 from offline.methods.base import clusters_to_map, merge_weights
 from offline.methods.submoe import subspace_merge
 from offline.moe_math import Experts
@@ -54,19 +55,7 @@ def test_kmeans_is_seeded_and_finds_planted_groups():
     assert groups == [[0, 1, 6, 7], [2, 3, 8, 9], [4, 5]]
 
 
-def _layer(seed=0, n=8, h=16, i=24, t=64):
-    g = torch.Generator().manual_seed(seed)
-    experts = Experts(torch.randn(n, i, h, generator=g), torch.randn(n, i, h, generator=g),
-                      torch.randn(n, h, i, generator=g))
-    tokens = torch.randn(t, h, generator=g)
-    from offline.moe_math import all_expert_outputs
-    freq = torch.rand(n, generator=g)
-    stats = LayerStats(frequency=freq / freq.sum(), tokens=tokens, outputs=all_expert_outputs(tokens, experts),
-                       router_logits=torch.randn(t, n, generator=g))
-    return experts, stats
-
-
-@pytest.mark.parametrize("method", ["submoe", "average", "freq-prune"])
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_methods_give_valid_maps_and_are_deterministic(method):
     experts, stats = _layer()
     a = make_method(method).reduce_layer(experts, stats, 3, seed=0)
@@ -97,7 +86,7 @@ def test_identical_experts_still_fill_the_budget():
     same = Experts(*(m[:1].expand_as(m).clone() for m in experts.matrices().values()))
     from offline.moe_math import all_expert_outputs
     stats.outputs = all_expert_outputs(stats.tokens, same)
-    for method in ("submoe", "average"):
+    for method in [m for m in METHODS if m not in ("freq-prune", "reap")]:
         r = make_method(method).reduce_layer(same, stats, 3, seed=0)
         assert len(r.experts) == 3 and sorted(set(r.expert_map)) == [0, 1, 2]
         torch.testing.assert_close(r.experts.gate, same.gate[:3], atol=1e-5, rtol=1e-5)
@@ -123,8 +112,10 @@ def test_method_options_are_checked():
         make_method("nope")
     with pytest.raises(ValueError, match="--rank-ratio must be in"):
         make_method("submoe", rank_ratio=1.5)
-    with pytest.raises(ValueError, match="only applies to --method submoe"):
+    with pytest.raises(ValueError, match="--rank does not apply to --method average; it applies to: submoe"):
         make_method("average", rank=4)
+    with pytest.raises(ValueError, match="--align-neurons does not apply to --method reap"):
+        make_method("reap", align_neurons=True)
 
 
 @pytest.mark.parametrize("renormalize", [True, False])

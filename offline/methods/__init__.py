@@ -1,22 +1,37 @@
 """Expert-reduction methods, by the name `submoe compress --method` takes."""
 from __future__ import annotations
 
+import inspect
+
 from .base import ExpertReducer, LayerResult, LayerStats, MethodError
-from .baselines import Average, FrequencyPrune
+from .baselines import Average, FrequencyPrune, RandomMerge
+from .hcsmoe import HCSMoE, MSMoE
+from .mergemoe import CalibrationWarning, MergeMoE
+from .output_lsq import OutputLSQ
+from .reap import REAP
 from .submoe import SubMoE
 
-METHODS: dict[str, type[ExpertReducer]] = {m.name: m for m in (SubMoE, Average, FrequencyPrune)}
+METHODS: dict[str, type[ExpertReducer]] = {m.name: m for m in (
+    SubMoE, OutputLSQ, MergeMoE, HCSMoE, MSMoE, REAP, FrequencyPrune, Average, RandomMerge)}
+
+
+def method_options(name: str) -> set[str]:
+    return set(inspect.signature(METHODS[name].__init__).parameters) - {"self"}
 
 
 def make_method(name: str, **options) -> ExpertReducer:
+    """The method `name` with the options given (None = not given); an option the method does not
+    take is an error naming the methods that do."""
     if name not in METHODS:
         raise MethodError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
-    if name != "submoe":
-        given = {k: v for k, v in options.items() if v is not None}
-        if given:
-            raise MethodError(f"{', '.join('--' + k.replace('_', '-') for k in given)} only applies to --method submoe")
-        return METHODS[name]()
-    return METHODS[name](**options)
+    given = {k: v for k, v in options.items() if v is not None and v is not False}
+    for k in given:
+        if k not in method_options(name):
+            takers = [m for m in METHODS if k in method_options(m)]
+            raise MethodError(f"--{k.replace('_', '-')} does not apply to --method {name}; "
+                              f"it applies to: {', '.join(takers)}")
+    return METHODS[name](**given)
 
 
-__all__ = ["METHODS", "ExpertReducer", "LayerResult", "LayerStats", "MethodError", "make_method"]
+__all__ = ["METHODS", "CalibrationWarning", "ExpertReducer", "LayerResult", "LayerStats", "MethodError",
+           "make_method", "method_options"]

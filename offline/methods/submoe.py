@@ -4,14 +4,22 @@ Per cluster and per matrix: W_cat = [W_1 … W_k] = U Σ [V_1 … V_k]ᵀ (membe
 the input dimension); V̄ = Σ f_i V_i / Σ f_i; merged W = U_r Σ_r V̄_rᵀ. At full rank this is the
 frequency-weighted average exactly; a rank r < full projects it onto the members' shared top-r
 left singular subspace, which is the method's knob.
+
+Variants: `adaptive` clusters each pair of adjacent layers jointly (one grouping for both,
+from their concatenated output features); Sub-MoE† (`intra_rank_ratio`) then truncates every
+merged matrix to a low rank with SVD-LLM whitening by the routed tokens' inputs. Sub-MoE† is
+written as dense weights (vLLM's fused-MoE kernel has no factored form), so it saves memory
+only once served as factors: the report says so and gives the truncation error.
 """
 from __future__ import annotations
 
 import torch
 
+import numpy as np
+
 from ..clustering import kmeans_clusters, output_features
-from ..moe_math import Experts
-from .base import ExpertReducer, LayerStats, MethodError, merge_weights
+from ..moe_math import Experts, expert_hidden
+from .base import ExpertReducer, LayerResult, LayerStats, MethodError, merge_weights, routed_tokens
 
 
 def subspace_merge(mats: torch.Tensor, weights: torch.Tensor, rank: int | None = None) -> tuple[torch.Tensor, float]:
@@ -33,20 +41,42 @@ class SubMoE(ExpertReducer):
     name = "submoe"
     description = "k-means on expert-output cosine similarity; joint-SVD subspace merge, frequency-weighted V"
 
-    def __init__(self, rank: int | None = None, rank_ratio: float | None = None):
+    def __init__(self, rank: int | None = None, rank_ratio: float | None = None, adaptive: bool = False,
+                 intra_rank_ratio: float | None = None, align_neurons: bool = False):
+        super().__init__(align_neurons)
         if rank is not None and rank < 1:
             raise MethodError(f"--rank must be at least 1, got {rank}")
         if rank_ratio is not None and not 0 < rank_ratio <= 1:
             raise MethodError(f"--rank-ratio must be in (0, 1], got {rank_ratio}")
         if rank is not None and rank_ratio is not None:
             raise MethodError("give --rank or --rank-ratio, not both")
+        if intra_rank_ratio is not None and not 0 < intra_rank_ratio < 1:
+            raise MethodError(f"--intra-rank-ratio must be in (0, 1), got {intra_rank_ratio}")
         self.rank, self.rank_ratio = rank, rank_ratio
+        self.adaptive, self.intra_rank_ratio = adaptive, intra_rank_ratio
+        self.layers_per_group = 2 if adaptive else 1
 
     def settings(self) -> dict:
-        return {"rank": self.rank, "rank_ratio": self.rank_ratio or (None if self.rank else 1.0)}
+        out = {"rank": self.rank, "rank_ratio": self.rank_ratio or (None if self.rank else 1.0),
+               "adaptive": self.adaptive, **super().settings()}
+        if self.intra_rank_ratio is not None:
+            out["intra_rank_ratio"] = self.intra_rank_ratio
+            out["note"] = ("Sub-MoE†: merged matrices are low rank but written dense; memory shrinks only "
+                           "when served as factors, which vLLM's fused-MoE kernel does not support yet")
+        return out
 
-    def group(self, stats: LayerStats, num_out: int, seed: int) -> list[list[int]]:
+    def group(self, stats: LayerStats, num_out: int, seed: int, experts: Experts) -> list[list[int]]:
         return kmeans_clusters(output_features(stats.outputs), num_out, seed)
+
+    def reduce_layers(self, layers: list[tuple[Experts, LayerStats]], budgets: list[int], seed: int) -> list[LayerResult]:
+        if not self.adaptive or len(layers) == 1:
+            return super().reduce_layers(layers, budgets, seed)
+        if len(set(budgets)) != 1:
+            raise MethodError(f"--adaptive clusters adjacent layers jointly, so their --num-experts must be equal; "
+                              f"got {budgets}")
+        joint = np.concatenate([output_features(s.outputs) for _, s in layers], axis=1) / np.sqrt(len(layers))
+        clusters = kmeans_clusters(joint, budgets[0], seed)
+        return [self.reduce_layer(e, s, budgets[0], seed, clusters=clusters) for e, s in layers]
 
     def rank_for(self, n_out: int, n_in_total: int) -> int | None:
         full = min(n_out, n_in_total)
@@ -71,4 +101,35 @@ class SubMoE(ExpertReducer):
                 merged[which], err = subspace_merge(sub, w, rank)
             info[f"{which}_rank"] = full if rank is None else min(rank, full)
             info[f"{which}_truncation_error"] = err
+        if self.intra_rank_ratio is not None:
+            merged, intra = self.intra_expert_low_rank(merged, routed_tokens(stats, members))
+            info.update(intra)
         return Experts(**{k: v.unsqueeze(0) for k, v in merged.items()}), info
+
+    def intra_expert_low_rank(self, merged: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[dict, dict]:
+        """Sub-MoE†: whitened truncation of W_G, W_U (inputs: routed tokens) and W_D (inputs: the
+        merged expert's own activations on them)."""
+        hidden = expert_hidden(x, merged["gate"], merged["up"])
+        out, info = {}, {}
+        for which, w in merged.items():
+            inputs = hidden if which == "down" else x
+            rank = max(1, round(self.intra_rank_ratio * min(w.shape)))
+            out[which], info[f"{which}_intra_error"] = whitened_low_rank(w, inputs, rank)
+            info[f"{which}_intra_rank"] = rank
+        return out, info
+
+
+def whitened_low_rank(w: torch.Tensor, x: torch.Tensor, rank: int) -> tuple[torch.Tensor, float]:
+    """SVD-LLM truncation of w [out, in] for inputs x [T, in]: the rank-r W' minimising ‖(W − W')xᵀ‖.
+
+    With S the Cholesky factor of xᵀx (damped so it exists with few tokens), truncating the SVD of
+    W S and multiplying back by S⁻¹ is optimal in the input-weighted norm. Returns W' and the
+    relative output error ‖(W − W')xᵀ‖ / ‖W xᵀ‖ on those inputs."""
+    wd, xd = w.double(), x.double()
+    gram = xd.T @ xd
+    gram += torch.eye(len(gram), dtype=gram.dtype) * (1e-6 * gram.diagonal().mean().clamp_min(1e-12))
+    s = torch.linalg.cholesky(gram)
+    U, S, Vh = torch.linalg.svd(wd @ s, full_matrices=False)
+    low = (U[:, :rank] * S[:rank]) @ torch.linalg.solve_triangular(s, Vh[:rank], upper=False, left=False)
+    err = torch.linalg.norm((wd - low) @ xd.T) / torch.linalg.norm(wd @ xd.T).clamp_min(1e-30)
+    return low.to(w.dtype), err.item()

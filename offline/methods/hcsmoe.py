@@ -1,0 +1,63 @@
+"""HC-SMoE (arXiv 2410.08589; github.com/wazenmai/HC-SMoE) and M-SMoE (arXiv 2310.01334,
+github.com/UNITES-Lab/MC-SMoE): two published ways to group experts, both merged by the
+frequency-weighted average Σ f_i W_i / Σ f_i (f = top-k selection counts).
+
+HC-SMoE, as in `grouping_mixtral.py::group_experts_by_clustering_output` and
+`merging/clustering.py`: each expert's feature is its mean output over all calibration tokens
+(unnormalised), Euclidean distance, average linkage, cut at exactly N' clusters.
+
+M-SMoE, as in `group_experts_globally_from_dominant_experts`: the most frequently routed experts
+are the centres, similarity is the cosine of two experts' router-logit columns over the tokens,
+and the remaining experts, most frequent first, join their most similar centre. Deliberate
+difference: M-SMoE picks centres globally across layers (a per-layer budget from one global
+frequency threshold); here the budget per layer is the user's `--num-experts`.
+"""
+from __future__ import annotations
+
+import torch
+from scipy.cluster.hierarchy import cut_tree, linkage
+
+from ..moe_math import Experts
+from .base import ExpertReducer, LayerStats, merge_weights, weighted_average
+
+
+class FrequencyWeightedMerge(ExpertReducer):
+    def merge(self, experts: Experts, members: list[int], stats: LayerStats) -> tuple[Experts, dict]:
+        w = merge_weights(stats.frequency, members)
+        return weighted_average(experts, members, w), {"members": members, "weights": [round(x, 6) for x in w.tolist()]}
+
+
+def average_linkage_clusters(features: torch.Tensor, k: int) -> list[list[int]]:
+    """Agglomerative clustering (Euclidean, average linkage) of rows, cut at exactly k clusters."""
+    if k >= len(features):
+        return [[i] for i in range(len(features))]
+    labels = cut_tree(linkage(features.double().numpy(), method="average", metric="euclidean"), n_clusters=k)[:, 0]
+    return [[i for i, c in enumerate(labels.tolist()) if c == j] for j in range(k)]
+
+
+class HCSMoE(FrequencyWeightedMerge):
+    name = "hc-smoe"
+    description = "hierarchical clustering (average linkage) of mean expert outputs; frequency-weighted merge"
+
+    def group(self, stats: LayerStats, num_out: int, seed: int, experts: Experts) -> list[list[int]]:
+        return average_linkage_clusters(stats.outputs.mean(dim=1), num_out)
+
+
+def router_logit_similarity(router_logits: torch.Tensor) -> torch.Tensor:
+    """[N, N] cosine similarity of the experts' router-logit columns over the tokens."""
+    cols = torch.nn.functional.normalize(router_logits.double().T, dim=1)
+    return cols @ cols.T
+
+
+class MSMoE(FrequencyWeightedMerge):
+    name = "m-smoe"
+    description = "most frequent experts as centres, others join by router-logit similarity; frequency-weighted merge"
+
+    def group(self, stats: LayerStats, num_out: int, seed: int, experts: Experts) -> list[list[int]]:
+        order = torch.argsort(stats.frequency, descending=True, stable=True).tolist()
+        centres, rest = order[:num_out], order[num_out:]
+        sim = router_logit_similarity(stats.router_logits)
+        clusters = {c: [c] for c in centres}
+        for i in rest:
+            clusters[max(centres, key=lambda c: sim[i, c].item())].append(i)
+        return list(clusters.values())

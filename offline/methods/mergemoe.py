@@ -1,0 +1,88 @@
+"""MergeMoE (arXiv 2510.14436): frequency-centred groups, least-squares down projection.
+
+MergeMoE: the most frequently routed experts are the centres; every other expert joins the centre
+whose concatenated [W_U ‖ W_G] is most cosine-similar. W_G and W_U of a cluster are the
+frequency-weighted averages (the paper's T2, T3); the down projection is solved by least squares
+on calibration outputs: with P the merged expert's activations on the sampled tokens and Y the
+frequency-weighted sum of the members' outputs, W_D = Y P⁺ (fp64 here). The paper writes this as
+T1 = Q P⁺ with Q the members' concatenated activations and W_D = [f_1 W_D1 … f_k W_Dk] T1; since
+[f_1 W_D1 …] Q = Y, both are the same matrix. It collapses with too few samples (the paper: below
+~32-36 sequences), so it warns there.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ..moe_math import Experts, expert_hidden
+from .base import ExpertReducer, LayerStats, merge_weights, weighted_average
+
+PAPER_MIN_SAMPLES = 36
+
+
+class CalibrationWarning(UserWarning):
+    """Calibration too small for a least-squares method to be trusted."""
+
+
+def least_squares_down(hidden: torch.Tensor, target: torch.Tensor, prior: torch.Tensor | None = None,
+                       ridge: float = 0.0) -> torch.Tensor:
+    """W [H, I] minimising ‖target − hidden Wᵀ‖² (+ ridge·tr(hᵀh)/I · ‖W − prior‖²), in fp64.
+
+    hidden [T, I], target [T, H]. Without ridge it is the minimum-norm solution Y P⁺."""
+    p, y = hidden.double(), target.double()
+    if ridge == 0:
+        return torch.linalg.lstsq(p, y, driver="gelsd").solution.T.to(hidden.dtype)
+    gram = p.T @ p
+    lam = ridge * gram.diagonal().mean().clamp_min(1e-12)
+    rhs = p.T @ y + lam * prior.double().T
+    return torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=gram.dtype), rhs).T.to(hidden.dtype)
+
+
+def weight_similarity(experts: Experts) -> torch.Tensor:
+    """[N, N] cosine similarity of the experts' flattened [W_U ‖ W_G]."""
+    flat = torch.cat([experts.up.flatten(1), experts.gate.flatten(1)], dim=1).double()
+    flat = torch.nn.functional.normalize(flat, dim=1)
+    return flat @ flat.T
+
+
+def frequency_centres(frequency: torch.Tensor, similarity: torch.Tensor, num_out: int) -> list[list[int]]:
+    order = torch.argsort(frequency, descending=True, stable=True).tolist()
+    clusters = {c: [c] for c in order[:num_out]}
+    for i in order[num_out:]:
+        clusters[max(clusters, key=lambda c: similarity[i, c].item())].append(i)
+    return list(clusters.values())
+
+
+def warn_if_underdetermined(method: str, stats: LayerStats, tokens: int, intermediate: int) -> dict:
+    problems = []
+    if 0 < stats.samples < PAPER_MIN_SAMPLES:
+        problems.append(f"{stats.samples} calibration samples, below the {PAPER_MIN_SAMPLES} under which "
+                        f"MergeMoE's paper reports collapse")
+    if tokens < intermediate:
+        problems.append(f"{tokens} tokens for {intermediate} unknowns per output row (underdetermined)")
+    if problems:
+        warnings.warn(f"{method}: least squares on too little calibration: {'; '.join(problems)}. "
+                      f"Raise --samples / --output-tokens.", CalibrationWarning, stacklevel=2)
+    return {"least_squares_tokens": tokens, "underdetermined": bool(problems)}
+
+
+class MergeMoE(ExpertReducer):
+    name = "mergemoe"
+    description = ("most frequent experts as centres, others join by [W_U||W_G] similarity; frequency-weighted "
+                   "W_G, W_U; least-squares W_D on calibration outputs")
+
+    def group(self, stats: LayerStats, num_out: int, seed: int, experts: Experts) -> list[list[int]]:
+        return frequency_centres(stats.frequency, weight_similarity(experts), num_out)
+
+    def merge(self, experts: Experts, members: list[int], stats: LayerStats) -> tuple[Experts, dict]:
+        w = merge_weights(stats.frequency, members)
+        avg = weighted_average(experts, members, w)
+        info = {"members": members, "weights": [round(x, 6) for x in w.tolist()]}
+        if len(members) == 1:
+            return avg, info
+        x = stats.tokens.to(avg.gate.dtype)
+        target = torch.einsum("k,ktd->td", w.to(stats.outputs.dtype), stats.outputs[members])
+        info.update(warn_if_underdetermined(self.name, stats, len(x), avg.gate.shape[1]))
+        down = least_squares_down(expert_hidden(x, avg.gate[0], avg.up[0]), target)
+        return Experts(avg.gate, avg.up, down.unsqueeze(0)), info

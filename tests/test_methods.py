@@ -1,0 +1,210 @@
+"""Each method's defining property, and its behaviour on degenerate calibration."""
+import warnings
+
+import pytest
+import torch
+
+from conftest import random_layer
+from offline.alignment import align_to, neuron_features, neuron_permutation
+from offline.methods import METHODS, CalibrationWarning, MethodError, make_method
+from offline.methods.base import merge_weights, weighted_average
+from offline.methods.mergemoe import least_squares_down
+from offline.methods.output_lsq import remapped_output_error
+from offline.methods.reap import reap_scores
+from offline.methods.submoe import whitened_low_rank
+from offline.moe_math import Experts, all_expert_outputs, expert_forward, expert_hidden
+
+MERGING = sorted(m for m in METHODS if METHODS[m].merges_weights)
+
+
+def _weighted_target(experts, stats, members):
+    w = merge_weights(stats.frequency, members).float()
+    return torch.einsum("k,ktd->td", w, stats.outputs[members])
+
+
+def test_mergemoe_down_projection_solves_its_least_squares():
+    experts, stats = random_layer(seed=1, t=200)
+    r = make_method("mergemoe").reduce_layer(experts, stats, 3, seed=0)
+    for j, members in enumerate(r.clusters):
+        if len(members) == 1:
+            continue
+        target = _weighted_target(experts, stats, members)
+        p = expert_hidden(stats.tokens, r.experts.gate[j], r.experts.up[j])
+        residual = target - p @ r.experts.down[j].T
+        # normal equations: the residual is orthogonal to every activation column ...
+        assert (p.T @ residual).abs().max() < 1e-3 * (p.abs().max() * target.abs().max() * len(p))
+        # ... so it is not above the weighted average's down projection on the same activations
+        avg = weighted_average(experts, members, merge_weights(stats.frequency, members))
+        assert residual.norm() <= (target - p @ avg.down[0].T).norm() + 1e-5
+        # and W_G, W_U are the frequency-weighted averages (the paper's T2, T3)
+        torch.testing.assert_close(r.experts.gate[j], avg.gate[0], atol=1e-5, rtol=1e-5)
+
+
+def test_mergemoe_centres_are_the_most_frequent_experts():
+    experts, stats = random_layer(seed=2, t=200)
+    for method in ("mergemoe", "m-smoe"):
+        r = make_method(method).reduce_layer(experts, stats, 3, seed=0)
+        top = set(torch.argsort(stats.frequency, descending=True)[:3].tolist())
+        assert all(len(set(c) & top) == 1 for c in r.clusters), (method, r.clusters)
+
+
+def test_mergemoe_warns_below_the_papers_sample_threshold():
+    experts, stats = random_layer(seed=1, t=16)  # 16 tokens for 24 unknowns per row: underdetermined
+    stats.samples = 8
+    with pytest.warns(CalibrationWarning, match="8 calibration samples.*16 tokens for 24 unknowns"):
+        r = make_method("mergemoe").reduce_layer(experts, stats, 3, seed=0)
+    assert any(c.get("underdetermined") for c in r.info["clusters"])
+
+
+def test_least_squares_down_with_ridge_is_never_worse_than_its_prior():
+    g = torch.Generator().manual_seed(0)
+    hidden, target, prior = torch.randn(40, 24, generator=g), torch.randn(40, 16, generator=g), torch.randn(16, 24, generator=g)
+    res = lambda w: (target - hidden @ w.T).norm()  # noqa: E731
+    for ridge in (1e-3, 1e-1, 10.0):
+        assert res(least_squares_down(hidden, target, prior, ridge)) <= res(prior) + 1e-5
+    assert res(least_squares_down(hidden, target)) <= res(least_squares_down(hidden, target, prior, 1e-3)) + 1e-5
+
+
+def test_reap_keeps_the_highest_scoring_experts_and_its_score_is_the_papers():
+    experts, stats = random_layer(seed=4, t=128)
+    probs = torch.softmax(stats.router_logits.double(), -1)
+    top2 = stats.router_logits.topk(2, dim=-1).indices
+    brute = []
+    for j in range(8):
+        rows = [t for t in range(128) if j in top2[t].tolist()]
+        brute.append(sum(probs[t, j] * stats.outputs[j, t].double().norm() for t in rows) / max(1, len(rows)))
+    scores = reap_scores(stats)
+    torch.testing.assert_close(scores, torch.stack([torch.as_tensor(b, dtype=torch.float64) for b in brute]))
+    r = make_method("reap").reduce_layer(experts, stats, 3, seed=0)
+    assert {c["kept"] for c in r.info["clusters"]} == set(torch.argsort(scores, descending=True)[:3].tolist())
+    for j, c in enumerate(r.info["clusters"]):
+        torch.testing.assert_close(r.experts.down[j], experts.down[c["kept"]], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["submoe", "hc-smoe", "output-lsq", "average"])
+def test_output_based_grouping_recovers_planted_pairs(method):
+    """Four pairs of near-identical experts: every output-based grouping must find the pairs."""
+    experts, stats = random_layer(seed=6, t=128)
+    g = torch.Generator().manual_seed(1)
+    pairs = Experts(*(torch.cat([m[:4], m[:4] + 0.01 * torch.randn(m[:4].shape, generator=g)])
+                      for m in experts.matrices().values()))
+    stats.outputs = all_expert_outputs(stats.tokens, pairs)
+    r = make_method(method).reduce_layer(pairs, stats, 4, seed=0)
+    assert r.clusters == [[0, 4], [1, 5], [2, 6], [3, 7]]
+
+
+def test_output_lsq_picks_the_grouping_with_least_held_out_error():
+    experts, stats = random_layer(seed=7, t=1500)
+    r = make_method("output-lsq").reduce_layer(experts, stats, 4, seed=0)
+    errors = r.info["held_out_error_by_grouping"]
+    assert set(errors) == {"output-kmeans", "output-hierarchical", "router-logit-centres"}
+    assert r.info["grouping"] == min(errors, key=errors.get)
+    # with enough routed tokens its fitted down projections beat the plain frequency-weighted merge
+    plain = make_method("hc-smoe").reduce_layer(experts, stats, 4, seed=0, clusters=r.clusters)
+    assert remapped_output_error(stats, r) < remapped_output_error(stats, plain)
+
+
+def test_neuron_alignment_recovers_a_permutation_and_preserves_the_function():
+    experts, stats = random_layer(seed=8)
+    perm = torch.randperm(24, generator=torch.Generator().manual_seed(0))
+    shuffled = Experts(torch.stack([experts.gate[0], experts.gate[0][perm]]), torch.stack([experts.up[0], experts.up[0][perm]]),
+                       torch.stack([experts.down[0], experts.down[0][:, perm]]))
+    found = neuron_permutation(neuron_features(shuffled, 0), neuron_features(shuffled, 1))
+    assert torch.equal(perm[found], torch.arange(24))
+    aligned = align_to(shuffled, [0, 1], centre=0)
+    for m in ("gate", "up", "down"):
+        torch.testing.assert_close(getattr(aligned, m)[1], getattr(experts, m)[0], atol=0, rtol=0)
+    # on unrelated experts alignment permutes neurons but never changes what an expert computes
+    aligned = align_to(experts, [0, 3, 5], centre=3)
+    for e in range(8):
+        torch.testing.assert_close(expert_forward(stats.tokens, aligned.gate[e], aligned.up[e], aligned.down[e]),
+                                   stats.outputs[e], atol=1e-4, rtol=1e-4)
+
+
+def test_aligned_merge_of_permuted_copies_is_the_original_expert():
+    experts, stats = random_layer(seed=9)
+    g = torch.Generator().manual_seed(3)
+    perms = [torch.randperm(24, generator=g) for _ in range(8)]
+    copies = Experts(torch.stack([experts.gate[0][p] for p in perms]), torch.stack([experts.up[0][p] for p in perms]),
+                     torch.stack([experts.down[0][:, p] for p in perms]))
+    stats.outputs = all_expert_outputs(stats.tokens, copies)
+    plain = make_method("average").reduce_layer(copies, stats, 2, seed=0)
+    aligned = make_method("average", align_neurons=True).reduce_layer(copies, stats, 2, seed=0)
+    for r in (plain, aligned):
+        assert len(r.experts) == 2
+    out = lambda r: expert_forward(stats.tokens, r.experts.gate[0], r.experts.up[0], r.experts.down[0])  # noqa: E731
+    torch.testing.assert_close(out(aligned), stats.outputs[0], atol=1e-4, rtol=1e-4)
+    assert (out(plain) - stats.outputs[0]).norm() > 0.5 * stats.outputs[0].norm()
+
+
+def test_whitened_low_rank_is_exact_at_full_rank_and_beats_plain_svd_on_its_inputs():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 24, generator=g, dtype=torch.float64)
+    x = torch.randn(200, 24, generator=g, dtype=torch.float64) * torch.linspace(0.05, 3, 24, dtype=torch.float64)
+    full, err = whitened_low_rank(w, x, 16)
+    assert err < 1e-6
+    low, err = whitened_low_rank(w, x, 4)
+    U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+    plain = (U[:, :4] * S[:4]) @ Vh[:4]
+    assert torch.linalg.matrix_rank(low) == 4
+    assert torch.linalg.norm((w - low) @ x.T) < torch.linalg.norm((w - plain) @ x.T)
+    assert err == pytest.approx((torch.linalg.norm((w - low) @ x.T) / torch.linalg.norm(w @ x.T)).item())
+
+
+def test_submoe_dagger_reports_its_intra_expert_error():
+    experts, stats = random_layer(seed=10, t=200)
+    r = make_method("submoe", intra_rank_ratio=0.5).reduce_layer(experts, stats, 3, seed=0)
+    for j, c in enumerate(r.info["clusters"]):
+        assert c["gate_intra_rank"] == 8 and 0 < c["gate_intra_error"] < 1
+        assert torch.linalg.matrix_rank(r.experts.gate[j]) == 8  # float32 tolerance: it is stored in float32
+    assert "factors" in make_method("submoe", intra_rank_ratio=0.5).settings()["note"]
+    with pytest.raises(MethodError, match="--intra-rank-ratio must be in"):
+        make_method("submoe", intra_rank_ratio=1.0)
+
+
+def test_adaptive_submoe_groups_adjacent_layers_jointly():
+    a, b = random_layer(seed=11), random_layer(seed=12)
+    method = make_method("submoe", adaptive=True)
+    assert method.layers_per_group == 2
+    ra, rb = method.reduce_layers([a, b], [3, 3], seed=0)
+    assert ra.clusters == rb.clusters and len(ra.experts) == len(rb.experts) == 3
+    with pytest.raises(MethodError, match="adjacent layers jointly.*must be equal"):
+        method.reduce_layers([a, b], [3, 4], seed=0)
+
+
+def test_random_merge_is_seeded_and_balanced():
+    experts, stats = random_layer()
+    a = make_method("random").reduce_layer(experts, stats, 3, seed=0)
+    assert a.expert_map == make_method("random").reduce_layer(experts, stats, 3, seed=0).expert_map
+    assert a.expert_map != make_method("random").reduce_layer(experts, stats, 3, seed=1).expert_map
+    assert sorted(len(c) for c in a.clusters) == [2, 3, 3]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_expert_never_routed_and_clusters_of_one(method):
+    """Frequency 0 for two experts (never in any top-k), and a budget leaving singleton clusters."""
+    experts, stats = random_layer(seed=13, t=128)
+    stats.router_logits[:, [2, 6]] = -1e4
+    freq = torch.bincount(stats.router_logits.topk(2, -1).indices.flatten(), minlength=8).double()
+    stats.frequency = freq / freq.sum()
+    assert stats.frequency[2] == 0 and stats.frequency[6] == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CalibrationWarning)
+        r = make_method(method).reduce_layer(experts, stats, 7, seed=0)
+    assert len(r.experts) == 7 and sorted(set(r.expert_map)) == list(range(7))
+    assert all(torch.isfinite(m).all() for m in r.experts.matrices().values())
+    if method in ("freq-prune", "reap"):  # the one expert dropped is one never routed
+        dropped = set(range(8)) - {c["kept"] for c in r.info["clusters"]}
+        assert len(dropped) == 1 and dropped < {2, 6}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_non_finite_weights_or_calibration_are_refused_with_a_clear_message(method):
+    experts, stats = random_layer(seed=14)
+    bad = Experts(experts.gate, experts.up.clone(), experts.down)
+    bad.up[3, 0, 0] = float("nan")
+    with pytest.raises(MethodError, match="W_up of the source experts has NaN or inf"):
+        make_method(method).reduce_layer(bad, stats, 4, seed=0)
+    stats.router_logits[5, 1] = float("inf")
+    with pytest.raises(MethodError, match="router_logits of the calibration statistics has NaN or inf"):
+        make_method(method).reduce_layer(experts, stats, 4, seed=0)

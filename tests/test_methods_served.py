@@ -1,0 +1,86 @@
+"""Every method's checkpoint, served by vLLM, equals the reference forward.
+
+One engine for all methods: a random 12-layer Mixtral is compressed once per method (and
+variant), and layer l of the served "mosaic" checkpoint is taken from the l-th method's output,
+with that method's remap table and its own expert count. A second engine serves a `--export
+vanilla` checkpoint as a stock Mixtral, compared with stock transformers.
+"""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import CALIB, EVAL, SHIPPED
+from offline.checkpoint import LazyCheckpoint, copy_tokenizer
+from offline.compress import CompressOptions, compress
+from offline.evaluate import load_reference
+from offline.synthetic import random_mixtral
+from test_vllm_serving import assert_matches_reference
+from vllm_helpers import eval_prompts, reference_greedy, vllm_results
+from vllm_submoe.checkpoint_format import BLOCK_KEY, make_block, parse_block
+
+pytestmark = pytest.mark.vllm
+# (method, options, experts in its layer)
+CONFIGS = [("submoe", {}, 4), ("submoe", {"rank_ratio": 0.5}, 5), ("submoe", {"intra_rank_ratio": 0.5}, 3),
+           ("submoe", {"adaptive": True}, 4), ("output-lsq", {}, 4), ("mergemoe", {}, 6), ("hc-smoe", {}, 3),
+           ("m-smoe", {"align_neurons": True}, 4), ("reap", {}, 5), ("freq-prune", {}, 2), ("average", {}, 4),
+           ("random", {}, 7)]
+
+
+def _compress(src, out, method, options, n, export="remap"):
+    return compress(CompressOptions(model=str(src), out=out, method=method, num_experts=n, calib=CALIB[:2],
+                                    samples=40, seq_len=64, method_options=options, export=export, progress=False))
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return random_mixtral(tmp_path_factory.mktemp("methods") / "src", SHIPPED, layers=len(CONFIGS))
+
+
+@pytest.fixture(scope="module")
+def mosaic(source, tmp_path_factory):
+    root = tmp_path_factory.mktemp("mosaic")
+    src = LazyCheckpoint(source)
+    tensors = {n: src.get(n) for n in src.names() if not n.startswith("model.layers.")}
+    maps = []
+    for l, (method, options, n) in enumerate(CONFIGS):
+        out = root / f"layer{l}-{method}"
+        _compress(source, out, method, options, n)
+        ckpt = LazyCheckpoint(out)
+        tensors.update({name: ckpt.get(name) for name in ckpt.names() if name.startswith(f"model.layers.{l}.")})
+        maps.append(parse_block(ckpt.config).expert_maps[l])
+    dst = root / "mosaic"
+    dst.mkdir()
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((root / "layer0-submoe" / "config.json").read_text())
+    config["num_local_experts"] = max(max(m) + 1 for m in maps)
+    config[BLOCK_KEY] = make_block(method="mosaic", num_router_experts=8, expert_maps=maps,
+                                   source=config[BLOCK_KEY]["source"], weight_bytes=(dst / "model.safetensors").stat().st_size)
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    copy_tokenizer(source, dst)
+    assert [max(m) + 1 for m in maps] == [n for _, _, n in CONFIGS]
+    return dst
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return eval_prompts(AutoTokenizer.from_pretrained(str(SHIPPED)), EVAL)
+
+
+def test_every_methods_checkpoint_served_by_vllm_equals_the_reference(mosaic, prompts, tmp_path):
+    ref = load_reference(str(mosaic))
+    got = vllm_results(mosaic, prompts, tmp_path)
+    for p, g in zip(prompts, got):
+        assert_matches_reference(g, reference_greedy(ref, p, len(g["token_ids"])))
+
+
+def test_vanilla_export_served_by_stock_vllm_equals_stock_transformers(source, prompts, tmp_path):
+    out = tmp_path / "reap-vanilla"
+    _compress(source, out, "reap", {}, 4, export="vanilla")
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
+    stock = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    got = vllm_results(out, prompts, tmp_path / "run")
+    for p, g in zip(prompts, got):
+        assert_matches_reference(g, reference_greedy(stock, p, len(g["token_ids"])))
