@@ -45,7 +45,7 @@ def to_markdown(r: dict) -> str:
         f"{r['method_description']}.",
         "",
         f"- source: `{r['source']['path']}` ({r['source']['num_experts']} experts per layer)",
-        f"- settings: " + ", ".join(f"{k}={v}" for k, v in r["settings"].items()),
+        "- settings: " + ", ".join(f"{k}={v}" for k, v in r["settings"].items()),
         f"- calibration: {r['calibration']['samples']} windows x {r['calibration']['seq_len']} tokens "
         f"({r['calibration']['tokens']} tokens) from " + ", ".join(r["calibration"]["sources"]),
         f"- weights: {s['source_weight_bytes'] / 1e6:.2f} MB -> {s['weight_bytes'] / 1e6:.2f} MB "

@@ -49,6 +49,15 @@ def random_layer(seed=0, n=8, h=16, i=24, t=64):
 
 
 @pytest.fixture(scope="session")
+def prompts():
+    """One 24-token prompt from every held-out domain, as token ids (shipped tokenizer)."""
+    from transformers import AutoTokenizer
+
+    from vllm_helpers import eval_prompts
+    return eval_prompts(AutoTokenizer.from_pretrained(str(SHIPPED)), EVAL)
+
+
+@pytest.fixture(scope="session")
 def random_source(tmp_path_factory) -> Path:
     """A 2-layer, 8-expert random Mixtral (float32) with the shipped tokenizer."""
     from offline.synthetic import random_mixtral

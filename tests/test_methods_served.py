@@ -10,15 +10,15 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
-from conftest import CALIB, EVAL, SHIPPED
+from conftest import CALIB, SHIPPED
 from offline.checkpoint import LazyCheckpoint, copy_tokenizer
 from offline.compress import CompressOptions, compress
 from offline.evaluate import load_reference
 from offline.synthetic import random_mixtral
 from test_vllm_serving import assert_matches_reference
-from vllm_helpers import eval_prompts, reference_greedy, vllm_results
+from vllm_helpers import reference_greedy, vllm_results
 from vllm_submoe.checkpoint_format import BLOCK_KEY, make_block, parse_block
 
 pytestmark = pytest.mark.vllm
@@ -62,11 +62,6 @@ def mosaic(source, tmp_path_factory):
     copy_tokenizer(source, dst)
     assert [max(m) + 1 for m in maps] == [n for _, _, n in CONFIGS]
     return dst
-
-
-@pytest.fixture(scope="module")
-def prompts():
-    return eval_prompts(AutoTokenizer.from_pretrained(str(SHIPPED)), EVAL)
 
 
 def test_every_methods_checkpoint_served_by_vllm_equals_the_reference(mosaic, prompts, tmp_path):

@@ -9,15 +9,14 @@ import urllib.request
 
 import openai
 import pytest
-from transformers import AutoTokenizer
 
-from conftest import CALIB, EVAL, SHIPPED, write_config
+from conftest import CALIB, SHIPPED, write_config
 from offline.compress import CompressOptions, compress
 from offline.evaluate import load_reference
 from serving.launcher import ServerError, VLLMServer
 from serving.scrape import compression_gauges
 from vllm_submoe.checkpoint_format import make_block
-from vllm_helpers import eval_prompts, reference_greedy, run_vllm, vllm_results
+from vllm_helpers import reference_greedy, run_vllm, vllm_results
 
 pytestmark = pytest.mark.vllm
 MAX_TOKENS = 12
@@ -53,11 +52,6 @@ def server(hetero, tmp_path_factory):
     with VLLMServer(str(hetero), "--dtype", "float32", "--max-model-len", "512", model_flag=True,
                     log_path=log) as s:
         yield s
-
-
-@pytest.fixture(scope="module")
-def prompts():
-    return eval_prompts(AutoTokenizer.from_pretrained(str(SHIPPED)), EVAL)
 
 
 def test_served_compressed_model_equals_reference_forward(server, hetero, prompts):

@@ -1,0 +1,383 @@
+"""Quality benchmark: every method x {8->6, 8->4} on both stand-in models, one harness, one table.
+
+    python benchmarks/quality.py            # the committed results (about 25 minutes on 2 cores)
+    python benchmarks/quality.py --quick    # a smoke run (the tests use it)
+
+Calibration comes from the shipped calibration split (all domains, round-robin), evaluation
+from the held-out split of every domain: perplexity, KL(original || compressed), top-1
+agreement and greedy-continuation agreement, with retention (original / compressed perplexity)
+as mean and worst domain. Every figure is mean and spread over calibration seeds. Each
+(model, seed) is calibrated once and replayed to every method through `compress(...,
+calibrated=...)`: the statistics do not depend on the method, so they share one sample.
+Writes benchmarks/results/quality.{json,md} and quality*.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import AutoTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from offline.calibration import calibration_windows  # noqa: E402
+from offline.checkpoint import LazyCheckpoint  # noqa: E402
+from offline.compress import CompressOptions, calibrated_layers, compress  # noqa: E402
+from offline.data import domain_name, read_texts, token_windows  # noqa: E402
+from offline.evaluate import compare, first_divergence, greedy_continuations, load_reference, \
+    next_token_logprobs  # noqa: E402
+
+MODELS = {"upcycled": ROOT / "models" / "tiny-mixtral-8e", "from-scratch": ROOT / "models" / "tiny-mixtral-8e-scratch"}
+CALIB = sorted(str(p) for p in (ROOT / "data" / "calib").glob("*.jsonl"))
+EVAL = sorted(str(p) for p in (ROOT / "data" / "eval").glob("*.jsonl"))
+MAIN_METHODS = ["submoe", "output-lsq", "mergemoe", "hc-smoe", "m-smoe", "reap", "freq-prune", "average", "random"]
+# Variants measured at the harder ratio only: Sub-MoE's adaptive and † settings, neuron alignment.
+VARIANTS = [("submoe", {"adaptive": True}), ("submoe", {"intra_rank_ratio": 0.5}),
+            *[(m, {"align_neurons": True}) for m in ("submoe", "output-lsq", "mergemoe", "m-smoe")]]
+FIGURES = ("kl", "top1_agreement", "retention_mean", "retention_worst", "greedy_first_divergence", "perplexity_mean")
+
+
+@dataclass
+class Settings:
+    models: dict[str, Path]
+    seeds: list[int]
+    samples: int = 256
+    seq_len: int = 256
+    output_tokens: int = 2048
+    eval_windows: int = 8
+    prompts_per_domain: int = 2
+    prompt_len: int = 32
+    new_tokens: int = 32
+    targets: list[int] = field(default_factory=lambda: [6, 4])
+    methods: list[str] = field(default_factory=lambda: list(MAIN_METHODS))
+    variants: list = field(default_factory=lambda: list(VARIANTS))
+    ablation_samples: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128])
+    ablation_sample_methods: list[str] = field(default_factory=lambda: ["submoe", "output-lsq", "mergemoe"])
+    ablation_ranks: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5, 0.75])
+    ablation_domains: list[str] = field(default_factory=lambda: [domain_name(p) for p in CALIB])
+    ablation_domain_methods: list[str] = field(default_factory=lambda: ["submoe", "output-lsq"])
+    ablation_seeds: list[int] = field(default_factory=lambda: [0])
+    cost_methods: list[str] = field(default_factory=lambda: list(MAIN_METHODS))
+
+
+def label(method: str, options: dict) -> str:
+    """submoe+adaptive, submoe+†, hc-smoe+align, submoe+rank_ratio=0.5 ..."""
+    short = {"adaptive": "adaptive", "align_neurons": "align", "intra_rank_ratio": "†"}
+    return "+".join([method, *(short.get(k) or f"{k}={v}" for k, v in options.items())])
+
+
+class Evaluator:
+    """The fixed evaluation set of one source model, and its original's figures on it."""
+
+    def __init__(self, model_dir: Path, s: Settings):
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
+        self.windows = {domain_name(p): token_windows(tok, read_texts(p), s.seq_len, s.eval_windows) for p in EVAL}
+        # Prompts from the end of each domain's evaluation text, not overlapping the scored windows.
+        self.prompts = torch.cat([token_windows(tok, read_texts(p)[::-1], s.prompt_len, s.prompts_per_domain)
+                                  for p in EVAL])
+        self.new_tokens = s.new_tokens
+        ref = load_reference(str(model_dir))
+        self.ref_logp = {d: next_token_logprobs(ref, w) for d, w in self.windows.items()}
+        self.ref_greedy = greedy_continuations(ref, self.prompts, self.new_tokens)
+
+    def score(self, model_dir: Path) -> dict:
+        model = load_reference(str(model_dir))
+        domains = {d: compare(next_token_logprobs(model, w), w, self.ref_logp[d]) for d, w in self.windows.items()}
+        div = first_divergence(greedy_continuations(model, self.prompts, self.new_tokens), self.ref_greedy).float()
+        ret = [d["perplexity_retention"] for d in domains.values()]
+        return {
+            "domains": {d: {k: v[k] for k in ("perplexity", "reference_perplexity", "kl", "top1_agreement")}
+                        for d, v in domains.items()},
+            "kl": statistics.fmean(d["kl"] for d in domains.values()),
+            "top1_agreement": statistics.fmean(d["top1_agreement"] for d in domains.values()),
+            "perplexity_mean": statistics.fmean(d["perplexity"] for d in domains.values()),
+            "retention_mean": statistics.fmean(ret), "retention_worst": min(ret),
+            "worst_domain": min(domains, key=lambda d: domains[d]["perplexity_retention"]),
+            "greedy_first_divergence": div.mean().item(),
+            "greedy_identical": (div == self.new_tokens).float().mean().item(),
+        }
+
+    def original(self) -> dict:
+        ppl = [math.exp(-lp[:, :-1].gather(-1, w[:, 1:, None]).mean().item())
+               for lp, w in zip(self.ref_logp.values(), self.windows.values())]
+        return {"kl": 0.0, "top1_agreement": 1.0, "perplexity_mean": statistics.fmean(ppl), "retention_mean": 1.0,
+                "retention_worst": 1.0, "greedy_first_divergence": float(self.new_tokens), "greedy_identical": 1.0,
+                "domains": {d: {"perplexity": p} for d, p in zip(self.windows, ppl)}}
+
+
+class Calibrations:
+    """Calibrated layers of one source model, computed once per (data, samples, seed)."""
+
+    def __init__(self, model_dir: Path, s: Settings):
+        self.model_dir, self.s = model_dir, s
+        self.tok = AutoTokenizer.from_pretrained(str(model_dir))
+        self.key, self.value = None, None
+
+    def get(self, sources: list[str], samples: int, seed: int):
+        key = (tuple(sources), samples, seed)
+        if key != self.key:
+            self.value = None  # free the previous one first: ~100 MB per calibration here
+            windows, info = calibration_windows(self.tok, sources, samples, self.s.seq_len, seed)
+            opts = CompressOptions(model=str(self.model_dir), out=Path("-"), method="submoe", num_experts=1,
+                                   samples=samples, seq_len=self.s.seq_len, seed=seed,
+                                   output_tokens=self.s.output_tokens)
+            self.key, self.value = key, (list(calibrated_layers(LazyCheckpoint(str(self.model_dir)), windows, opts)), info)
+        return self.value
+
+
+def run_one(model_dir: Path, cal: Calibrations, ev: Evaluator, tmp: Path, method: str, options: dict, n: int,
+            seed: int, sources: list[str], samples: int, s: Settings) -> dict:
+    layers, info = cal.get(sources, samples, seed)
+    out = tmp / "ckpt"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t0 = time.time()
+        report = compress(CompressOptions(model=str(model_dir), out=out, method=method, num_experts=n, samples=samples,
+                                          seq_len=s.seq_len, method_options=options, seed=seed, force=True,
+                                          output_tokens=s.output_tokens, progress=False),
+                          calibrated=layers, calib_info=info)
+        merge_seconds = time.time() - t0
+    figures = ev.score(out)
+    figures.update(method=method, label=label(method, options), options=options, num_experts=n, seed=seed,
+                   samples=samples, calib=[domain_name(p) for p in sources], merge_seconds=merge_seconds,
+                   weight_bytes=report["sizes"]["weight_bytes"], warnings=sorted({str(w.message) for w in caught}),
+                   moe_output_error=statistics.fmean(l["moe_output_relative_error"] for l in report["layers"]))
+    return figures
+
+
+def summarise(runs: list[dict], keys=("label", "num_experts")) -> list[dict]:
+    """Mean and spread (sample std; 0 for one seed) of every figure per configuration."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    rows = []
+    for key, rs in groups.items():
+        row = dict(zip(keys, key), seeds=len(rs), method=rs[0]["method"])
+        for f in FIGURES:
+            vals = [r[f] for r in rs]
+            row[f] = statistics.fmean(vals)
+            row[f + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        row["worst_domain"] = statistics.mode(r["worst_domain"] for r in rs)
+        rows.append(row)
+    return rows
+
+
+def cost_run(model_dir: Path, method: str, s: Settings, tmp: Path) -> dict:
+    """A real `submoe compress` in a fresh process: wall time and peak resident memory as a user sees them."""
+    out = tmp / f"cost-{method}"
+    cmd = [sys.executable, "-m", "offline.cli", "compress", "--model", str(model_dir), "--out", str(out), "--method",
+           method, "--num-experts", "4", "--samples", str(s.samples), "--seq-len", str(s.seq_len), "--calib", *CALIB,
+           "--no-progress", "--force"]
+    t0 = time.time()
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    report = json.loads((out / "compression_report.json").read_text())
+    return {"method": method, "wall_seconds": time.time() - t0, "compress_seconds": report["time_seconds"],
+            "peak_rss_bytes": report["peak_rss_bytes"]}
+
+
+def run(s: Settings, out_dir: Path) -> dict:
+    results = {"settings": {k: (v if not isinstance(v, dict) else {n: str(p) for n, p in v.items()})
+                            for k, v in vars(s).items()}, "models": {}}
+    results["settings"]["calibration_tokens"] = s.samples * s.seq_len
+    results["settings"]["torch_threads"] = torch.get_num_threads()
+    t_start = time.time()
+    with tempfile.TemporaryDirectory(prefix="submoe-quality-") as td:
+        tmp = Path(td)
+        for name, model_dir in s.models.items():
+            ev, cal = Evaluator(model_dir, s), Calibrations(model_dir, s)
+            plan = [(m, {}, n) for n in s.targets for m in s.methods] + [(m, o, min(s.targets)) for m, o in s.variants]
+            runs = []
+            for seed in s.seeds:
+                for m, o, n in tqdm(plan, desc=f"{name} seed {seed}", unit="run"):
+                    runs.append(run_one(model_dir, cal, ev, tmp, m, o, n, seed, CALIB, s.samples, s))
+            entry = {"original": ev.original(), "runs": runs, "summary": summarise(runs)}
+            if name == next(iter(s.models)):
+                entry["ablations"] = ablations(model_dir, cal, ev, tmp, s)
+                entry["cost"] = [cost_run(model_dir, m, s, tmp) for m in tqdm(s.cost_methods, desc="cost", unit="method")]
+            entry["seconds"] = round(time.time() - t_start)
+            results["models"][name] = entry
+            t_start = time.time()
+    return results
+
+
+def ablations(model_dir: Path, cal: Calibrations, ev: Evaluator, tmp: Path, s: Settings) -> dict:
+    n = min(s.targets)
+    out: dict[str, list] = {"samples": [], "domain_mismatch": [], "rank": []}
+    for seed in s.ablation_seeds:
+        for samples in tqdm(s.ablation_samples, desc="ablation: samples", unit="size"):
+            for m in s.ablation_sample_methods:
+                out["samples"].append(run_one(model_dir, cal, ev, tmp, m, {}, n, seed, CALIB, samples, s))
+        for spec in tqdm([p for p in CALIB if domain_name(p) in s.ablation_domains], desc="ablation: calib domain"):
+            for m in s.ablation_domain_methods:
+                out["domain_mismatch"].append(run_one(model_dir, cal, ev, tmp, m, {}, n, seed, [spec], s.samples, s))
+        for r in tqdm(s.ablation_ranks, desc="ablation: rank", unit="rank"):
+            out["rank"].append(run_one(model_dir, cal, ev, tmp, "submoe", {"rank_ratio": r}, n, seed, CALIB,
+                                       s.samples, s))
+    return out
+
+
+# --- reporting -------------------------------------------------------------------------------
+
+def fmt(row: dict, f: str, digits: int = 3) -> str:
+    return f"{row[f]:.{digits}f} ± {row[f + '_std']:.{digits}f}"
+
+
+def main_table(results: dict) -> str:
+    models = list(results["models"])
+    targets = results["settings"]["targets"]
+    head = "| method |" + "".join(f" {m} 8→{n} KL | {m} 8→{n} retention (worst) |" for m in models for n in targets)
+    lines = [head, "|---|" + "---:|---:|" * len(models) * len(targets)]
+    labels = list(dict.fromkeys(r["label"] for m in models for r in results["models"][m]["summary"]))
+    for lab in labels:
+        cells = []
+        for m in models:
+            rows = {r["num_experts"]: r for r in results["models"][m]["summary"] if r["label"] == lab}
+            for n in targets:
+                r = rows.get(n)
+                cells += ["", ""] if r is None else [fmt(r, "kl"), f"{r['retention_mean']:.3f} ({r['retention_worst']:.3f})"]
+        lines.append(f"| {lab} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def detail_table(summary: list[dict], original: dict) -> str:
+    lines = ["| method | experts | KL | top-1 | ppl retention mean | worst (domain) | greedy first divergence | mean ppl |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|",
+             f"| original | 8 | 0 | 1 | 1 | 1 | {original['greedy_first_divergence']:.0f} | {original['perplexity_mean']:.2f} |"]
+    for r in sorted(summary, key=lambda r: (-r["num_experts"], r["kl"])):
+        lines.append(f"| {r['label']} | {r['num_experts']} | {fmt(r, 'kl')} | {fmt(r, 'top1_agreement')} | "
+                     f"{fmt(r, 'retention_mean')} | {r['retention_worst']:.3f} ({r['worst_domain']}) | "
+                     f"{fmt(r, 'greedy_first_divergence', 1)} | {r['perplexity_mean']:.2f} |")
+    return "\n".join(lines)
+
+
+def to_markdown(results: dict) -> str:
+    s = results["settings"]
+    parts = ["# Quality benchmark", "",
+             f"Calibration: {s['samples']} windows x {s['seq_len']} tokens ({s['calibration_tokens']} tokens) from "
+             f"every domain's calibration split; expert outputs on {s['output_tokens']} sampled tokens. Evaluation: "
+             f"{s['eval_windows']} held-out windows per domain; greedy continuations of {s['prompts_per_domain']} "
+             f"prompts per domain, {s['new_tokens']} tokens. Mean ± sample std over seeds {s['seeds']}. "
+             f"KL = mean KL(original ‖ compressed) per token; retention = original / compressed perplexity.", "",
+             "## Main table", "", main_table(results)]
+    for name, m in results["models"].items():
+        parts += ["", f"## {name}", "", detail_table(m["summary"], m["original"])]
+        if "ablations" in m:
+            a = m["ablations"]
+            parts += ["", "### Ablation: calibration samples (8→4)", "", "| method | samples | KL | retention | warnings |",
+                      "|---|---:|---:|---:|---|"]
+            parts += [f"| {r['label']} | {r['samples']} | {r['kl']:.4f} | {r['retention_mean']:.3f} | "
+                      f"{'collapse warning' if r['warnings'] else ''} |" for r in a["samples"]]
+            parts += ["", "### Ablation: calibrated on one domain only (8→4), evaluated on all", "",
+                      "| method | calibration | KL mean | KL on own domain | worst retention (domain) |",
+                      "|---|---|---:|---:|---|"]
+            parts += [f"| {r['label']} | {r['calib'][0]} | {r['kl']:.4f} | {r['domains'][r['calib'][0]]['kl']:.4f} | "
+                      f"{r['retention_worst']:.3f} ({r['worst_domain']}) |" for r in a["domain_mismatch"]]
+            parts += ["", "### Ablation: Sub-MoE rank (8→4)", "", "| rank ratio | KL | retention |", "|---:|---:|---:|"]
+            parts += [f"| {r['options']['rank_ratio']} | {r['kl']:.4f} | {r['retention_mean']:.3f} |" for r in a["rank"]]
+        if "cost" in m:
+            parts += ["", "### Cost of `submoe compress` 8→4 (fresh process, calibration included)", "",
+                      "| method | wall s | compress s | peak RSS MiB |", "|---|---:|---:|---:|"]
+            parts += [f"| {c['method']} | {c['wall_seconds']:.1f} | {c['compress_seconds']:.1f} | "
+                      f"{c['peak_rss_bytes'] / 2**20:.0f} |" for c in m["cost"]]
+    parts += ["", "Benchmark time: " + ", ".join(f"{n} {m['seconds']} s" for n, m in results["models"].items())
+              + f" ({s['torch_threads']} torch threads)."]
+    return "\n".join(parts) + "\n"
+
+
+def plot(results: dict, out_dir: Path, stem: str) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models, targets = list(results["models"]), results["settings"]["targets"]
+    fig, axes = plt.subplots(len(models), len(targets), figsize=(6 * len(targets), 3.6 * len(models)), squeeze=False)
+    for i, m in enumerate(models):
+        for j, n in enumerate(targets):
+            rows = sorted((r for r in results["models"][m]["summary"] if r["num_experts"] == n), key=lambda r: r["kl"])
+            ax = axes[i][j]
+            ax.barh([r["label"] for r in rows], [r["kl"] for r in rows], xerr=[r["kl_std"] for r in rows],
+                    color=["tab:green" if r["method"] == "output-lsq" else "tab:blue" for r in rows])
+            ax.invert_yaxis()
+            ax.set_title(f"{m}: 8→{n} experts")
+            ax.set_xlabel("KL(original ‖ compressed), lower is better")
+    fig.tight_layout()
+    paths = [out_dir / f"{stem}.png"]
+    fig.savefig(paths[0], dpi=110)
+    plt.close(fig)
+
+    a = results["models"][models[0]].get("ablations")
+    if a:
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+        for meth in dict.fromkeys(r["label"] for r in a["samples"]):
+            rs = [r for r in a["samples"] if r["label"] == meth]
+            axes[0].plot([r["samples"] for r in rs], [r["kl"] for r in rs], marker="o", label=meth)
+        axes[0].set(xscale="log", xlabel="calibration samples (windows of 256 tokens)", ylabel="KL", title="calibration size (8→4)")
+        axes[0].legend()
+        for meth in dict.fromkeys(r["label"] for r in a["domain_mismatch"]):
+            rs = [r for r in a["domain_mismatch"] if r["label"] == meth]
+            axes[1].bar([f"{r['calib'][0]}\n{meth}" for r in rs], [r["kl"] for r in rs], label=meth)
+        axes[1].tick_params(axis="x", labelsize=6)
+        axes[1].set(ylabel="KL (all domains)", title="calibrated on one domain (8→4)")
+        rs = a["rank"]
+        axes[2].plot([r["options"]["rank_ratio"] for r in rs], [r["kl"] for r in rs], marker="o")
+        axes[2].set(xlabel="Sub-MoE rank ratio", ylabel="KL", title="Sub-MoE rank (8→4)")
+        fig.tight_layout()
+        paths.append(out_dir / f"{stem}_ablations.png")
+        fig.savefig(paths[1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def quick_settings(models: dict[str, Path]) -> Settings:
+    return Settings(models=models, seeds=[0], samples=8, seq_len=64, output_tokens=512, eval_windows=2,
+                    prompts_per_domain=1, prompt_len=16, new_tokens=8, targets=[4],
+                    variants=[("submoe", {"adaptive": True}), ("submoe", {"intra_rank_ratio": 0.5}),
+                              ("hc-smoe", {"align_neurons": True})],
+                    ablation_samples=[4, 8], ablation_sample_methods=["mergemoe"], ablation_ranks=[0.5],
+                    ablation_domains=[domain_name(CALIB[0])], ablation_domain_methods=["submoe"], cost_methods=["reap"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny settings, one model, one seed: checks the harness")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    ap.add_argument("--update", action="store_true",
+                    help="keep the other models' results already in the JSON; replace only the models run")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    models = {m: MODELS[m] for m in args.models}
+    missing = [str(p) for p in models.values() if not (p / "config.json").is_file()]
+    if missing:
+        print(f"quality: missing model(s) {missing}: run `make model` (or pass --models)", file=sys.stderr)
+        return 2
+    s = quick_settings(models) if args.quick else Settings(models=models, seeds=args.seeds)
+    results = run(s, args.out)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "quality-quick" if args.quick else "quality"
+    earlier = args.out / f"{stem}.json"
+    if args.update and earlier.is_file():
+        kept = json.loads(earlier.read_text())["models"]
+        results["models"] = {n: results["models"].get(n) or kept[n] for n in MODELS if n in kept or n in results["models"]}
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(to_markdown(results))
+    plot(results, args.out, stem)
+    print(main_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""The quality benchmark's harness: its --quick run end to end, and its scoring against itself."""
+import json
+import math
+import sys
+
+import pytest
+
+from conftest import ROOT, SHIPPED
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import quality  # noqa: E402
+
+
+def test_scoring_the_source_against_itself_is_exact():
+    s = quality.quick_settings({"upcycled": SHIPPED})
+    ev = quality.Evaluator(SHIPPED, s)
+    f = ev.score(SHIPPED)
+    assert f["kl"] < 1e-6 and f["top1_agreement"] == 1.0 and f["greedy_identical"] == 1.0
+    assert f["retention_mean"] == pytest.approx(1.0) and f["retention_worst"] == pytest.approx(1.0)
+    assert f["perplexity_mean"] == pytest.approx(ev.original()["perplexity_mean"], rel=1e-6)
+
+
+def test_quick_run_writes_json_markdown_and_plots_for_every_method(tmp_path):
+    assert quality.main(["--quick", "--models", "upcycled", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "quality-quick.json").read_text())
+    m = results["models"]["upcycled"]
+    labels = {r["label"] for r in m["summary"]}
+    assert set(quality.MAIN_METHODS) <= labels
+    assert {"submoe+adaptive", "submoe+†", "hc-smoe+align"} <= labels
+    for r in m["summary"]:
+        assert r["kl"] > 0 and 0 < r["top1_agreement"] < 1, r["label"]
+        assert r["retention_worst"] <= r["retention_mean"] and all(math.isfinite(r[f]) for f in quality.FIGURES)
+    assert m["original"]["kl"] == 0 and len(m["original"]["domains"]) == len(quality.EVAL)
+    assert len(m["ablations"]["samples"]) == 2 and m["ablations"]["samples"][0]["warnings"]  # 4 samples < 36
+    assert m["cost"][0]["peak_rss_bytes"] > 0 and m["cost"][0]["method"] == "reap"
+    md = (tmp_path / "quality-quick.md").read_text()
+    assert "## Main table" in md and all(f"| {lab} |" in md for lab in labels)
+    assert (tmp_path / "quality-quick.png").stat().st_size > 10_000
+    assert (tmp_path / "quality-quick_ablations.png").stat().st_size > 10_000
