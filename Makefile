@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export VLLM_NO_USAGE_STATS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test model corpus clean
+.PHONY: install demo test model corpus quality clean
 
 install: $(STAMP)
 
@@ -39,7 +39,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# Rebuild corpus, tokenizer and the shipped model from Debian packages (about an hour, 2 cores).
+# Rebuild corpus, tokenizer and the shipped models from Debian packages (about two hours, 2 cores).
 corpus:
 	apt-get install -y -q libpython3.11-stdlib python3-doc fortunes-de fortunes-es fortunes-it fortunes-ru fortunes-pl fortunes-cs
 	$(PYTHON) scripts/build_corpus.py --out build/corpus --data data
@@ -50,6 +50,14 @@ model: $(STAMP) corpus
 	$(PY) scripts/train_tiny_moe.py --corpus build/corpus --tokenizer build/tokenizer --data data --out models/tiny-mixtral-8e \
 	    --resume build/model/stage1 --balance-steps 300 --balance-coef 0.1
 	$(PY) scripts/model_card.py models/tiny-mixtral-8e
+	# The second stand-in for the quality benchmark: experts from independent random starts.
+	$(PY) scripts/train_tiny_moe.py --corpus build/corpus --tokenizer build/tokenizer --data data \
+	    --out models/tiny-mixtral-8e-scratch --from-scratch --moe-steps 1200 --balance-steps 200 --balance-coef 0.1
+	$(PY) scripts/model_card.py models/tiny-mixtral-8e-scratch
+
+# Rank every method on both stand-in models (benchmarks/results/quality.*; about 40 minutes on 2 cores).
+quality: $(STAMP)
+	$(PY) benchmarks/quality.py
 
 clean:
 	rm -rf build demo-out .pytest_cache

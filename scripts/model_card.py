@@ -14,34 +14,39 @@ def card(model_dir: Path) -> str:
     cfg = json.loads((model_dir / "config.json").read_text())
     t = f["train"]
     tokens = t["batch"] * t["seq_len"]
+    upcycled = f["kind"] == "upcycled"
+    dense_steps = t["dense_steps"] if upcycled else 0
+    role = ("the default model of `make demo`, the tests and the benchmarks" if upcycled else
+            "the quality benchmark's second stand-in: its experts start from independent random weights, as "
+            "DeepSeek-MoE's and OLMoE's do, so their neurons are not aligned")
     lines = [
         f"# {model_dir.name}",
         "",
-        f"A Mixtral-architecture MoE trained by this project on 2 CPU cores, the default model of `make demo`, "
-        f"the tests and the benchmarks. {f['parameters'] / 1e6:.1f}M parameters, stored in bfloat16.",
+        f"A Mixtral-architecture MoE trained by this project on 2 CPU cores, {role}. "
+        f"{f['parameters'] / 1e6:.1f}M parameters, stored in bfloat16.",
         "",
         f"- architecture: hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, {cfg['num_attention_heads']} "
         f"heads ({cfg['num_key_value_heads']} KV heads, head dim {cfg['head_dim']}), {cfg['num_local_experts']} "
         f"experts top-{cfg['num_experts_per_tok']}, expert intermediate {cfg['intermediate_size']}, vocab "
         f"{cfg['vocab_size']} (byte-level BPE trained on the same corpus)",
-        f"- made as Mixtral and Qwen1.5-MoE were made ({f['kind']}): "
+        (f"- made as Mixtral and Qwen1.5-MoE were made ({f['kind']}): " if upcycled else f"- made {f['kind']}: ")
         + (f"a dense SwiGLU model trained {t['dense_steps']} steps, its feed-forward block copied into all "
            f"{cfg['num_local_experts']} experts with noise of 1% of each weight's std, then {t['moe_steps']} MoE steps "
-           f"with transformers' load-balancing loss (coefficient {t['aux_loss_coef']})" if f["kind"] == "upcycled"
-           else f"{t['moe_steps']} MoE steps from a random start")
+           f"with transformers' load-balancing loss (coefficient {t['aux_loss_coef']})" if upcycled
+           else f"{t['moe_steps']} MoE steps from a random start with transformers' load-balancing loss "
+                f"(coefficient {t['aux_loss_coef']})")
         + (f"; then {t['balance_steps']} steps with a per-layer load-balancing loss (coefficient "
            f"{t['balance_coef']}, learning rate 3e-4): transformers' loss concatenates all layers' router "
-           f"logits, so it balances expert indices across layers and had let two experts of layer 0 fall "
-           f"below 1% of the load" if t.get("balance_steps") else ""),
+           f"logits, so it balances expert indices across layers, not each layer" if t.get("balance_steps") else ""),
         f"- {tokens} tokens a step (batch {t['batch']} x {t['seq_len']}), AdamW, cosine schedule, seed {t['seed']}, "
-        f"{t['threads']} threads: {(t['dense_steps'] + t['moe_steps'] + t.get('balance_steps', 0)) * tokens / 1e6:.1f}M "
+        f"{t['threads']} threads: {(dense_steps + t['moe_steps'] + t.get('balance_steps', 0)) * tokens / 1e6:.1f}M "
         f"tokens in {f['train_seconds'] / 60:.0f} minutes on this machine (shared with other work while it ran; "
         f"about an hour on an idle 2-core machine)",
         "- corpus (`scripts/build_corpus.py`, Debian packages): Python standard-library source, Python docs "
         "(python3-doc), fortunes in German, Spanish, Italian, Russian, Polish and Czech; domains sampled with "
         "probability proportional to the square root of their size",
         "",
-        "Rebuild (corpus, tokenizer, model; deterministic): `make model`.",
+        "Rebuild (corpus, tokenizer, both models; deterministic): `make model`.",
         "",
         "## Held-out perplexity per domain (`data/eval/`)",
         "",
