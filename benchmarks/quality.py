@@ -203,13 +203,18 @@ def run(s: Settings, out_dir: Path) -> dict:
                 for m, o, n in tqdm(plan, desc=f"{name} seed {seed}", unit="run"):
                     runs.append(run_one(model_dir, cal, ev, tmp, m, o, n, seed, CALIB, s.samples, s))
             entry = {"original": ev.original(), "runs": runs, "summary": summarise(runs)}
-            if name == next(iter(s.models)):
+            if name == ablation_model(s):
                 entry["ablations"] = ablations(model_dir, cal, ev, tmp, s)
                 entry["cost"] = [cost_run(model_dir, m, s, tmp) for m in tqdm(s.cost_methods, desc="cost", unit="method")]
             entry["seconds"] = round(time.time() - t_start)
             results["models"][name] = entry
             t_start = time.time()
     return results
+
+
+def ablation_model(s: Settings) -> str:
+    """Ablations and cost run on one model: the shipped one when it is in the run."""
+    return "upcycled" if "upcycled" in s.models else next(iter(s.models))
 
 
 def ablations(model_dir: Path, cal: Calibrations, ev: Evaluator, tmp: Path, s: Settings) -> dict:
