@@ -61,6 +61,11 @@ def card(model_dir: Path) -> str:
               "|---" * (cfg["num_local_experts"] + 2) + "|"]
     for l, row in enumerate(f["calibration_mix_expert_load"]):
         lines.append(f"| {l} | " + " | ".join(f"{x:.3f}" for x in row) + f" | {min(row):.3f} |")
+    dead = [(l, e) for l, row in enumerate(f["calibration_mix_expert_load"]) for e, x in enumerate(row) if x < 0.005]
+    if dead:
+        lines += ["", "Never (or almost never) routed: " + ", ".join(f"layer {l} expert {e}" for l, e in dead)
+                  + ". A dead expert, as MoEs trained from scratch can have; the per-layer balancing loss did not "
+                    "revive it. Kept as is: it is a real case every compression method must handle (frequency 0)."]
     lines += ["", "## Routing frequency per domain (experts specialise)", "",
               "Share of each domain's top-2 selections per expert; a domain that leaves the uniform 0.125 is "
               "served by its own experts.", ""]
