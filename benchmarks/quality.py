@@ -191,7 +191,6 @@ def run(s: Settings, out_dir: Path) -> dict:
     results = {"settings": {k: (v if not isinstance(v, dict) else {n: str(p) for n, p in v.items()})
                             for k, v in vars(s).items()}, "models": {}}
     results["settings"]["calibration_tokens"] = s.samples * s.seq_len
-    results["settings"]["torch_threads"] = torch.get_num_threads()
     t_start = time.time()
     with tempfile.TemporaryDirectory(prefix="submoe-quality-") as td:
         tmp = Path(td)
@@ -206,7 +205,7 @@ def run(s: Settings, out_dir: Path) -> dict:
             if name == ablation_model(s):
                 entry["ablations"] = ablations(model_dir, cal, ev, tmp, s)
                 entry["cost"] = [cost_run(model_dir, m, s, tmp) for m in tqdm(s.cost_methods, desc="cost", unit="method")]
-            entry["seconds"] = round(time.time() - t_start)
+            entry["seconds"], entry["torch_threads"] = round(time.time() - t_start), torch.get_num_threads()
             results["models"][name] = entry
             t_start = time.time()
     return results
@@ -296,8 +295,8 @@ def to_markdown(results: dict) -> str:
                       "| method | wall s | compress s | peak RSS MiB |", "|---|---:|---:|---:|"]
             parts += [f"| {c['method']} | {c['wall_seconds']:.1f} | {c['compress_seconds']:.1f} | "
                       f"{c['peak_rss_bytes'] / 2**20:.0f} |" for c in m["cost"]]
-    parts += ["", "Benchmark time: " + ", ".join(f"{n} {m['seconds']} s" for n, m in results["models"].items())
-              + f" ({s['torch_threads']} torch threads)."]
+    parts += ["", "Benchmark time: " + ", ".join(f"{n} {m['seconds']} s ({m['torch_threads']} torch threads)"
+                                                 for n, m in results["models"].items()) + "."]
     return "\n".join(parts) + "\n"
 
 
