@@ -32,6 +32,17 @@ def kmeans_clusters(features: np.ndarray, k: int, seed: int) -> list[list[int]]:
     return clusters
 
 
+def assign_to_centres(scores: torch.Tensor, similarity: torch.Tensor, k: int) -> list[list[int]]:
+    """The k highest-scoring experts are centres (stable order on ties); every other expert joins
+    the centre it is most similar to. Used by M-SMoE, MergeMoE and the pruning methods."""
+    centres = torch.argsort(scores, descending=True, stable=True)[:k].tolist()
+    clusters = {c: [c] for c in centres}
+    for i in range(len(scores)):
+        if i not in clusters:
+            clusters[max(centres, key=lambda c: similarity[i, c].item())].append(i)
+    return list(clusters.values())
+
+
 def cosine_similarity(outputs: torch.Tensor) -> torch.Tensor:
     f = torch.from_numpy(output_features(outputs))
     return f @ f.T

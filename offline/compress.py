@@ -198,7 +198,7 @@ def compress(opts: CompressOptions, calibrated: Iterable[CalibratedLayer] | None
                 tensors = dict(c.tensors)
                 if opts.export == "vanilla":
                     router_name = layout.router_tensor(c.index)
-                    tensors[router_name] = tensors[router_name][result.representatives]
+                    tensors[router_name] = served_router(tensors[router_name], result, opts.export)
                 writer.write({**tensors, **expert_tensors(c.index, result.experts.to(src_dtype))})
                 maps.append(result.expert_map)
                 layers.append(report_mod.layer_entry(c.index, c.stats, result, err, (time.time() - tl) / len(group)))

@@ -96,6 +96,14 @@ class ExpertReducer(ABC):
         return [self.reduce_layer(e, s, n, seed) for (e, s), n in zip(layers, budgets)]
 
 
+class FrequencyWeightedMerge(ExpertReducer):
+    """Merge = Σ f_i W_i / Σ f_i for each of W_G, W_U, W_D (HC-SMoE, M-SMoE; the start of MergeMoE's)."""
+
+    def merge(self, experts: Experts, members: list[int], stats: LayerStats) -> tuple[Experts, dict]:
+        w = merge_weights(stats.frequency, members)
+        return weighted_average(experts, members, w), {"members": members, "weights": [round(x, 6) for x in w.tolist()]}
+
+
 def dominant(frequency: torch.Tensor, members: list[int]) -> int:
     """The most frequently routed member (lowest index on ties)."""
     return max(members, key=lambda i: (frequency[i].item(), -i))
@@ -125,8 +133,12 @@ def merge_weights(frequency: torch.Tensor, members: list[int]) -> torch.Tensor:
 
 def weighted_average(experts: Experts, members: list[int], weights: torch.Tensor) -> Experts:
     """Σ w_i W_i for each of W_G, W_U, W_D (leading dim 1)."""
-    return Experts(*(torch.einsum("k,kij->ij", weights.to(m.dtype), m[members]).unsqueeze(0)
-                     for m in experts.matrices().values()))
+    return Experts(*(weighted_sum(m[members], weights).unsqueeze(0) for m in experts.matrices().values()))
+
+
+def weighted_sum(mats: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ_k w_k mats[k] for mats [k, out, in], in the matrices' dtype."""
+    return torch.einsum("k,kij->ij", weights.to(mats.dtype), mats)
 
 
 def routed_mask(stats: LayerStats, members: list[int]) -> torch.Tensor:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..clustering import cosine_similarity, kmeans_clusters, output_features
+from ..clustering import assign_to_centres, cosine_similarity, kmeans_clusters, output_features
 from ..moe_math import Experts
 from .base import ExpertReducer, LayerStats, weighted_average
 
@@ -47,13 +47,7 @@ class Pruning(ExpertReducer):
         raise NotImplementedError
 
     def group(self, stats: LayerStats, num_out: int, seed: int, experts: Experts) -> list[list[int]]:
-        kept = torch.argsort(self.scores(stats), descending=True, stable=True)[:num_out].tolist()
-        sim = cosine_similarity(stats.outputs)
-        clusters = {k: [k] for k in kept}
-        for i in range(len(stats.frequency)):
-            if i not in clusters:
-                clusters[max(kept, key=lambda k: sim[i, k].item())].append(i)
-        return list(clusters.values())
+        return assign_to_centres(self.scores(stats), cosine_similarity(stats.outputs), num_out)
 
     def representative(self, members: list[int], stats: LayerStats) -> int:
         scores = self.scores(stats)

@@ -18,13 +18,8 @@ import torch
 from scipy.cluster.hierarchy import cut_tree, linkage
 
 from ..moe_math import Experts
-from .base import ExpertReducer, LayerStats, merge_weights, weighted_average
-
-
-class FrequencyWeightedMerge(ExpertReducer):
-    def merge(self, experts: Experts, members: list[int], stats: LayerStats) -> tuple[Experts, dict]:
-        w = merge_weights(stats.frequency, members)
-        return weighted_average(experts, members, w), {"members": members, "weights": [round(x, 6) for x in w.tolist()]}
+from ..clustering import assign_to_centres
+from .base import FrequencyWeightedMerge, LayerStats
 
 
 def average_linkage_clusters(features: torch.Tensor, k: int) -> list[list[int]]:
@@ -54,10 +49,4 @@ class MSMoE(FrequencyWeightedMerge):
     description = "most frequent experts as centres, others join by router-logit similarity; frequency-weighted merge"
 
     def group(self, stats: LayerStats, num_out: int, seed: int, experts: Experts) -> list[list[int]]:
-        order = torch.argsort(stats.frequency, descending=True, stable=True).tolist()
-        centres, rest = order[:num_out], order[num_out:]
-        sim = router_logit_similarity(stats.router_logits)
-        clusters = {c: [c] for c in centres}
-        for i in rest:
-            clusters[max(centres, key=lambda c: sim[i, c].item())].append(i)
-        return list(clusters.values())
+        return assign_to_centres(stats.frequency, router_logit_similarity(stats.router_logits), num_out)

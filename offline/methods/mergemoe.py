@@ -15,8 +15,9 @@ import warnings
 
 import torch
 
+from ..clustering import assign_to_centres
 from ..moe_math import Experts, expert_hidden
-from .base import ExpertReducer, LayerStats, merge_weights, weighted_average
+from .base import FrequencyWeightedMerge, LayerStats, merge_weights
 
 PAPER_MIN_SAMPLES = 36
 
@@ -46,14 +47,6 @@ def weight_similarity(experts: Experts) -> torch.Tensor:
     return flat @ flat.T
 
 
-def frequency_centres(frequency: torch.Tensor, similarity: torch.Tensor, num_out: int) -> list[list[int]]:
-    order = torch.argsort(frequency, descending=True, stable=True).tolist()
-    clusters = {c: [c] for c in order[:num_out]}
-    for i in order[num_out:]:
-        clusters[max(clusters, key=lambda c: similarity[i, c].item())].append(i)
-    return list(clusters.values())
-
-
 def warn_if_underdetermined(method: str, stats: LayerStats, tokens: int, intermediate: int) -> dict:
     problems = []
     if 0 < stats.samples < PAPER_MIN_SAMPLES:
@@ -67,21 +60,20 @@ def warn_if_underdetermined(method: str, stats: LayerStats, tokens: int, interme
     return {"least_squares_tokens": tokens, "underdetermined": bool(problems)}
 
 
-class MergeMoE(ExpertReducer):
+class MergeMoE(FrequencyWeightedMerge):
     name = "mergemoe"
     description = ("most frequent experts as centres, others join by [W_U||W_G] similarity; frequency-weighted "
                    "W_G, W_U; least-squares W_D on calibration outputs")
 
     def group(self, stats: LayerStats, num_out: int, seed: int, experts: Experts) -> list[list[int]]:
-        return frequency_centres(stats.frequency, weight_similarity(experts), num_out)
+        return assign_to_centres(stats.frequency, weight_similarity(experts), num_out)
 
     def merge(self, experts: Experts, members: list[int], stats: LayerStats) -> tuple[Experts, dict]:
-        w = merge_weights(stats.frequency, members)
-        avg = weighted_average(experts, members, w)
-        info = {"members": members, "weights": [round(x, 6) for x in w.tolist()]}
+        avg, info = super().merge(experts, members, stats)  # W_G, W_U stay the weighted averages
         if len(members) == 1:
             return avg, info
         x = stats.tokens.to(avg.gate.dtype)
+        w = merge_weights(stats.frequency, members)
         target = torch.einsum("k,ktd->td", w.to(stats.outputs.dtype), stats.outputs[members])
         info.update(warn_if_underdetermined(self.name, stats, len(x), avg.gate.shape[1]))
         down = least_squares_down(expert_hidden(x, avg.gate[0], avg.up[0]), target)

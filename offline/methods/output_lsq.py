@@ -18,7 +18,7 @@ import torch
 
 from ..clustering import kmeans_clusters, output_features
 from ..moe_math import Experts, all_expert_outputs, expert_hidden
-from .base import ExpertReducer, LayerResult, LayerStats, merge_weights, weighted_average
+from .base import FrequencyWeightedMerge, LayerResult, LayerStats
 from .hcsmoe import HCSMoE, MSMoE
 from .mergemoe import least_squares_down
 
@@ -44,7 +44,7 @@ def remapped_output_error(stats: LayerStats, result) -> float:
 RIDGES = (1e-3, 1e-2, 1e-1, 1.0)
 
 
-class OutputLSQ(ExpertReducer):
+class OutputLSQ(FrequencyWeightedMerge):
     """Ours. Per layer, three candidate groupings — Sub-MoE's k-means on outputs, HC-SMoE's
     average linkage on mean outputs, M-SMoE's frequent centres with router-logit similarity — are
     each merged and the one whose remapped MoE output is closest to the source's on held-out
@@ -69,18 +69,16 @@ class OutputLSQ(ExpertReducer):
         if clusters is not None:
             return super().reduce_layer(experts, stats, num_out, seed, clusters)
         fit, held = split_stats(stats)
+        candidates = self.candidate_groupings(stats, num_out, seed, experts)
         errors = {name: remapped_output_error(held, super(OutputLSQ, self).reduce_layer(experts, fit, num_out, seed, c))
-                  for name, c in self.candidate_groupings(stats, num_out, seed, experts).items()}
+                  for name, c in candidates.items()}
         best = min(errors, key=errors.get)
-        result = super().reduce_layer(experts, stats, num_out, seed,
-                                      self.candidate_groupings(stats, num_out, seed, experts)[best])
+        result = super().reduce_layer(experts, stats, num_out, seed, candidates[best])
         result.info.update(grouping=best, held_out_error_by_grouping=errors)
         return result
 
     def merge(self, experts: Experts, members: list[int], stats: LayerStats) -> tuple[Experts, dict]:
-        w = merge_weights(stats.frequency, members)
-        avg = weighted_average(experts, members, w)
-        info = {"members": members, "weights": [round(x, 6) for x in w.tolist()]}
+        avg, info = super().merge(experts, members, stats)  # W_G, W_U stay the weighted averages
         g = stats.gate_weights()[:, members]  # [T, k] routing weight of each member on each token
         routed = g.sum(1) > 0
         if len(members) == 1 or routed.sum() < 10:

@@ -13,13 +13,12 @@ only once served as factors: the report says so and gives the truncation error.
 """
 from __future__ import annotations
 
-import torch
-
 import numpy as np
+import torch
 
 from ..clustering import kmeans_clusters, output_features
 from ..moe_math import Experts, expert_hidden
-from .base import ExpertReducer, LayerResult, LayerStats, MethodError, merge_weights, routed_tokens
+from .base import ExpertReducer, LayerResult, LayerStats, MethodError, merge_weights, routed_tokens, weighted_sum
 
 
 def subspace_merge(mats: torch.Tensor, weights: torch.Tensor, rank: int | None = None) -> tuple[torch.Tensor, float]:
@@ -96,7 +95,7 @@ class SubMoE(ExpertReducer):
             if rank is None or rank >= full:
                 # Full rank is exactly the weighted average (tested identity): skip the SVD,
                 # which for Mixtral-size experts costs minutes and a GB per matrix.
-                merged[which], err = torch.einsum("k,kij->ij", w.to(sub.dtype), sub), 0.0
+                merged[which], err = weighted_sum(sub, w), 0.0
             else:
                 merged[which], err = subspace_merge(sub, w, rank)
             info[f"{which}_rank"] = full if rank is None else min(rank, full)
