@@ -2,6 +2,7 @@
 
     submoe compress --model SRC --out DST --method submoe --num-experts 4 --calib data/calib/*.jsonl
     submoe eval --model DST --reference SRC --data data/eval/*.jsonl --json eval.json
+    submoe loadtest SRC DST --labels original,compressed --concurrency 1,4,16,64 --rate 4
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from serving.launcher import ServerError
+from serving.loadtest.cli import LoadTestError, add_arguments
 from vllm_submoe.checkpoint_format import CheckpointFormatError
 
 from .checkpoint import CheckpointError
@@ -19,7 +22,8 @@ from .data import DataError
 from .evaluate import evaluate, to_table
 from .methods import METHODS, MethodError
 
-USER_ERRORS = (CheckpointError, CheckpointFormatError, CompressError, DataError, MethodError, FileExistsError)
+USER_ERRORS = (CheckpointError, CheckpointFormatError, CompressError, DataError, MethodError, FileExistsError,
+               LoadTestError, ServerError)
 
 
 def _counts(text: str) -> int | list[int]:
@@ -71,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--max-windows", type=int, default=32, help="windows per domain (default 32)")
     e.add_argument("--json", type=Path, help="write the figures here")
     e.add_argument("--no-progress", action="store_true")
+
+    add_arguments(sub.add_parser("loadtest", help="the same seeded workload against deployments, side by side"))
     return ap
 
 
@@ -94,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.out}: experts per layer {s['experts_per_layer']}, "
                   f"{s['source_weight_bytes'] / 1e6:.2f} MB -> {s['weight_bytes'] / 1e6:.2f} MB, "
                   f"{report['time_seconds']:.1f} s (report: {args.out}/compression_report.md)")
+        elif args.command == "loadtest":
+            from serving.loadtest.cli import options_from, run
+            from serving.loadtest.report import summary_table
+            result = run(options_from(args))
+            print(summary_table(result))
+            print(f"wrote {result['paths']['markdown']}, {result['paths']['json']}, {result['paths']['plot']}")
         else:
             result = evaluate(args.model, args.data, args.reference, args.seq_len, args.max_windows,
                               progress=not args.no_progress)

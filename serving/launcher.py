@@ -15,6 +15,18 @@ DEFAULT_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_US
                "TOKENIZERS_PARALLELISM": "false"}
 
 
+def plugins_with_compression_route(current: str | None) -> str:
+    """A `VLLM_PLUGINS` value that adds our route plugin and drops nothing that would load
+    without it (an unset `VLLM_PLUGINS` means every installed general plugin loads)."""
+    if current is not None:
+        names = [n for n in current.split(",") if n]
+    else:
+        from importlib.metadata import entry_points
+        names = sorted({e.name for group in ("vllm.general_plugins", "vllm.stat_logger_plugins", "vllm.platform_plugins",
+                                             "vllm.io_processor_plugins") for e in entry_points(group=group)})
+    return ",".join(names + ["submoe"] * ("submoe" not in names))
+
+
 class ServerError(RuntimeError):
     """`vllm serve` exited or never became ready; carries the tail of its log."""
 
@@ -32,25 +44,42 @@ def vllm_executable() -> str:
 
 
 class VLLMServer:
-    """`vllm serve MODEL` in a subprocess; a context manager that stops it (and its workers)."""
+    """`vllm serve MODEL` in a subprocess; a context manager that stops it (and its workers).
+
+    Binds 127.0.0.1 unless `host` says otherwise; `api_key` is passed to `--api-key`, and the
+    readiness probe and `headers` carry it. The `/submoe/compression` route is switched on.
+    """
 
     def __init__(self, model: str, *extra_args: str, host: str = "127.0.0.1", port: int | None = None,
                  log_path: Path | None = None, model_flag: bool = False, env: dict | None = None,
-                 startup_timeout: float = 600):
+                 api_key: str | None = None, startup_timeout: float = 600):
         self.model, self.host, self.port = model, host, port or free_port()
-        self.extra_args, self.model_flag = list(extra_args), model_flag
+        self.extra_args, self.model_flag, self.api_key = list(extra_args), model_flag, api_key
         self.log_path = log_path or Path(os.environ.get("TMPDIR", "/tmp")) / f"vllm-serve-{self.port}.log"
         self.env = {**os.environ, **{k: v for k, v in DEFAULT_ENV.items() if k not in os.environ}, **(env or {})}
+        self.env["VLLM_PLUGINS"] = plugins_with_compression_route(self.env.get("VLLM_PLUGINS"))
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen | None = None
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host  # where this machine reaches it
+        return f"http://{host}:{self.port}"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    @property
+    def pid(self) -> int | None:
+        """The API server's pid; its engine and workers are its descendants."""
+        return self.proc.pid if self.proc else None
 
     def command(self) -> list[str]:
         model = ["--model", self.model] if self.model_flag else [self.model]
-        return [vllm_executable(), "serve", *model, "--host", self.host, "--port", str(self.port), *self.extra_args]
+        key = ["--api-key", self.api_key] if self.api_key else []
+        return [vllm_executable(), "serve", *model, "--host", self.host, "--port", str(self.port), *key,
+                *self.extra_args]
 
     def start(self) -> "VLLMServer":
         self._log = self.log_path.open("w")
@@ -70,7 +99,8 @@ class VLLMServer:
             if self.proc.poll() is not None:
                 raise ServerError(f"vllm serve exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                with urllib.request.urlopen(f"{self.base_url}/v1/models", timeout=2) as r:
+                probe = urllib.request.Request(f"{self.base_url}/v1/models", headers=self.headers)
+                with urllib.request.urlopen(probe, timeout=2) as r:
                     if r.status == 200:
                         return
             except OSError:

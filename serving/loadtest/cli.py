@@ -1,0 +1,232 @@
+"""`submoe loadtest`: drive the same seeded workload against each deployment in turn.
+
+    submoe loadtest models/tiny-mixtral-8e demo-out/tiny-mixtral-submoe-4e \\
+        --labels original,compressed --concurrency 1,4,16,64 --rate 4 --out loadtest-out
+
+A deployment is a model directory (served with `vllm serve` on 127.0.0.1 for the run, then
+stopped) or the URL of a running OpenAI-compatible server.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..client import client_for, served_model
+from ..launcher import VLLMServer
+from ..scrape import compression_description, compression_gauges, engine_counters, metric_samples
+from . import probes, report
+from .records import growth, summarize
+from .runner import async_client, closed_loop, open_loop, stream_completion
+from .workload import held_out_prompts, poisson_arrivals
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class LoadTestError(ValueError):
+    """A load test that cannot run as asked (bad deployment, labels or options)."""
+
+
+@dataclass
+class LoadTestOptions:
+    targets: list[str]
+    labels: list[str]
+    data: list[str]
+    out: Path
+    concurrency: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
+    requests: int | None = None  # per concurrency level; default max(16, 4 x concurrency)
+    rate: float | None = None  # open loop, requests/s
+    rate_requests: int = 64
+    max_tokens: int = 64
+    prompt_length: int = 400
+    prompt_tokens: bool = False  # prompt_length counts tokens (needs a local tokenizer) instead of characters
+    quality_prompts: int = 16
+    soak_requests: int = 0
+    soak_concurrency: int = 32
+    api_key: str | None = None
+    serve_args: list[str] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    seed: int = 0
+    progress: bool = True
+
+    def requests_at(self, concurrency: int) -> int:
+        return self.requests or max(16, 4 * concurrency)
+
+
+def is_url(target: str) -> bool:
+    return target.startswith(("http://", "https://"))
+
+
+@contextlib.contextmanager
+def deployment(target: str, opts: LoadTestOptions, log: Path):
+    """(base URL, server pid or None, start-up seconds or None) while the deployment is up."""
+    if is_url(target):
+        yield target.rstrip("/"), None, None
+        return
+    if not Path(target).is_dir():
+        raise LoadTestError(f"deployment {target!r} is neither a model directory nor an http(s):// URL")
+    t0 = time.perf_counter()
+    with VLLMServer(target, *opts.serve_args, host=opts.host, api_key=opts.api_key, log_path=log) as server:
+        yield server.base_url, server.pid, time.perf_counter() - t0
+
+
+def _run_phase(base_url: str, api_key: str | None, model: str, prompts: list, max_tokens: int, bar: tqdm | None,
+               concurrency: int | None = None, arrivals: list[float] | None = None) -> dict:
+    on_done = (lambda r: bar.update()) if bar is not None else (lambda r: None)
+
+    async def go():
+        client = async_client(base_url, api_key, concurrency or len(prompts))
+        send = lambda p: stream_completion(client, model, p, max_tokens)  # noqa: E731
+        try:
+            if arrivals is None:
+                return await closed_loop(send, prompts, concurrency, on_done=on_done)
+            return await open_loop(send, prompts, arrivals, on_done=on_done)
+        finally:
+            await client.close()
+    records, duration = asyncio.run(go())
+    return {**summarize(records, duration), "records": [r.to_json() for r in records]}
+
+
+def measure(label: str, base_url: str, pid: int | None, prompts: list, opts: LoadTestOptions,
+            reference_logprobs: list[dict] | None) -> tuple[dict, list[dict]]:
+    """Everything the load test records about one running deployment."""
+    headers = {"Authorization": f"Bearer {opts.api_key}"} if opts.api_key else {}
+    client = client_for(base_url, opts.api_key or "EMPTY")
+    model = served_model(client)
+    samples = metric_samples(base_url, headers)
+    result = {"label": label, "base_url": base_url, "model": model,
+              "compression": compression_gauges(base_url, samples=samples),
+              "engine": engine_counters(base_url, samples=samples),
+              "description": compression_description(base_url, headers)}
+
+    scored = probes.prompt_logprobs(client, model, prompts[:opts.quality_prompts])
+    result["quality"] = {"perplexity": probes.perplexity(scored), "prompts": len(scored)}
+    if reference_logprobs is not None:
+        result["quality"].update(probes.agreement(reference_logprobs, scored))
+
+    total = sum(opts.requests_at(c) for c in opts.concurrency) + (opts.rate_requests if opts.rate else 0) \
+        + opts.soak_requests
+    idle = probes.server_memory(pid) if pid else None
+    with tqdm(total=total, desc=label, unit="req", disable=not opts.progress, dynamic_ncols=True) as bar:
+        _run_phase(base_url, opts.api_key, model, prompts[:2], opts.max_tokens, None, concurrency=1)  # warm-up
+        with probes.MemorySampler(pid) as sampler:
+            result["closed_loop"] = []
+            for c in opts.concurrency:
+                bar.set_postfix_str(f"concurrency {c}")
+                phase = _run_phase(base_url, opts.api_key, model, _take(prompts, opts.requests_at(c)),
+                                   opts.max_tokens, bar, concurrency=c)
+                result["closed_loop"].append({"concurrency": c, **phase})
+            if opts.rate:
+                bar.set_postfix_str(f"open loop {opts.rate:g}/s")
+                arrivals = poisson_arrivals(opts.rate_requests, opts.rate, opts.seed)
+                phase = _run_phase(base_url, opts.api_key, model, _take(prompts, opts.rate_requests),
+                                   opts.max_tokens, bar, arrivals=arrivals)
+                result["open_loop"] = {"rate": opts.rate, **phase}
+        if opts.soak_requests:
+            bar.set_postfix_str(f"soak at {opts.soak_concurrency}")
+            result["soak"] = soak(base_url, pid, model, prompts, opts, bar)
+    after = engine_counters(base_url, headers)
+    result["engine"]["preemptions_during_run"] = after["preemptions"] - result["engine"]["preemptions"]
+    result["memory"] = {"idle_pss_bytes": idle and idle["pss_bytes"], "idle_rss_bytes": idle and idle["rss_bytes"],
+                        "gpu_bytes": idle and idle["gpu_bytes"], "peak_pss_bytes": sampler.peak("pss_bytes"),
+                        "peak_rss_bytes": sampler.peak("rss_bytes")}
+    return result, scored
+
+
+def soak(base_url: str, pid: int | None, model: str, prompts: list, opts: LoadTestOptions, bar: tqdm) -> dict:
+    """Many requests at one concurrency; failures and memory growth after the first 20%."""
+    with probes.MemorySampler(pid, interval=0.5) as sampler:
+        phase = _run_phase(base_url, opts.api_key, model, _take(prompts, opts.soak_requests), opts.max_tokens,
+                           bar, concurrency=opts.soak_concurrency)
+    series = [s["pss_bytes"] for s in sampler.samples]
+    phase.pop("records")
+    warm = series[int(len(series) * 0.2):] or [None]
+    return {**phase, "concurrency": opts.soak_concurrency, "memory_series_pss_bytes": series,
+            "memory_growth": growth(series), "memory_after_warmup": warm[0], "memory_peak": max(warm, default=None)}
+
+
+def _take(prompts: list, n: int) -> list:
+    """The first n prompts, cycling through the set when n exceeds it."""
+    return list(itertools.islice(itertools.cycle(prompts), n))
+
+
+def run(opts: LoadTestOptions) -> dict:
+    if len(opts.labels) != len(opts.targets):
+        raise LoadTestError(f"{len(opts.labels)} labels for {len(opts.targets)} deployments")
+    tokenizer = None
+    if opts.prompt_tokens:
+        local = [t for t in opts.targets if not is_url(t)]
+        if not local:
+            raise LoadTestError("--prompt-tokens needs a local model directory to take the tokenizer from")
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(local[0])
+    need = max([opts.requests_at(c) for c in opts.concurrency] + [opts.rate_requests if opts.rate else 0,
+                                                                   opts.quality_prompts])
+    prompts = held_out_prompts(opts.data, min(need, 256), opts.prompt_length, opts.seed, tokenizer)
+    result = {"config": {"targets": opts.targets, "labels": opts.labels, "data": opts.data,
+                         "concurrency": opts.concurrency, "requests": {c: opts.requests_at(c) for c in opts.concurrency},
+                         "rate": opts.rate, "rate_requests": opts.rate_requests, "max_tokens": opts.max_tokens,
+                         "prompts": len(prompts), "prompt_length": opts.prompt_length,
+                         "prompt_unit": "tokens" if tokenizer else "characters", "seed": opts.seed,
+                         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")},
+              "deployments": []}
+    opts.out.mkdir(parents=True, exist_ok=True)
+    reference = None
+    for target, label in zip(opts.targets, opts.labels):
+        with deployment(target, opts, opts.out / f"serve-{label}.log") as (base_url, pid, startup):
+            d, scored = measure(label, base_url, pid, prompts, opts, reference)
+        d.update(target=target, startup_s=startup)
+        reference = reference if reference is not None else scored
+        result["deployments"].append(d)
+    result["paths"] = {k: str(v) for k, v in report.write(result, opts.out).items()}
+    return result
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"concurrency levels must be >= 1, got {text!r}")
+    return values
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("targets", nargs="+", metavar="DEPLOYMENT", help="model directory or http(s):// URL, one or more")
+    p.add_argument("--labels", help="comma-separated names, one per deployment (default: directory names)")
+    p.add_argument("--data", nargs="+", default=sorted(str(f) for f in (ROOT / "data" / "eval").glob("*.jsonl")),
+                   metavar="FILE", help="held-out .jsonl/.txt files the prompts are cut from (default data/eval)")
+    p.add_argument("--concurrency", type=_ints, default=[1, 4, 16, 64], help="closed-loop levels (default 1,4,16,64)")
+    p.add_argument("--requests", type=int, help="requests per level (default max(16, 4 x concurrency))")
+    p.add_argument("--rate", type=float, help="also an open-loop Poisson run at this many requests/s")
+    p.add_argument("--rate-requests", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (default 64)")
+    p.add_argument("--prompt-length", type=int, default=400, help="prompt characters (default 400)")
+    p.add_argument("--prompt-tokens", action="store_true", help="--prompt-length counts tokens, not characters")
+    p.add_argument("--quality-prompts", type=int, default=16, help="prompts scored for perplexity/agreement")
+    p.add_argument("--soak-requests", type=int, default=0, help="after the sweep: this many requests ...")
+    p.add_argument("--soak-concurrency", type=int, default=32, help="... at this concurrency (default 32)")
+    p.add_argument("--api-key", help="sent to URL deployments; passed to `vllm serve --api-key` for directories")
+    p.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                   help="extra `vllm serve` argument for directories (repeat: --serve-arg=--dtype --serve-arg=float32)")
+    p.add_argument("--host", default="127.0.0.1", help="address `vllm serve` binds (default 127.0.0.1)")
+    p.add_argument("--out", type=Path, default=Path("loadtest-out"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def options_from(args: argparse.Namespace) -> LoadTestOptions:
+    labels = args.labels.split(",") if args.labels else [t.rstrip("/").rsplit("/", 1)[-1] for t in args.targets]
+    return LoadTestOptions(
+        targets=args.targets, labels=labels, data=args.data, out=args.out, concurrency=args.concurrency,
+        requests=args.requests, rate=args.rate, rate_requests=args.rate_requests, max_tokens=args.max_tokens,
+        prompt_length=args.prompt_length, prompt_tokens=args.prompt_tokens, quality_prompts=args.quality_prompts,
+        soak_requests=args.soak_requests, soak_concurrency=args.soak_concurrency, api_key=args.api_key,
+        serve_args=args.serve_arg, host=args.host, seed=args.seed, progress=not args.no_progress)

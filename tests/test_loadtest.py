@@ -1,0 +1,262 @@
+"""The load tester's parts without a server: timings on a scripted clock, statistics on
+recorded traces, the drivers' scheduling, the report writer, and the server-side probes."""
+import asyncio
+import json
+import math
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import openai
+import pytest
+
+from conftest import EVAL, SHIPPED
+from serving.launcher import VLLMServer, plugins_with_compression_route
+from serving.loadtest import probes, report
+from serving.loadtest.records import RequestRecord, growth, percentiles, summarize
+from serving.loadtest.runner import closed_loop, open_loop, stream_completion
+from serving.loadtest.workload import held_out_prompts, poisson_arrivals
+from vllm_submoe.endpoint import describe
+
+
+class ScriptedClock:
+    """Returns the scripted times in order: the test knows every instant the code reads."""
+
+    def __init__(self, times):
+        self.times = iter(times)
+
+    def __call__(self):
+        return next(self.times)
+
+
+def chunk(text=None, usage=None):
+    choices = [SimpleNamespace(text=text)] if text is not None else []
+    return SimpleNamespace(choices=choices, usage=usage)
+
+
+class FakeClient:
+    """`client.completions.create(stream=True)` yielding the given chunks (or raising)."""
+
+    def __init__(self, chunks=(), error=None):
+        self.chunks, self.error, self.calls = list(chunks), error, []
+
+        async def create(**kwargs):
+            self.calls.append(kwargs)
+            if self.error:
+                raise self.error
+
+            async def stream():
+                for c in self.chunks:
+                    yield c
+            return stream()
+        self.completions = SimpleNamespace(create=create)
+
+
+def test_stream_completion_times_first_token_gaps_and_end_on_the_clock():
+    usage = SimpleNamespace(completion_tokens=3, prompt_tokens=7)
+    client = FakeClient([chunk("a"), chunk(""), chunk("b"), chunk("c"), chunk(usage=usage)])
+    # start, then one read per non-empty text chunk, then the end
+    clock = ScriptedClock([10.0, 10.5, 10.7, 11.0, 11.25])
+    r = asyncio.run(stream_completion(client, "m", "prompt", 3, clock=clock))
+    assert r.ok and r.output_tokens == 3 and r.prompt_tokens == 7
+    assert r.ttft == pytest.approx(0.5)
+    assert r.inter_token_latencies == pytest.approx([0.2, 0.3])
+    assert r.e2e == pytest.approx(1.25)
+    (call,) = client.calls
+    assert call["stream"] and call["max_tokens"] == 3 and call["extra_body"] == {"ignore_eos": True}
+
+
+def test_stream_completion_records_failures_instead_of_raising():
+    refused = openai.APIConnectionError(request=SimpleNamespace(method="POST", url="http://x"))
+    r = asyncio.run(stream_completion(FakeClient(error=refused), "m", "p", 4, clock=ScriptedClock([0.0, 2.0])))
+    assert not r.ok and r.error.startswith("APIConnectionError") and r.e2e == 2.0
+    empty = asyncio.run(stream_completion(FakeClient([chunk(usage=None)]), "m", "p", 4, clock=ScriptedClock([0, 1])))
+    assert empty.error.startswith("EmptyResponse")
+
+
+def _trace():
+    """100 successful requests with TTFT 1..100 ms, two tokens 10 ms apart, and 3 failures."""
+    ok = [RequestRecord(start=0.0, end=i / 1e3 + 0.01, chunk_times=[i / 1e3, i / 1e3 + 0.01], output_tokens=2,
+                        prompt_tokens=5) for i in range(1, 101)]
+    bad = [RequestRecord(start=0.0, end=0.1, error="APIStatusError: 400"),
+           RequestRecord(start=0.0, end=0.1, error="APIStatusError: 400"),
+           RequestRecord(start=0.0, end=0.1, error="APITimeoutError: timed out")]
+    return ok + bad
+
+
+def test_summary_of_a_recorded_trace():
+    s = summarize(_trace(), duration=4.0)
+    assert (s["requests"], s["completed"], s["errors"]) == (103, 100, 3)
+    assert s["error_kinds"] == {"APIStatusError": 2, "APITimeoutError": 1}
+    assert s["requests_per_s"] == 25.0 and s["output_tokens_per_s"] == 50.0 and s["prompt_tokens"] == 500
+    # linear interpolation over 1..100 ms: p50 = 50.5, p90 = 90.1, p99 = 99.01 (failures excluded)
+    assert s["ttft_s"]["p50"] == pytest.approx(0.0505) and s["ttft_s"]["p90"] == pytest.approx(0.0901)
+    assert s["ttft_s"]["p99"] == pytest.approx(0.09901)
+    assert s["itl_s"] == pytest.approx({"p50": 0.01, "p90": 0.01, "p99": 0.01, "mean": 0.01})
+    assert s["e2e_s"]["mean"] == pytest.approx(0.0605)
+
+
+def test_statistics_refuse_or_survive_degenerate_input():
+    assert percentiles([]) == {"p50": None, "p90": None, "p99": None, "mean": None}
+    only_failures = summarize(_trace()[-3:], duration=1.0)
+    assert only_failures["completed"] == 0 and only_failures["ttft_s"]["p50"] is None
+    with pytest.raises(ValueError, match="duration"):
+        summarize(_trace(), duration=0)
+
+
+def test_memory_growth_ignores_warm_up_and_sees_a_leak():
+    warm_then_flat = [50, 80, 100, 100.5, 99, 100.2, 100, 100.1, 100, 100]
+    assert abs(growth(warm_then_flat)) < 0.01
+    leak = [100 + 2 * i for i in range(10)]  # steady growth after warm-up
+    assert growth(leak) == pytest.approx(118 / 104 - 1)
+    assert growth([1.0]) is None
+
+
+def test_closed_loop_keeps_exactly_n_requests_in_flight_and_sends_each_prompt_once():
+    in_flight, peak, sent = 0, 0, []
+
+    async def send(prompt):
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        sent.append(prompt)
+        await asyncio.sleep(0.001 * (prompt % 3))
+        in_flight -= 1
+        return RequestRecord(start=0, end=1, chunk_times=[0.5], output_tokens=prompt)
+
+    done = []
+    records, duration = asyncio.run(closed_loop(send, list(range(40)), concurrency=6, on_done=done.append))
+    assert peak == 6 and sorted(sent) == list(range(40)) and len(done) == 40
+    assert [r.output_tokens for r in records] == list(range(40))  # records in prompt order
+    assert duration > 0
+    _, _ = asyncio.run(closed_loop(send, [1, 2], concurrency=64))
+    assert peak == 6  # never more users than prompts
+
+
+def test_open_loop_sends_each_request_at_its_arrival_time_whatever_is_in_flight():
+    now = [100.0]
+    slept, started = [], []
+
+    async def sleep(dt):  # virtual time: sleeping moves the clock
+        slept.append(dt)
+        now[0] += dt
+        await asyncio.sleep(0)
+
+    async def send(prompt):
+        started.append((prompt, now[0]))
+        return RequestRecord(start=now[0], end=now[0] + 5, chunk_times=[now[0] + 1], output_tokens=1)
+
+    arrivals = [0.0, 0.25, 1.0]
+    records, _ = asyncio.run(open_loop(send, ["a", "b", "c"], arrivals, clock=lambda: now[0], sleep=sleep))
+    assert len(records) == 3 and [p for p, _ in started] == ["a", "b", "c"]
+    assert slept[0] == 0.0 and all(dt >= 0 for dt in slept)
+    with pytest.raises(ValueError, match="2 arrival times for 3 prompts"):
+        asyncio.run(open_loop(send, ["a", "b", "c"], [0.0, 1.0]))
+
+
+def test_poisson_arrivals_are_seeded_and_have_the_asked_rate():
+    a = poisson_arrivals(5000, rate=4.0, seed=1)
+    assert a == poisson_arrivals(5000, rate=4.0, seed=1) and a != poisson_arrivals(5000, rate=4.0, seed=2)
+    assert np.all(np.diff(a) > 0)
+    assert 5000 / a[-1] == pytest.approx(4.0, rel=0.05)
+    with pytest.raises(ValueError, match="rate must be > 0"):
+        poisson_arrivals(3, 0)
+
+
+def test_held_out_prompts_are_fixed_by_the_seed_and_cut_to_length():
+    a = held_out_prompts(EVAL, 16, 200, seed=3)
+    assert a == held_out_prompts(EVAL, 16, 200, seed=3) and a != held_out_prompts(EVAL, 16, 200, seed=4)
+    assert all(len(p) == 200 for p in a)
+    from transformers import AutoTokenizer
+    ids = held_out_prompts(EVAL, 8, 300, seed=0, tokenizer=AutoTokenizer.from_pretrained(str(SHIPPED)))
+    assert all(isinstance(p, list) and len(p) == 300 for p in ids)
+
+
+def _scored(top1, logprobs, ids=None):
+    return [{"token_ids": ids or list(range(len(top1))), "top1": top1, "logprobs": logprobs}]
+
+
+def test_perplexity_and_agreement_between_two_deployments():
+    ref = _scored([1, 2, 3, 4], [-1.0, -2.0, -1.0, -2.0])
+    other = _scored([1, 2, 0, 4], [-1.5, -2.0, -1.0, -1.0])
+    assert probes.perplexity(ref) == pytest.approx(math.exp(1.5))
+    a = probes.agreement(ref, other)
+    assert a["top1_agreement"] == 0.75 and a["mean_abs_logprob_diff"] == pytest.approx(1.5 / 4)
+    assert probes.agreement(ref, ref)["top1_agreement"] == 1.0
+    mismatch = probes.agreement(ref, _scored([1, 2, 3, 4], [0, 0, 0, 0], ids=[9, 9, 9, 9]))
+    assert mismatch == {"comparable": False, "reason": "the deployments tokenize the prompts differently"}
+
+
+def test_server_memory_sums_the_whole_process_tree():
+    child = subprocess.Popen([sys.executable, "-c", "import time; b = bytearray(64 << 20); time.sleep(60)"])
+    try:
+        parent_only = probes.server_memory(child.pid)
+        assert parent_only["processes"] == 1
+        import time
+        time.sleep(1.0)
+        m = probes.server_memory(child.pid)
+        assert m["rss_bytes"] > 64 << 20 and 0 < m["pss_bytes"] <= m["rss_bytes"]
+        assert m["gpu_bytes"] in (None, 0)
+    finally:
+        child.kill()
+        child.wait()
+
+
+def _result():
+    """Two deployments; the second has twice the throughput and half the TTFT at both levels."""
+    def level(c, speed):
+        recs = [RequestRecord(start=0, end=1 / speed, chunk_times=[0.1 / speed, 0.2 / speed], output_tokens=2)
+                for _ in range(8)]
+        return {"concurrency": c, **summarize(recs, duration=1.0 / speed)}
+    dep = lambda label, speed, experts: {  # noqa: E731
+        "label": label, "closed_loop": [level(1, speed), level(4, speed)],
+        "compression": {"experts_per_layer": experts, "weight_bytes": 100 << 20},
+        "memory": {"idle_pss_bytes": 200 << 20, "peak_pss_bytes": 250 << 20},
+        "quality": {"perplexity": 12.5, "top1_agreement": 0.9},
+        "soak": {"requests": 1000, "concurrency": 32, "errors": 0, "memory_growth": 0.012,
+                 "memory_after_warmup": 200 << 20, "memory_peak": 203 << 20}}
+    return {"config": {"concurrency": [1, 4], "rate": None, "max_tokens": 2, "prompts": 8, "prompt_length": 40,
+                       "prompt_unit": "characters"},
+            "deployments": [dep("original", 1.0, [8, 8]), dep("compressed", 2.0, [4, 4])]}
+
+
+def test_report_writer_outputs_json_markdown_and_plot(tmp_path):
+    paths = report.write(_result(), tmp_path / "new-dir")
+    data = json.loads(paths["json"].read_text())
+    assert [(r["concurrency"], r["output_tokens_per_s"], r["ttft_p50"]) for r in data["ratios"]] == \
+        [(1, 2.0, 0.5), (4, 2.0, 0.5)]
+    md = paths["markdown"].read_text()
+    assert "| compressed | 4 | 2.000 | 0.500 |" in md
+    assert "1000 requests at concurrency 32: 0 failed" in md and "+1.20%" in md
+    import matplotlib.image
+    assert matplotlib.image.imread(paths["plot"]).shape[1] > 1000
+    table = report.summary_table(_result())
+    assert table.count("compressed") == 2 and "original" in table
+
+
+def test_launcher_binds_localhost_passes_the_api_key_and_opts_in_to_the_route():
+    s = VLLMServer("some/model", "--dtype", "float32", api_key="k3y")
+    cmd = s.command()
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    assert cmd[cmd.index("--api-key") + 1] == "k3y" and s.headers == {"Authorization": "Bearer k3y"}
+    assert "submoe" in s.env["VLLM_PLUGINS"].split(",")
+    assert VLLMServer("m", host="0.0.0.0").base_url.startswith("http://127.0.0.1:")
+    assert plugins_with_compression_route("other") == "other,submoe"
+    assert plugins_with_compression_route("submoe,other") == "submoe,other"
+    installed = plugins_with_compression_route(None).split(",")
+    assert "submoe" in installed and installed.count("submoe") == 1
+
+
+def test_compression_description_of_a_compressed_and_a_stock_checkpoint(random_compressed, random_source):
+    config = json.loads((random_compressed / "config.json").read_text())
+    doc = describe(config, str(random_compressed), 4)
+    assert doc["compressed"] and doc["method"] == "submoe" and doc["num_router_experts"] == 8
+    assert doc["expert_maps"] == [l["expert_map"] for l in config["submoe"]["layers"]]
+    assert doc["experts_per_layer"] == [4, 4] and doc["source"]["num_experts"] == 8
+    assert doc["report"]["sizes"]["weight_bytes"] == doc["weight_bytes"]
+    json.dumps(doc)  # served as JSON
+    stock = describe(json.loads((random_source / "config.json").read_text()), str(random_source), 4)
+    assert not stock["compressed"] and stock["compression_ratio"] == 1.0 and stock["experts_per_layer"] == [8, 8]
+    assert describe({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}, "x") == \
+        {"compressed": False, "moe": False, "architecture": "LlamaForCausalLM"}
