@@ -4,7 +4,9 @@ Engines are expensive (~40 s each on 2 cores): one `vllm serve` for the module, 
 subprocess per offline engine.
 """
 import json
+import math
 import shutil
+import urllib.error
 import urllib.request
 
 import openai
@@ -14,12 +16,13 @@ from conftest import CALIB, SHIPPED, write_config
 from offline.compress import CompressOptions, compress
 from offline.evaluate import load_reference
 from serving.launcher import ServerError, VLLMServer
-from serving.scrape import compression_gauges
+from serving.scrape import compression_gauges, metric_samples
 from vllm_submoe.checkpoint_format import make_block
 from vllm_helpers import reference_greedy, run_vllm, vllm_results
 
 pytestmark = pytest.mark.vllm
 MAX_TOKENS = 12
+API_KEY = "test-key"  # the module server requires it on /v1 (vLLM's --api-key, through the launcher)
 LOGPROB_ATOL = 2e-3  # float32 both sides; different kernels and summation order
 
 
@@ -50,13 +53,17 @@ def hetero(tmp_path_factory):
 def server(hetero, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "serve.log"
     with VLLMServer(str(hetero), "--dtype", "float32", "--max-model-len", "512", model_flag=True,
-                    log_path=log) as s:
+                    log_path=log, api_key=API_KEY) as s:
         yield s
 
 
-def test_served_compressed_model_equals_reference_forward(server, hetero, prompts):
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, max_retries=0)
+
+
+def test_served_compressed_model_equals_reference_forward(client, hetero, prompts):
     ref_model = load_reference(str(hetero))
-    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused")
     for p in prompts:
         r = client.completions.create(model=str(hetero), prompt=p, max_tokens=MAX_TOKENS, temperature=0,
                                       logprobs=1, extra_body={"return_token_ids": True, "prompt_logprobs": 1, "ignore_eos": True})
@@ -80,8 +87,7 @@ def test_metrics_export_compression_facts(server, hetero):
     assert "vllm:time_to_first_token_seconds_count" in text  # vLLM's own histograms sit beside ours
 
 
-def test_chat_endpoint_answers(server, hetero):
-    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused")
+def test_chat_endpoint_answers(client, hetero):
     r = client.chat.completions.create(model=str(hetero), messages=[{"role": "user", "content": "Guten Tag"}],
                                        max_tokens=8, temperature=0)
     assert r.choices[0].finish_reason in ("length", "stop") and r.usage.completion_tokens > 0
@@ -155,3 +161,87 @@ def test_plugin_registration_is_idempotent():
     (stat,) = [e for e in md.entry_points(group="vllm.stat_logger_plugins") if e.name == "submoe"]
     from vllm.v1.metrics.loggers import StatLoggerBase
     assert issubclass(stat.load(), StatLoggerBase)
+
+
+def _post(server, path, body: bytes, key: str | None = API_KEY) -> int:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(f"{server.base_url}{path}", data=body, headers=headers),
+                                    timeout=60) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def _completion(hetero, **fields) -> bytes:
+    return json.dumps({"model": str(hetero), "prompt": [5, 6, 7], "max_tokens": 2, **fields}).encode()
+
+
+def test_requests_without_the_api_key_are_refused(server, hetero):
+    assert _post(server, "/v1/completions", _completion(hetero), key=None) == 401
+    assert _post(server, "/v1/completions", _completion(hetero), key="wrong") == 401
+    assert _post(server, "/v1/completions", _completion(hetero)) == 200
+
+
+@pytest.mark.parametrize("case, body, status", [
+    ("prompt longer than the context", lambda h: _completion(h, prompt=list(range(5, 605))), 400),
+    ("negative temperature", lambda h: _completion(h, temperature=-1.0), 400),
+    ("top_p above 1", lambda h: _completion(h, top_p=2.0), 400),
+    ("negative max_tokens", lambda h: _completion(h, max_tokens=-3), 400),
+    ("malformed JSON", lambda h: b'{"model": "x", "prompt": [1, 2', 400),
+    ("unknown model name", lambda h: json.dumps({"model": "no-such-model", "prompt": "hi", "max_tokens": 2}).encode(), 404),
+])
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, hetero, case, body, status):
+    got = _post(server, "/v1/completions", body(hetero))
+    assert 400 <= got < 500, f"{case}: HTTP {got}"
+    assert got == status, f"{case}: HTTP {got}, expected {status}"
+    assert _post(server, "/v1/completions", _completion(hetero)) == 200, f"server stopped serving after: {case}"
+
+
+def test_compression_route_describes_the_served_checkpoint(server, hetero):
+    from vllm_submoe.endpoint import ROUTE, describe
+    doc = json.loads(urllib.request.urlopen(f"{server.base_url}{ROUTE}").read())
+    expected = describe(json.loads((hetero / "config.json").read_text()), str(hetero), served_dtype_bytes=4)
+    assert doc == json.loads(json.dumps(expected))
+    assert doc["method"] == "submoe" and doc["experts_per_layer"] == [6, 4, 3, 5]
+
+
+def test_grafana_dashboard_queries_only_metrics_the_server_exports(server, client, hetero):
+    import re
+
+    from conftest import ROOT
+    client.completions.create(model=str(hetero), prompt=[5, 6, 7], max_tokens=2)  # histograms have samples
+    dashboard = json.loads((ROOT / "serving" / "grafana" / "vllm-submoe-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    used = {m for e in exprs for m in re.findall(r"\b(vllm:[a-z0-9_]+|submoe_[a-z0-9_]+)", e)}
+    exported = {s.name for s in metric_samples(server.base_url)}
+    assert {"submoe_experts", "vllm:time_to_first_token_seconds_bucket"} <= used
+    assert not used - exported, f"dashboard queries metrics the server does not export: {used - exported}"
+
+
+def test_loadtest_short_real_run_against_a_url_and_a_launched_directory(server, tmp_path):
+    """`submoe loadtest`: the compressed module server by URL, the shipped model launched for the run."""
+    from serving.loadtest.cli import LoadTestOptions, run
+    from conftest import EVAL
+    opts = LoadTestOptions(targets=[server.base_url, str(SHIPPED)], labels=["compressed", "original"], data=EVAL,
+                           out=tmp_path / "lt", concurrency=[1, 4], requests=8, rate=4.0, rate_requests=8,
+                           max_tokens=6, prompt_length=120, quality_prompts=4, api_key=API_KEY,
+                           serve_args=["--dtype", "float32", "--max-model-len", "512"], progress=False)
+    result = run(opts)
+    compressed, original = result["deployments"]
+    for d in (compressed, original):
+        for phase in d["closed_loop"] + [d["open_loop"]]:
+            assert phase["errors"] == 0 and phase["completed"] == 8
+            assert phase["output_tokens"] == 8 * 6  # ignore_eos: every request decodes max_tokens
+            assert 0 < phase["ttft_s"]["p50"] <= phase["e2e_s"]["p50"]
+        assert [p["concurrency"] for p in d["closed_loop"]] == [1, 4]
+    assert compressed["compression"]["experts_per_layer"] == [6, 4, 3, 5]
+    assert original["compression"]["experts_per_layer"] == [8, 8, 8, 8]
+    assert compressed["description"]["method"] == "submoe" and original["description"]["compressed"] is False
+    assert compressed["memory"]["idle_pss_bytes"] is None  # a URL: no processes of ours to measure
+    assert original["memory"]["idle_pss_bytes"] > original["compression"]["weight_bytes"]
+    assert original["startup_s"] > 0 and compressed["startup_s"] is None
+    q = original["quality"]
+    assert q["comparable"] and 0 < q["top1_agreement"] < 1 and math.isfinite(q["perplexity"])
+    saved = json.loads((tmp_path / "lt" / "loadtest.json").read_text())
+    assert len(saved["ratios"]) == 2 and (tmp_path / "lt" / "loadtest.png").stat().st_size > 0

@@ -40,7 +40,9 @@ class LoadTestOptions:
     data: list[str]
     out: Path
     concurrency: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
-    requests: int | None = None  # per concurrency level; default max(16, 4 x concurrency)
+    requests: int | None = None  # per concurrency level; default max(min_requests, waves x concurrency)
+    waves: int = 4
+    min_requests: int = 16
     rate: float | None = None  # open loop, requests/s
     rate_requests: int = 64
     max_tokens: int = 64
@@ -56,7 +58,7 @@ class LoadTestOptions:
     progress: bool = True
 
     def requests_at(self, concurrency: int) -> int:
-        return self.requests or max(16, 4 * concurrency)
+        return self.requests or max(self.min_requests, self.waves * concurrency)
 
 
 def is_url(target: str) -> bool:
@@ -76,7 +78,7 @@ def deployment(target: str, opts: LoadTestOptions, log: Path):
         yield server.base_url, server.pid, time.perf_counter() - t0
 
 
-def _run_phase(base_url: str, api_key: str | None, model: str, prompts: list, max_tokens: int, bar: tqdm | None,
+def run_phase(base_url: str, api_key: str | None, model: str, prompts: list, max_tokens: int, bar: tqdm | None,
                concurrency: int | None = None, arrivals: list[float] | None = None) -> dict:
     on_done = (lambda r: bar.update()) if bar is not None else (lambda r: None)
 
@@ -114,18 +116,18 @@ def measure(label: str, base_url: str, pid: int | None, prompts: list, opts: Loa
         + opts.soak_requests
     idle = probes.server_memory(pid) if pid else None
     with tqdm(total=total, desc=label, unit="req", disable=not opts.progress, dynamic_ncols=True) as bar:
-        _run_phase(base_url, opts.api_key, model, prompts[:2], opts.max_tokens, None, concurrency=1)  # warm-up
+        run_phase(base_url, opts.api_key, model, prompts[:2], opts.max_tokens, None, concurrency=1)  # warm-up
         with probes.MemorySampler(pid) as sampler:
             result["closed_loop"] = []
             for c in opts.concurrency:
                 bar.set_postfix_str(f"concurrency {c}")
-                phase = _run_phase(base_url, opts.api_key, model, _take(prompts, opts.requests_at(c)),
+                phase = run_phase(base_url, opts.api_key, model, _take(prompts, opts.requests_at(c)),
                                    opts.max_tokens, bar, concurrency=c)
                 result["closed_loop"].append({"concurrency": c, **phase})
             if opts.rate:
                 bar.set_postfix_str(f"open loop {opts.rate:g}/s")
                 arrivals = poisson_arrivals(opts.rate_requests, opts.rate, opts.seed)
-                phase = _run_phase(base_url, opts.api_key, model, _take(prompts, opts.rate_requests),
+                phase = run_phase(base_url, opts.api_key, model, _take(prompts, opts.rate_requests),
                                    opts.max_tokens, bar, arrivals=arrivals)
                 result["open_loop"] = {"rate": opts.rate, **phase}
         if opts.soak_requests:
@@ -142,7 +144,7 @@ def measure(label: str, base_url: str, pid: int | None, prompts: list, opts: Loa
 def soak(base_url: str, pid: int | None, model: str, prompts: list, opts: LoadTestOptions, bar: tqdm) -> dict:
     """Many requests at one concurrency; failures and memory growth after the first 20%."""
     with probes.MemorySampler(pid, interval=0.5) as sampler:
-        phase = _run_phase(base_url, opts.api_key, model, _take(prompts, opts.soak_requests), opts.max_tokens,
+        phase = run_phase(base_url, opts.api_key, model, _take(prompts, opts.soak_requests), opts.max_tokens,
                            bar, concurrency=opts.soak_concurrency)
     series = [s["pss_bytes"] for s in sampler.samples]
     phase.pop("records")
