@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export VLLM_NO_USAGE_STATS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test model corpus quality clean
+.PHONY: install demo test model corpus quality serving clean
 
 install: $(STAMP)
 
@@ -58,6 +58,11 @@ model: $(STAMP) corpus
 # Rank every method on both stand-in models (benchmarks/results/quality.*; about 40 minutes on 2 cores).
 quality: $(STAMP)
 	$(PY) benchmarks/quality.py
+
+# Load-test original vs compressed on a generated ~1 GB MoE, equal memory budget, soak
+# (benchmarks/results/serving.*; about 30 minutes on 2 cores).
+serving: $(STAMP)
+	$(PY) benchmarks/serving.py
 
 clean:
 	rm -rf build demo-out .pytest_cache

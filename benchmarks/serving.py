@@ -75,7 +75,7 @@ def sweep(models: dict, work: Path) -> dict:
 
 def equal_budget(models: dict, work: Path, sweep_result: dict, headroom: float) -> dict:
     """Same bytes for weights + KV cache: the original gets `headroom` x its weights in KV."""
-    weights = {d["label"]: d["compression"]["weight_bytes"] for d in sweep_result["deployments"]}
+    weights = {d["label"]: int(d["compression"]["weight_bytes"]) for d in sweep_result["deployments"]}
     budget = int(weights["original-8e"] * (1 + headroom))
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = ""  # empty: vLLM then honours --kv-cache-memory-bytes
     results = []
@@ -106,12 +106,12 @@ def soak_and_cross_check(work: Path, soak_requests: int) -> dict:
                            concurrency=[32], requests=64, max_tokens=16, prompt_length=64, prompt_tokens=True,
                            quality_prompts=1, soak_requests=soak_requests, soak_concurrency=32)
     from transformers import AutoTokenizer
-    prompts = held_out_prompts(EVAL, 64, 64, 0, AutoTokenizer.from_pretrained(str(tiny)))
+    prompts = held_out_prompts(EVAL, 512, 64, 0, AutoTokenizer.from_pretrained(str(tiny)))
     with VLLMServer(str(tiny), log_path=work / "soak-serve.log") as server:
         d, _ = measure("tiny-submoe-4e", server.base_url, server.pid, prompts, opts, None)
         # cross-check: the same 64 prompts at concurrency 8, once with ours, once with `vllm bench serve`
-        ours = _strip(run_phase(server.base_url, None, d["model"], prompts, 32, None, concurrency=8))
-        theirs = vllm_bench(server.base_url, d["model"], str(tiny), prompts, work / "bench", concurrency=8,
+        ours = _strip(run_phase(server.base_url, None, d["model"], prompts[:64], 32, None, concurrency=8))
+        theirs = vllm_bench(server.base_url, d["model"], str(tiny), prompts[:64], work / "bench", concurrency=8,
                             output_len=32)
     return {"soak": d["soak"], "memory": d["memory"],
             "cross_check": {"concurrency": 8, "requests": 64, "output_tokens": 32, "submoe_loadtest": ours,

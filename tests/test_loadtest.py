@@ -55,16 +55,17 @@ class FakeClient:
 
 def test_stream_completion_times_first_token_gaps_and_end_on_the_clock():
     usage = SimpleNamespace(completion_tokens=3, prompt_tokens=7)
+    # a token whose text is empty (special token, half a character) still arrives; the usage
+    # chunk carries no choice and is not a token
     client = FakeClient([chunk("a"), chunk(""), chunk("b"), chunk("c"), chunk(usage=usage)])
-    # start, then one read per non-empty text chunk, then the end
-    clock = ScriptedClock([10.0, 10.5, 10.7, 11.0, 11.25])
-    r = asyncio.run(stream_completion(client, "m", "prompt", 3, clock=clock))
+    clock = ScriptedClock([10.0, 10.5, 10.6, 10.7, 11.0, 11.25])  # start, one read per token, end
+    r = asyncio.run(stream_completion(client, "m", "prompt", 4, clock=clock))
     assert r.ok and r.output_tokens == 3 and r.prompt_tokens == 7
     assert r.ttft == pytest.approx(0.5)
-    assert r.inter_token_latencies == pytest.approx([0.2, 0.3])
+    assert r.inter_token_latencies == pytest.approx([0.1, 0.1, 0.3])
     assert r.e2e == pytest.approx(1.25)
     (call,) = client.calls
-    assert call["stream"] and call["max_tokens"] == 3 and call["extra_body"] == {"ignore_eos": True}
+    assert call["stream"] and call["max_tokens"] == 4 and call["extra_body"] == {"ignore_eos": True}
 
 
 def test_stream_completion_records_failures_instead_of_raising():

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import itertools
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,9 @@ from .runner import async_client, closed_loop, open_loop, stream_completion
 from .workload import held_out_prompts, poisson_arrivals
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+MAX_PROMPTS = 512  # distinct prompts; a longer run (a soak) cycles through them again
 
 
 class LoadTestError(ValueError):
@@ -115,24 +119,27 @@ def measure(label: str, base_url: str, pid: int | None, prompts: list, opts: Loa
     total = sum(opts.requests_at(c) for c in opts.concurrency) + (opts.rate_requests if opts.rate else 0) \
         + opts.soak_requests
     idle = probes.server_memory(pid) if pid else None
+    # Each phase takes fresh prompts (the same ones on every deployment), so no phase finds its
+    # prompts in vLLM's prefix cache from an earlier one; the quality prompts double as warm-up.
+    take = _prompt_slices(prompts, start=opts.quality_prompts)
     with tqdm(total=total, desc=label, unit="req", disable=not opts.progress, dynamic_ncols=True) as bar:
         run_phase(base_url, opts.api_key, model, prompts[:2], opts.max_tokens, None, concurrency=1)  # warm-up
         with probes.MemorySampler(pid) as sampler:
             result["closed_loop"] = []
             for c in opts.concurrency:
                 bar.set_postfix_str(f"concurrency {c}")
-                phase = run_phase(base_url, opts.api_key, model, _take(prompts, opts.requests_at(c)),
+                phase = run_phase(base_url, opts.api_key, model, take(opts.requests_at(c)),
                                    opts.max_tokens, bar, concurrency=c)
                 result["closed_loop"].append({"concurrency": c, **phase})
             if opts.rate:
                 bar.set_postfix_str(f"open loop {opts.rate:g}/s")
                 arrivals = poisson_arrivals(opts.rate_requests, opts.rate, opts.seed)
-                phase = run_phase(base_url, opts.api_key, model, _take(prompts, opts.rate_requests),
+                phase = run_phase(base_url, opts.api_key, model, take(opts.rate_requests),
                                    opts.max_tokens, bar, arrivals=arrivals)
                 result["open_loop"] = {"rate": opts.rate, **phase}
         if opts.soak_requests:
             bar.set_postfix_str(f"soak at {opts.soak_concurrency}")
-            result["soak"] = soak(base_url, pid, model, prompts, opts, bar)
+            result["soak"] = soak(base_url, pid, model, take(opts.soak_requests), opts, bar)
     after = engine_counters(base_url, headers)
     result["engine"]["preemptions_during_run"] = after["preemptions"] - result["engine"]["preemptions"]
     result["memory"] = {"idle_pss_bytes": idle and idle["pss_bytes"], "idle_rss_bytes": idle and idle["rss_bytes"],
@@ -144,7 +151,7 @@ def measure(label: str, base_url: str, pid: int | None, prompts: list, opts: Loa
 def soak(base_url: str, pid: int | None, model: str, prompts: list, opts: LoadTestOptions, bar: tqdm) -> dict:
     """Many requests at one concurrency; failures and memory growth after the first 20%."""
     with probes.MemorySampler(pid, interval=0.5) as sampler:
-        phase = run_phase(base_url, opts.api_key, model, _take(prompts, opts.soak_requests), opts.max_tokens,
+        phase = run_phase(base_url, opts.api_key, model, prompts, opts.max_tokens,
                            bar, concurrency=opts.soak_concurrency)
     series = [s["pss_bytes"] for s in sampler.samples]
     phase.pop("records")
@@ -153,9 +160,10 @@ def soak(base_url: str, pid: int | None, model: str, prompts: list, opts: LoadTe
             "memory_growth": growth(series), "memory_after_warmup": warm[0], "memory_peak": max(warm, default=None)}
 
 
-def _take(prompts: list, n: int) -> list:
-    """The first n prompts, cycling through the set when n exceeds it."""
-    return list(itertools.islice(itertools.cycle(prompts), n))
+def _prompt_slices(prompts: list, start: int):
+    """take(n): the next n prompts after `start`, wrapping around when the set runs out."""
+    stream = itertools.islice(itertools.cycle(prompts), start, None)
+    return lambda n: list(itertools.islice(stream, n))
 
 
 def run(opts: LoadTestOptions) -> dict:
@@ -168,9 +176,9 @@ def run(opts: LoadTestOptions) -> dict:
             raise LoadTestError("--prompt-tokens needs a local model directory to take the tokenizer from")
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(local[0])
-    need = max([opts.requests_at(c) for c in opts.concurrency] + [opts.rate_requests if opts.rate else 0,
-                                                                   opts.quality_prompts])
-    prompts = held_out_prompts(opts.data, min(need, 256), opts.prompt_length, opts.seed, tokenizer)
+    need = opts.quality_prompts + sum(opts.requests_at(c) for c in opts.concurrency) + \
+        (opts.rate_requests if opts.rate else 0) + opts.soak_requests
+    prompts = held_out_prompts(opts.data, min(need, MAX_PROMPTS), opts.prompt_length, opts.seed, tokenizer)
     result = {"config": {"targets": opts.targets, "labels": opts.labels, "data": opts.data,
                          "concurrency": opts.concurrency, "requests": {c: opts.requests_at(c) for c in opts.concurrency},
                          "rate": opts.rate, "rate_requests": opts.rate_requests, "max_tokens": opts.max_tokens,
@@ -181,7 +189,8 @@ def run(opts: LoadTestOptions) -> dict:
     opts.out.mkdir(parents=True, exist_ok=True)
     reference = None
     for target, label in zip(opts.targets, opts.labels):
-        with deployment(target, opts, opts.out / f"serve-{label}.log") as (base_url, pid, startup):
+        log = opts.out / f"serve-{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)}.log"
+        with deployment(target, opts, log) as (base_url, pid, startup):
             d, scored = measure(label, base_url, pid, prompts, opts, reference)
         d.update(target=target, startup_s=startup)
         reference = reference if reference is not None else scored

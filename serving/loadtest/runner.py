@@ -36,7 +36,9 @@ async def stream_completion(client: openai.AsyncOpenAI, model: str, prompt: Prom
             model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
             stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
         async for chunk in stream:
-            if chunk.choices and chunk.choices[0].text:
+            # vLLM streams one chunk per decoding step; its text may be empty (a special token,
+            # half a UTF-8 character), so a chunk with a choice is a token arrival either way.
+            if chunk.choices:
                 record.chunk_times.append(clock())
             if chunk.usage is not None:
                 record.output_tokens = chunk.usage.completion_tokens
@@ -45,7 +47,7 @@ async def stream_completion(client: openai.AsyncOpenAI, model: str, prompt: Prom
         record.error = f"{type(e).__name__}: {e}"
     record.end = clock()
     if record.ok and not record.chunk_times:
-        record.error = "EmptyResponse: the stream carried no text"
+        record.error = "EmptyResponse: the stream carried no token"
     return record
 
 
