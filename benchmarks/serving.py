@@ -77,7 +77,6 @@ def equal_budget(models: dict, work: Path, sweep_result: dict, headroom: float) 
     """Same bytes for weights + KV cache: the original gets `headroom` x its weights in KV."""
     weights = {d["label"]: int(d["compression"]["weight_bytes"]) for d in sweep_result["deployments"]}
     budget = int(weights["original-8e"] * (1 + headroom))
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = ""  # empty: vLLM then honours --kv-cache-memory-bytes
     results = []
     for label, path in (("original-8e", models["source"]), ("submoe-4e (remap)", models["remap"])):
         kv = budget - weights[label]
@@ -92,7 +91,6 @@ def equal_budget(models: dict, work: Path, sweep_result: dict, headroom: float) 
                         "kv_cache_blocks": e["kv_cache_blocks"], "kv_cache_tokens": tokens,
                         "sequences_that_fit": tokens // (512 + 64), "preemptions": e["preemptions_during_run"],
                         "load": _strip(d["closed_loop"][0]), "memory": d["memory"]})
-    del os.environ["VLLM_CPU_KVCACHE_SPACE"]
     return {"budget_bytes": budget, "prompt_tokens": 512, "output_tokens": 64, "concurrency": 16, "requests": 32,
             "deployments": results}
 
@@ -111,27 +109,25 @@ def soak_and_cross_check(work: Path, soak_requests: int) -> dict:
         d, _ = measure("tiny-submoe-4e", server.base_url, server.pid, prompts, opts, None)
         # cross-check: the same 64 prompts at concurrency 8, once with ours, once with `vllm bench serve`
         ours = _strip(run_phase(server.base_url, None, d["model"], prompts[:64], 32, None, concurrency=8))
-        theirs = vllm_bench(server.base_url, d["model"], str(tiny), prompts[:64], work / "bench", concurrency=8,
-                            output_len=32)
+        theirs = vllm_bench(server.base_url, d["model"], str(tiny), work / "bench", requests=64, concurrency=8,
+                            input_len=64, output_len=32)
     return {"soak": d["soak"], "memory": d["memory"],
             "cross_check": {"concurrency": 8, "requests": 64, "output_tokens": 32, "submoe_loadtest": ours,
                             "vllm_bench_serve": theirs}}
 
 
-def vllm_bench(base_url: str, model: str, tokenizer: str, prompts: list, out: Path, concurrency: int,
-               output_len: int) -> dict:
-    """`vllm bench serve` on the same prompt token ids (decoded; custom dataset) and lengths."""
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(tokenizer)
+def vllm_bench(base_url: str, model: str, tokenizer: str, out: Path, requests: int, concurrency: int,
+               input_len: int, output_len: int) -> dict:
+    """`vllm bench serve` at the same point: its random dataset at the same prompt and output
+    lengths (its custom-file dataset would need pandas, which vLLM does not install)."""
     out.mkdir(parents=True, exist_ok=True)
-    data = out / "prompts.jsonl"
-    data.write_text("".join(json.dumps({"prompt": tok.decode(p)}) + "\n" for p in prompts))
     subprocess.run([vllm_executable(), "bench", "serve", "--backend", "openai", "--base-url", base_url,
-                    "--model", model, "--tokenizer", tokenizer, "--dataset-name", "custom", "--dataset-path", str(data),
-                    "--skip-chat-template", "--custom-output-len", str(output_len), "--num-prompts", str(len(prompts)),
-                    "--max-concurrency", str(concurrency), "--ignore-eos", "--save-result", "--result-dir", str(out),
-                    "--result-filename", "bench.json", "--percentile-metrics", "ttft,itl,e2el",
-                    "--metric-percentiles", "50,90,99", "--disable-tqdm"], check=True, env=os.environ)
+                    "--model", model, "--tokenizer", tokenizer, "--dataset-name", "random",
+                    "--random-input-len", str(input_len), "--random-output-len", str(output_len),
+                    "--random-range-ratio", "0", "--num-prompts", str(requests), "--max-concurrency", str(concurrency),
+                    "--ignore-eos", "--save-result", "--result-dir", str(out), "--result-filename", "bench.json",
+                    "--percentile-metrics", "ttft,itl,e2el", "--metric-percentiles", "50,90,99", "--disable-tqdm"],
+                   check=True, env=os.environ)
     r = json.loads((out / "bench.json").read_text())
     keys = ("completed", "failed", "duration", "request_throughput", "output_throughput", "median_ttft_ms",
             "p99_ttft_ms", "median_itl_ms", "p99_itl_ms", "median_e2el_ms", "p99_e2el_ms")
@@ -239,6 +235,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--work", type=Path, default=ROOT / "build" / "serving-bench")
+    ap.add_argument("--resume", action="store_true", help="reuse a finished sweep found in --work")
     ap.add_argument("--soak-requests", type=int, default=1000)
     ap.add_argument("--headroom", type=float, default=0.03,
                     help="equal budget: the original's KV cache as a fraction of its weight bytes (default 0.03)")
@@ -248,10 +245,18 @@ def main() -> None:
     models = build_models(args.work)
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU",
               "mid_model": MID, "compression_cost": models["compression_cost"]}
-    result["sweep"] = sweep(models, args.work)
+    def phase(name: str, measure_it):
+        """Each phase's result is kept in --work; --resume reuses the ones a killed run finished."""
+        saved = args.work / f"{name}.json"
+        if not (args.resume and saved.exists()):
+            saved.write_text(json.dumps(measure_it()))
+        return json.loads(saved.read_text())
+
+    result["sweep"] = phase("sweep", lambda: sweep(models, args.work))
     result["ratios"] = ratios_table(result["sweep"])
-    result["equal_budget"] = equal_budget(models, args.work, result["sweep"], args.headroom)
-    result["soak"] = soak_and_cross_check(args.work, args.soak_requests)
+    result["equal_budget"] = phase("equal_budget", lambda: equal_budget(models, args.work, result["sweep"],
+                                                                         args.headroom))
+    result["soak"] = phase("soak", lambda: soak_and_cross_check(args.work, args.soak_requests))
     result["wall_seconds"] = time.time() - t0
     for d in result["sweep"]["deployments"]:
         for phase in d["closed_loop"] + ([d["open_loop"]] if d.get("open_loop") else []):

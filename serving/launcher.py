@@ -58,6 +58,9 @@ class VLLMServer:
         self.log_path = log_path or Path(os.environ.get("TMPDIR", "/tmp")) / f"vllm-serve-{self.port}.log"
         self.env = {**os.environ, **{k: v for k, v in DEFAULT_ENV.items() if k not in os.environ}, **(env or {})}
         self.env["VLLM_PLUGINS"] = plugins_with_compression_route(self.env.get("VLLM_PLUGINS"))
+        if any(a.split("=")[0] == "--kv-cache-memory-bytes" for a in self.extra_args):
+            # On CPU the legacy VLLM_CPU_KVCACHE_SPACE overrides the flag: the flag asked wins.
+            self.env.pop("VLLM_CPU_KVCACHE_SPACE", None)
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen | None = None
 

@@ -243,6 +243,8 @@ def test_launcher_binds_localhost_passes_the_api_key_and_opts_in_to_the_route():
     assert cmd[cmd.index("--api-key") + 1] == "k3y" and s.headers == {"Authorization": "Bearer k3y"}
     assert "submoe" in s.env["VLLM_PLUGINS"].split(",")
     assert VLLMServer("m", host="0.0.0.0").base_url.startswith("http://127.0.0.1:")
+    assert "VLLM_CPU_KVCACHE_SPACE" in s.env  # the launcher's default KV space on CPU ...
+    assert "VLLM_CPU_KVCACHE_SPACE" not in VLLMServer("m", "--kv-cache-memory-bytes", "64M").env  # ... unless asked
     assert plugins_with_compression_route("other") == "other,submoe"
     assert plugins_with_compression_route("submoe,other") == "submoe,other"
     installed = plugins_with_compression_route(None).split(",")
