@@ -69,7 +69,8 @@ def sweep(models: dict, work: Path) -> dict:
         targets=[str(models["source"]), str(models["remap"]), str(models["vanilla"])],
         labels=["original-8e", "submoe-4e (remap)", "vanilla-4e"], data=EVAL, out=work / "sweep",
         concurrency=[1, 4, 16, 64], waves=1, min_requests=8, rate=2.0, rate_requests=32, max_tokens=32, prompt_length=64,
-        prompt_tokens=True, quality_prompts=4, serve_args=["--max-model-len", str(MAX_MODEL_LEN)])
+        prompt_tokens=True, quality_prompts=4, serve_args=["--max-model-len", str(MAX_MODEL_LEN)],
+        force=True)  # --work is the benchmark's own scratch space
     return run(opts)
 
 
@@ -83,7 +84,7 @@ def equal_budget(models: dict, work: Path, sweep_result: dict, headroom: float) 
         opts = LoadTestOptions(
             targets=[str(path)], labels=[label], data=EVAL, out=work / f"budget-{label.split()[0]}",
             concurrency=[16], requests=32, max_tokens=64, prompt_length=512, prompt_tokens=True, quality_prompts=1,
-            serve_args=["--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory-bytes", str(kv)])
+            serve_args=["--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory-bytes", str(kv)], force=True)
         d = run(opts)["deployments"][0]
         e = d["engine"]
         tokens = e["kv_cache_blocks"] * e["block_size"]

@@ -15,6 +15,11 @@ DEFAULT_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_US
                "TOKENIZERS_PARALLELISM": "false"}
 
 
+def bearer(api_key: str | None) -> dict[str, str]:
+    """The Authorization header `vllm serve --api-key` expects (none without a key)."""
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 def plugins_with_compression_route(current: str | None) -> str:
     """A `VLLM_PLUGINS` value that adds our route plugin and drops nothing that would load
     without it (an unset `VLLM_PLUGINS` means every installed general plugin loads)."""
@@ -71,7 +76,7 @@ class VLLMServer:
 
     @property
     def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        return bearer(self.api_key)
 
     @property
     def pid(self) -> int | None:

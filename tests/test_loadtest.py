@@ -1,6 +1,7 @@
 """The load tester's parts without a server: timings on a scripted clock, statistics on
 recorded traces, the drivers' scheduling, the report writer, and the server-side probes."""
 import asyncio
+import re
 import json
 import math
 import subprocess
@@ -263,3 +264,38 @@ def test_compression_description_of_a_compressed_and_a_stock_checkpoint(random_c
     assert not stock["compressed"] and stock["compression_ratio"] == 1.0 and stock["experts_per_layer"] == [8, 8]
     assert describe({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}, "x") == \
         {"compressed": False, "moe": False, "architecture": "LlamaForCausalLM"}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"labels": ["a"]}, "1 labels for 2 deployments"),
+    ({"max_tokens": 0}, "--max-tokens must be > 0, got 0"),
+    ({"rate": -2.0}, "--rate must be > 0, got -2.0"),
+    ({"quality_prompts": 0}, "--quality-prompts must be > 0, got 0"),
+    ({"soak_requests": -1}, "--soak-requests must be >= 0, got -1"),
+])
+def test_loadtest_refuses_bad_options_before_starting_anything(tmp_path, change, message):
+    from serving.loadtest.cli import LoadTestError, LoadTestOptions, run
+    opts = LoadTestOptions(targets=[str(tmp_path / "a"), str(tmp_path / "b")], labels=["a", "b"], data=EVAL,
+                           out=tmp_path / "out")
+    for k, v in change.items():
+        setattr(opts, k, v)
+    with pytest.raises(LoadTestError, match=re.escape(message)):
+        run(opts)
+    assert not (tmp_path / "out").exists()
+
+
+def test_loadtest_keeps_earlier_results_unless_forced(tmp_path):
+    from offline.cli import main
+    out = tmp_path / "lt"
+    out.mkdir()
+    (out / "loadtest.json").write_text("{}")
+    code = main(["loadtest", "http://127.0.0.1:9", "--out", str(out), "--no-progress"])
+    assert code == 2 and (out / "loadtest.json").read_text() == "{}"
+
+
+def test_loadtest_checks_every_deployment_before_measuring_the_first(tmp_path):
+    from serving.loadtest.cli import LoadTestError, LoadTestOptions, run
+    opts = LoadTestOptions(targets=[str(SHIPPED), str(tmp_path / "missing")], labels=["a", "b"], data=EVAL,
+                           out=tmp_path / "out")
+    with pytest.raises(LoadTestError, match="is neither a model directory nor an http"):
+        run(opts)

@@ -20,10 +20,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..client import client_for, served_model
-from ..launcher import VLLMServer
+from ..launcher import VLLMServer, bearer
 from ..scrape import compression_description, compression_gauges, engine_counters, metric_samples
 from . import probes, report
-from .records import growth, summarize
+from .records import after_warmup, growth, summarize
 from .runner import async_client, closed_loop, open_loop, stream_completion
 from .workload import held_out_prompts, poisson_arrivals
 
@@ -59,10 +59,37 @@ class LoadTestOptions:
     serve_args: list[str] = field(default_factory=list)
     host: str = "127.0.0.1"
     seed: int = 0
+    force: bool = False  # replace the load-test files already in `out`
     progress: bool = True
 
     def requests_at(self, concurrency: int) -> int:
         return self.requests or max(self.min_requests, self.waves * concurrency)
+
+    def measured_requests(self) -> int:
+        """Requests of the timed phases: the sweep, the open loop and the soak."""
+        return sum(self.requests_at(c) for c in self.concurrency) + (self.rate_requests if self.rate else 0) \
+            + self.soak_requests
+
+    def check(self) -> None:
+        """Refuse what cannot run, before any server starts."""
+        if len(self.labels) != len(self.targets):
+            raise LoadTestError(f"{len(self.labels)} labels for {len(self.targets)} deployments")
+        positive = {"--max-tokens": self.max_tokens, "--prompt-length": self.prompt_length,
+                    "--quality-prompts": self.quality_prompts, "--rate-requests": self.rate_requests,
+                    "--soak-concurrency": self.soak_concurrency, "--requests": self.requests or 1,
+                    "--rate": self.rate if self.rate is not None else 1}
+        for flag, value in positive.items():
+            if value <= 0:
+                raise LoadTestError(f"{flag} must be > 0, got {value}")
+        if self.soak_requests < 0:
+            raise LoadTestError(f"--soak-requests must be >= 0, got {self.soak_requests}")
+        for target in self.targets:  # all of them now, not after the first has been measured
+            if not is_url(target) and not Path(target).is_dir():
+                raise LoadTestError(f"deployment {target!r} is neither a model directory nor an http(s):// URL")
+        existing = [f.name for f in report.output_paths(self.out).values() if f.exists()]
+        if existing and not self.force:
+            raise LoadTestError(f"{self.out} already holds load-test results ({', '.join(existing)}): "
+                                "pass another --out, or --force to replace them")
 
 
 def is_url(target: str) -> bool:
@@ -75,8 +102,6 @@ def deployment(target: str, opts: LoadTestOptions, log: Path):
     if is_url(target):
         yield target.rstrip("/"), None, None
         return
-    if not Path(target).is_dir():
-        raise LoadTestError(f"deployment {target!r} is neither a model directory nor an http(s):// URL")
     t0 = time.perf_counter()
     with VLLMServer(target, *opts.serve_args, host=opts.host, api_key=opts.api_key, log_path=log) as server:
         yield server.base_url, server.pid, time.perf_counter() - t0
@@ -102,7 +127,7 @@ def run_phase(base_url: str, api_key: str | None, model: str, prompts: list, max
 def measure(label: str, base_url: str, pid: int | None, prompts: list, opts: LoadTestOptions,
             reference_logprobs: list[dict] | None) -> tuple[dict, list[dict]]:
     """Everything the load test records about one running deployment."""
-    headers = {"Authorization": f"Bearer {opts.api_key}"} if opts.api_key else {}
+    headers = bearer(opts.api_key)
     client = client_for(base_url, opts.api_key or "EMPTY")
     model = served_model(client)
     samples = metric_samples(base_url, headers)
@@ -116,13 +141,11 @@ def measure(label: str, base_url: str, pid: int | None, prompts: list, opts: Loa
     if reference_logprobs is not None:
         result["quality"].update(probes.agreement(reference_logprobs, scored))
 
-    total = sum(opts.requests_at(c) for c in opts.concurrency) + (opts.rate_requests if opts.rate else 0) \
-        + opts.soak_requests
     idle = probes.server_memory(pid) if pid else None
     # Each phase takes fresh prompts (the same ones on every deployment), so no phase finds its
     # prompts in vLLM's prefix cache from an earlier one; the quality prompts double as warm-up.
     take = _prompt_slices(prompts, start=opts.quality_prompts)
-    with tqdm(total=total, desc=label, unit="req", disable=not opts.progress, dynamic_ncols=True) as bar:
+    with tqdm(total=opts.measured_requests(), desc=label, unit="req", disable=not opts.progress, dynamic_ncols=True) as bar:
         run_phase(base_url, opts.api_key, model, prompts[:2], opts.max_tokens, None, concurrency=1)  # warm-up
         with probes.MemorySampler(pid) as sampler:
             result["closed_loop"] = []
@@ -155,7 +178,7 @@ def soak(base_url: str, pid: int | None, model: str, prompts: list, opts: LoadTe
                            bar, concurrency=opts.soak_concurrency)
     series = [s["pss_bytes"] for s in sampler.samples]
     phase.pop("records")
-    warm = series[int(len(series) * 0.2):] or [None]
+    warm = after_warmup(series) or [None]
     return {**phase, "concurrency": opts.soak_concurrency, "memory_series_pss_bytes": series,
             "memory_growth": growth(series), "memory_after_warmup": warm[0], "memory_peak": max(warm, default=None)}
 
@@ -167,8 +190,7 @@ def _prompt_slices(prompts: list, start: int):
 
 
 def run(opts: LoadTestOptions) -> dict:
-    if len(opts.labels) != len(opts.targets):
-        raise LoadTestError(f"{len(opts.labels)} labels for {len(opts.targets)} deployments")
+    opts.check()
     tokenizer = None
     if opts.prompt_tokens:
         local = [t for t in opts.targets if not is_url(t)]
@@ -176,8 +198,7 @@ def run(opts: LoadTestOptions) -> dict:
             raise LoadTestError("--prompt-tokens needs a local model directory to take the tokenizer from")
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(local[0])
-    need = opts.quality_prompts + sum(opts.requests_at(c) for c in opts.concurrency) + \
-        (opts.rate_requests if opts.rate else 0) + opts.soak_requests
+    need = opts.quality_prompts + opts.measured_requests()
     prompts = held_out_prompts(opts.data, min(need, MAX_PROMPTS), opts.prompt_length, opts.seed, tokenizer)
     result = {"config": {"targets": opts.targets, "labels": opts.labels, "data": opts.data,
                          "concurrency": opts.concurrency, "requests": {c: opts.requests_at(c) for c in opts.concurrency},
@@ -228,8 +249,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
                    help="extra `vllm serve` argument for directories (repeat: --serve-arg=--dtype --serve-arg=float32)")
     p.add_argument("--host", default="127.0.0.1", help="address `vllm serve` binds (default 127.0.0.1)")
-    p.add_argument("--out", type=Path, default=Path("loadtest-out"))
+    p.add_argument("--out", type=Path, default=Path("loadtest-out"), help="results directory (kept unless --force)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace load-test results already in --out")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -240,4 +262,5 @@ def options_from(args: argparse.Namespace) -> LoadTestOptions:
         requests=args.requests, rate=args.rate, rate_requests=args.rate_requests, max_tokens=args.max_tokens,
         prompt_length=args.prompt_length, prompt_tokens=args.prompt_tokens, quality_prompts=args.quality_prompts,
         soak_requests=args.soak_requests, soak_concurrency=args.soak_concurrency, api_key=args.api_key,
-        serve_args=args.serve_arg, host=args.host, seed=args.seed, progress=not args.no_progress)
+        serve_args=args.serve_arg, host=args.host, seed=args.seed, force=args.force,
+        progress=not args.no_progress)

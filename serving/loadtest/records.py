@@ -71,10 +71,15 @@ def summarize(records: Sequence[RequestRecord], duration: float) -> dict:
     }
 
 
+def after_warmup(samples: Sequence[float], warmup_fraction: float = 0.2) -> list[float]:
+    """The samples after the first `warmup_fraction` of the series."""
+    return list(samples)[int(len(samples) * warmup_fraction):]
+
+
 def growth(samples: Sequence[float], warmup_fraction: float = 0.2) -> float | None:
     """Relative growth of a memory series after warm-up: the largest sample after it over the
     first one after it, minus 1 (a leak shows as steady growth; noise stays near 0)."""
-    after = list(samples)[int(len(samples) * warmup_fraction):]
+    after = after_warmup(samples, warmup_fraction)
     if len(after) < 2 or after[0] <= 0:
         return None
     return max(after) / after[0] - 1

@@ -4,11 +4,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
 
 def _ms(x: float | None) -> str:
     return "–" if x is None else f"{x * 1e3:.1f}"
@@ -88,6 +83,10 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
+    import matplotlib  # here, not at import: `submoe compress` imports this module's CLI
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     panels = [("output_tokens_per_s", None, "output tokens/s"), ("ttft_s", "p50", "TTFT p50 (ms)"),
               ("itl_s", "p50", "inter-token latency p50 (ms)"), ("e2e_s", "p99", "end-to-end p99 (ms)")]
@@ -106,11 +105,15 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def output_paths(out_dir: Path) -> dict[str, Path]:
+    return {"json": out_dir / "loadtest.json", "markdown": out_dir / "loadtest.md", "plot": out_dir / "loadtest.png"}
+
+
 def write(result: dict, out_dir: Path) -> dict[str, Path]:
     """loadtest.json, loadtest.md and loadtest.png in `out_dir` (created if missing)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {**result, "ratios": ratios(result)}
-    paths = {"json": out_dir / "loadtest.json", "markdown": out_dir / "loadtest.md", "plot": out_dir / "loadtest.png"}
+    paths = output_paths(out_dir)
     paths["json"].write_text(json.dumps(result, indent=2) + "\n")
     paths["markdown"].write_text(markdown(result))
     plot(result, paths["plot"])
