@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export VLLM_NO_USAGE_STATS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test model corpus quality serving clean
+.PHONY: install demo test model corpus quality serving scaling clean
 
 install: $(STAMP)
 
@@ -66,3 +66,7 @@ serving: $(STAMP)
 
 clean:
 	rm -rf build demo-out .pytest_cache
+
+# Peak memory and wall time of submoe compress on 1-8.5 GiB random checkpoints (benchmarks/results/scaling.*).
+scaling: $(STAMP)
+	$(PY) benchmarks/scaling.py

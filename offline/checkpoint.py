@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -76,6 +77,11 @@ class LazyCheckpoint:
             self._handles[f] = safe_open(str(f), framework="pt")
         return self._handles[f].get_tensor(name)
 
+    def release(self) -> None:
+        """Close the memory-mapped files: pages read so far stop counting as this process's memory
+        (called after each layer, so resident memory does not grow with the model)."""
+        self._handles.clear()
+
     def nbytes(self) -> int:
         return safetensors_bytes(self.dir)
 
@@ -83,11 +89,16 @@ class LazyCheckpoint:
 class ShardWriter:
     """Writes tensors shard by shard (one shard per call) plus the safetensors index."""
 
-    def __init__(self, out_dir: Path):
+    def __init__(self, out_dir: Path, state: dict | None = None):
+        """`state` (from `.state()`) continues an interrupted run's shards."""
         self.out_dir = out_dir
-        self.weight_map: dict[str, str] = {}
-        self.total_bytes = 0
-        self._shards: list[str] = []
+        state = state or {}
+        self.weight_map: dict[str, str] = dict(state.get("weight_map", {}))
+        self.total_bytes = state.get("total_bytes", 0)
+        self._shards: list[str] = list(state.get("shards", []))
+
+    def state(self) -> dict:
+        return {"weight_map": self.weight_map, "total_bytes": self.total_bytes, "shards": self._shards}
 
     def write(self, tensors: dict[str, torch.Tensor]) -> None:
         name = f"model-part-{len(self._shards):05d}.safetensors"
@@ -108,13 +119,9 @@ def _replaceable(path: Path) -> bool:
     return path.is_dir() and (not any(path.iterdir()) or (path / "compression_report.json").is_file())
 
 
-@contextmanager
-def atomic_output_dir(dst: Path, force: bool, protect: Path | None = None):
-    """Yield a temporary directory beside `dst`; rename it to `dst` only if the body succeeds.
-
-    An existing `dst` is kept unless `force` (and then only a previous output); a failed run
-    leaves no partial directory; `protect` (the source) can never be the output or inside it.
-    """
+def check_output_dir(dst: Path, force: bool, protect: Path | None = None) -> Path:
+    """The resolved output path, if writing there is allowed: an existing `dst` is kept unless `force`
+    (and then only a previous output); `protect` (the source) can never be the output or inside it."""
     dst = Path(dst).resolve()
     if protect is not None:
         src = Path(protect).resolve()
@@ -127,22 +134,82 @@ def atomic_output_dir(dst: Path, force: bool, protect: Path | None = None):
             raise FileExistsError(f"--force replaces only an earlier `submoe compress` output or an empty directory, "
                                   f"and {dst} is neither: choose another --out")
     dst.parent.mkdir(parents=True, exist_ok=True)
+    return dst
+
+
+def swap_into(tmp: Path, dst: Path) -> None:
+    """Rename the finished `tmp` to `dst`; with --force the old `dst` is moved aside first and put
+    back if the rename fails, so the user never ends up with neither."""
+    if not dst.exists():
+        os.rename(tmp, dst)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+    os.rename(dst, old / dst.name)
+    try:
+        os.rename(tmp, dst)
+    except BaseException:
+        os.rename(old / dst.name, dst)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def atomic_output_dir(dst: Path, force: bool, protect: Path | None = None):
+    """Yield a temporary directory beside `dst`; rename it to `dst` only if the body succeeds.
+    A failed run leaves no partial directory."""
+    dst = check_output_dir(dst, force, protect)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
     try:
         yield tmp
-        if dst.exists():  # --force: move the old directory aside, swap in the new one, then drop the old
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-            os.rename(dst, old / dst.name)
-            try:
-                os.rename(tmp, dst)
-            except BaseException:
-                os.rename(old / dst.name, dst)  # put the user's directory back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, dst)
+        swap_into(tmp, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
+
+
+class Progress:
+    """A resumable run's state, `progress.json` in its partial directory: the settings' fingerprint
+    and whatever the run records after each finished layer (written atomically)."""
+
+    def __init__(self, directory: Path, fingerprint: dict, state: dict | None = None):
+        self.dir, self.fingerprint, self.state = directory, fingerprint, state or {}
+
+    def save(self, **state) -> None:
+        self.state = state
+        tmp = self.dir / "progress.json.tmp"
+        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, **state}))
+        tmp.replace(self.dir / "progress.json")
+
+
+@contextmanager
+def resumable_output_dir(dst: Path, force: bool, fingerprint: dict, restart: bool = False,
+                         protect: Path | None = None):
+    """Like `atomic_output_dir`, but the work directory `.{name}.partial` beside `dst` survives a
+    failed or killed run, and a later run with the same settings (`fingerprint`) gets its
+    `Progress` back to continue from there. Different settings are refused unless `restart`."""
+    dst = check_output_dir(dst, force, protect)
+    partial = dst.parent / f".{dst.name}.partial"
+    progress_file = partial / "progress.json"
+    if partial.exists() and (restart or not progress_file.is_file()):
+        shutil.rmtree(partial)
+    progress = Progress(partial, fingerprint)
+    if partial.exists():
+        saved = json.loads(progress_file.read_text())
+        if saved.pop("fingerprint") != fingerprint:
+            raise FileExistsError(f"{partial} holds a partial run with other settings (model, method, counts, "
+                                  f"calibration or seed): rerun with those, or pass --restart to start over")
+        progress.state = saved
+    partial.mkdir(parents=True, exist_ok=True)
+    try:
+        yield progress
+    except BaseException:
+        if not progress.state:  # nothing finished: nothing worth keeping
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            print(f"submoe: the finished layers are kept in {partial}: rerun the same command to resume "
+                  f"there, or pass --restart to start over", file=sys.stderr)
+        raise
+    (partial / "progress.json").unlink()
+    swap_into(partial, dst)
 
 
 def copy_tokenizer(src: Path, dst: Path) -> None:

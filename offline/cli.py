@@ -34,6 +34,15 @@ def _counts(text: str) -> int | list[int]:
     return counts[0] if len(counts) == 1 else counts
 
 
+def _bytes(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    try:
+        scale = units.get(text[-1:].upper(), 1)
+        return int(float(text[:-1] if text[-1:].upper() in units else text) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 512M or 4G, got {text!r}")
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="submoe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -63,7 +72,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="remap: N-row router + remap tables (vLLM plugin, per-layer counts); vanilla: N'-row "
                         "router, a stock Mixtral any loader reads (router rows of each group's dominant expert)")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where each layer is computed")
+    c.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where each layer is computed (one at a time)")
+    big = c.add_argument_group("big models (memory and resuming)")
+    big.add_argument("--calib-batch", type=int, default=16,
+                     help="calibration windows run through a layer at once (default 16)")
+    big.add_argument("--activation-memory", type=_bytes, default=1 << 30, metavar="SIZE",
+                     help="calibration activations kept in RAM, e.g. 512M or 4G (default 1G); beyond it they "
+                          "spill to a file in the work directory")
+    big.add_argument("--restart", action="store_true",
+                     help="discard a partial earlier run of this --out instead of resuming it")
     c.add_argument("--force", action="store_true", help="replace an existing --out directory")
     c.add_argument("--no-progress", action="store_true")
 
@@ -95,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
                 model=args.model, out=args.out, method=args.method, num_experts=args.num_experts,
                 calib=args.calib, samples=args.samples, seq_len=args.seq_len, method_options=options,
                 seed=args.seed, device=args.device, force=args.force, output_tokens=args.output_tokens,
-                export=args.export, progress=not args.no_progress))
+                export=args.export, progress=not args.no_progress, calib_batch=args.calib_batch,
+                activation_memory=args.activation_memory, restart=args.restart))
             s = report["sizes"]
             print(f"wrote {args.out}: experts per layer {s['experts_per_layer']}, "
                   f"{s['source_weight_bytes'] / 1e6:.2f} MB -> {s['weight_bytes'] / 1e6:.2f} MB, "

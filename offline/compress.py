@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import resource
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,15 +19,15 @@ import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from vllm_submoe.checkpoint_format import BLOCK_KEY, layout_for, make_block
+from vllm_submoe.checkpoint_format import BLOCK_KEY, make_block, merged_count
 
 from . import report as report_mod
+from .activations import Activations
+from .architecture import Rotary, SourceArchitecture, attention_half
 from .calibration import calibration_windows
-from .checkpoint import LazyCheckpoint, ShardWriter, atomic_output_dir, copy_tokenizer
+from .checkpoint import LazyCheckpoint, ShardWriter, copy_tokenizer, resumable_output_dir
 from .methods import LayerStats, make_method
-from .mixtral_layer import Rotary, attention_half, build_layer, expert_tensors, hf_config, non_expert_names, \
-    read_experts
-from .moe_math import Experts, all_expert_outputs, moe_forward, routing_frequency
+from .moe_math import Experts, Routing, all_expert_outputs, moe_forward
 
 
 class CompressError(ValueError):
@@ -49,43 +50,65 @@ class CompressOptions:
     output_tokens: int = 2048  # tokens on which every expert's output is measured (grouping, least squares)
     export: str = "remap"  # "remap": N router rows + maps (plugin); "vanilla": N'-row router, stock Mixtral
     progress: bool = True
+    calib_batch: int = 16  # calibration windows through a layer at once: bounds the transient activations
+    activation_memory: int = 1 << 30  # bytes of layer activations kept in RAM; more spill to a file
+    restart: bool = False  # drop a partial earlier run of this --out instead of resuming it
+
+    def fingerprint(self) -> dict:
+        """What must match for a partial run to be resumed."""
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self).items()
+                if k not in ("force", "progress", "restart", "device", "calib_batch", "activation_memory")}
 
 
 @dataclass
 class CalibratedLayer:
-    """One source decoder layer as read, with what calibration measured on it."""
+    """One source decoder layer as read, with what calibration measured on it (experts, router and
+    stats are None for a layer without routed experts: it is written as it is)."""
 
     index: int
     tensors: dict[str, torch.Tensor]  # non-expert tensors as stored
-    experts: Experts  # float32
-    router: torch.Tensor  # [N, H] float32
-    stats: LayerStats
+    experts: Experts | None  # float32
+    router: torch.Tensor | None  # [N, H] float32
+    stats: LayerStats | None
+    activations: Activations | None = None  # the calibration hidden states after this layer
 
 
-def _check_options(opts: CompressOptions, config: dict) -> tuple[int, list[int]]:
-    """Source experts per layer and the per-layer target counts, or a clear error."""
-    layout = layout_for(config)
+def _check_options(opts: CompressOptions, config: dict, arch: SourceArchitecture) -> tuple[int, list[int | None]]:
+    """Source experts per layer and the per-layer target counts (None: no routed experts), or a clear error."""
     if BLOCK_KEY in config:
         raise CompressError(f"{opts.model} is already a compressed checkpoint (config.json has a `{BLOCK_KEY}` "
                             f"block): compress the source model instead")
-    n, num_layers = config[layout.num_experts_field], config["num_hidden_layers"]
-    counts = opts.num_experts if isinstance(opts.num_experts, list) else [opts.num_experts] * num_layers
-    if len(counts) != num_layers:
-        raise CompressError(f"--num-experts lists {len(counts)} counts but the model has {num_layers} layers: "
-                            f"give one count, or one per layer")
-    if not all(1 <= c < n for c in counts):
+    n, moe = arch.num_experts, arch.moe_layers()
+    if isinstance(opts.num_experts, list):
+        given = list(opts.num_experts)
+        if len(given) == sum(moe) != len(moe):  # one count per MoE layer: skip the dense ones
+            given = [given.pop(0) if m else None for m in moe]
+        if len(given) != len(moe):
+            raise CompressError(f"--num-experts lists {len(given)} counts but the model has {len(moe)} layers "
+                                f"({sum(moe)} with routed experts): give one count, or one per layer")
+    else:
+        given = [opts.num_experts] * len(moe)
+    counts = [c if m else None for c, m in zip(given, moe)]
+    if not all(1 <= c < n for c in counts if c is not None):
         raise CompressError(f"--num-experts must be between 1 and {n - 1} (the source has {n} experts per layer), "
                             f"got {opts.num_experts}")
     if opts.export not in ("remap", "vanilla"):
         raise CompressError(f"--export must be remap or vanilla, got {opts.export!r}")
-    if opts.export == "vanilla" and len(set(counts)) != 1:
-        raise CompressError("--export vanilla writes a stock Mixtral, whose layers all have the same expert "
-                            "count: give one --num-experts, or use --export remap for per-layer counts")
-    if opts.export == "vanilla" and counts[0] < config[layout.top_k_field]:
-        raise CompressError(f"--export vanilla needs at least top_k={config[layout.top_k_field]} experts per layer, "
-                            f"got {counts[0]}")
+    moe_counts = {c for c in counts if c is not None}
+    if opts.export == "vanilla" and len(moe_counts) != 1:
+        raise CompressError(f"--export vanilla writes a stock {arch.layout.source_architecture}, whose layers all have "
+                            f"the same expert count: give one --num-experts, or use --export remap for per-layer counts")
+    if opts.export == "vanilla" and min(moe_counts) < arch.routing.top_k:
+        raise CompressError(f"--export vanilla needs at least top_k={arch.routing.top_k} experts per layer, "
+                            f"got {min(moe_counts)}")
+    if opts.export == "vanilla" and arch.routing.num_groups > 1:
+        raise CompressError("--export vanilla cannot keep grouped top-k routing (n_group expert groups over fewer "
+                            "router rows): use --export remap, which routes over the source's groups")
     if opts.output_tokens < 1:
         raise CompressError(f"--output-tokens must be at least 1, got {opts.output_tokens}")
+    if opts.calib_batch < 1 or opts.activation_memory < 0:
+        raise CompressError(f"--calib-batch must be at least 1 and --activation-memory at least 0, got "
+                            f"{opts.calib_batch} and {opts.activation_memory}")
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise CompressError("--device cuda was given but no CUDA device is visible: use --device cpu")
     return n, counts
@@ -96,23 +119,54 @@ def peak_rss_bytes() -> int:
 
 
 @torch.no_grad()
-def calibrate_layer(layer, x: torch.Tensor, rotary: Rotary, router: torch.Tensor, experts: Experts, top_k: int,
-                    sample: torch.Tensor) -> tuple[LayerStats, torch.Tensor]:
-    """Run calibration windows x [S, L, H] through one source layer: routing frequency over all
-    tokens, every expert's output on the sampled tokens, and the layer's output (next layer's x)."""
-    h = attention_half(layer, x, rotary)
-    moe_in = layer.post_attention_layernorm(h)
-    flat = moe_in.reshape(-1, moe_in.shape[-1])
-    logits = flat @ router.T
-    tokens = flat[sample]
-    stats = LayerStats(frequency=routing_frequency(logits, top_k).cpu(), tokens=tokens.cpu(),
-                       outputs=all_expert_outputs(tokens, experts).cpu(), router_logits=logits[sample].cpu(),
-                       top_k=top_k, samples=len(x))
-    for name, t in (("expert outputs", stats.outputs), ("MoE inputs", stats.tokens), ("router logits", logits)):
+def calibrate_batches(layer, source: Activations, target: Activations, rotary: Rotary, router: torch.Tensor | None,
+                      experts: Experts | None, routing: Routing, sample: torch.Tensor, batch: int,
+                      device: torch.device | str = "cpu") -> LayerStats | None:
+    """Run the calibration windows through one source layer, `batch` windows at a time, from `source`
+    into `target` (the next layer's input): routing frequency over all tokens, every expert's output
+    on the sampled tokens (in `sample`'s order, whatever the batching). A layer without routed
+    experts (router None) only moves the activations on."""
+    windows, length, hidden = source.shape
+    counts = torch.zeros(router.shape[0] if router is not None else 0, dtype=torch.float64)
+    tokens = torch.empty(len(sample), hidden)
+    logits_s = torch.empty(len(sample), counts.numel())
+    sample = sample.cpu()
+    for start in range(0, windows, batch):
+        stop = min(start + batch, windows)
+        h = attention_half(layer, source.read(start, stop).to(device), rotary)
+        moe_in = layer.post_attention_layernorm(h)
+        target.write(start, h + layer.mlp(moe_in))
+        if router is None:
+            continue
+        flat = moe_in.reshape(-1, hidden)
+        logits = flat @ router.T
+        if not torch.isfinite(logits).all():
+            raise CompressError(f"calibration produced NaN/inf router logits in layer {layer.self_attn.layer_idx}: "
+                                f"the source weights are not finite there (check the checkpoint)")
+        _, ids = routing(logits)
+        counts += torch.bincount(ids.flatten().cpu(), minlength=counts.numel()).double()
+        here = torch.nonzero((sample >= start * length) & (sample < stop * length)).flatten()
+        rows = (sample[here] - start * length).to(flat.device)
+        tokens[here], logits_s[here] = flat[rows].cpu(), logits[rows].cpu()
+    if router is None:
+        return None
+    stats = LayerStats(frequency=counts / counts.sum(), tokens=tokens,
+                       outputs=all_expert_outputs(tokens.to(device), experts).cpu(), router_logits=logits_s,
+                       samples=windows, routing=routing)
+    for name, t in (("expert outputs", stats.outputs), ("MoE inputs", stats.tokens)):
         if not torch.isfinite(t).all():
             raise CompressError(f"calibration produced NaN/inf {name} in layer {layer.self_attn.layer_idx}: the "
                                 f"source weights are not finite there (check the checkpoint)")
-    return stats, h + layer.mlp(moe_in)
+    return stats
+
+
+def calibrate_layer(layer, x: torch.Tensor, rotary: Rotary, router: torch.Tensor | None, experts: Experts | None,
+                    routing: Routing, sample: torch.Tensor) -> tuple[LayerStats | None, torch.Tensor]:
+    """`calibrate_batches` on in-memory windows x [S, L, H], all at once: (stats, the layer's output)."""
+    out = Activations(tuple(x.shape))
+    stats = calibrate_batches(layer, Activations(tuple(x.shape), tensor=x.float()), out, rotary, router, experts,
+                              routing, sample, batch=len(x), device=x.device)
+    return stats, out.tensor
 
 
 def served_router(router: torch.Tensor, result, export: str) -> torch.Tensor:
@@ -121,39 +175,63 @@ def served_router(router: torch.Tensor, result, export: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def moe_output_error(tokens: torch.Tensor, router: torch.Tensor, experts: Experts, result, top_k: int,
+def moe_output_error(tokens: torch.Tensor, router: torch.Tensor, experts: Experts, result, routing: Routing | int,
                      export: str = "remap") -> float:
-    """‖served MoE output − source MoE output‖ / ‖source‖ on calibration tokens (routing included)."""
-    original = moe_forward(tokens, router, experts, top_k)
+    """‖served routed-expert output − source's‖ / ‖source's‖ on calibration tokens (routing included;
+    shared experts are kept as they are, so they add the same to both)."""
+    original = moe_forward(tokens, router, experts, routing)
     emap = torch.tensor(result.expert_map, device=tokens.device) if export == "remap" else None
-    served = moe_forward(tokens, served_router(router, result, export), result.experts.to(tokens.device), top_k, emap)
+    served = moe_forward(tokens, served_router(router, result, export), result.experts.to(tokens.device), routing, emap)
     return (torch.linalg.norm(served - original) / torch.linalg.norm(original)).item()
 
 
-def calibrated_layers(ckpt: LazyCheckpoint, windows: torch.Tensor, opts: CompressOptions) -> Iterator[CalibratedLayer]:
+def calibrated_layers(ckpt: LazyCheckpoint, windows: torch.Tensor, opts: CompressOptions, workdir: Path | None = None,
+                      start: int = 0, resume: Activations | None = None) -> Iterator[CalibratedLayer]:
     """Stream the source one decoder layer at a time: read it, run the calibration hidden states
-    through it, yield it with its statistics. Hidden states move on through the *source* layer,
-    so the statistics do not depend on the method (the quality benchmark reuses them)."""
-    config = ckpt.config
-    layout = layout_for(config)
-    cfg, dev, names = hf_config(config), torch.device(opts.device), ckpt.names()
-    x = ckpt.get("model.embed_tokens.weight").float()[windows].to(dev)
-    rotary = Rotary(cfg, windows.shape[1], device=dev)
+    through it (`opts.calib_batch` windows at a time; activations over `opts.activation_memory`
+    spill to files in `workdir`), yield it with its statistics. Hidden states move on through the
+    *source* layer, so the statistics do not depend on the method (the quality benchmark reuses
+    them). `start` > 0 continues a run from `resume`, the activations after layer start-1."""
+    arch = SourceArchitecture.of(ckpt.config)
+    dev, names = torch.device(opts.device), ckpt.names()
+    shape = (*windows.shape, arch.config.hidden_size)
+    store = lambda name: (Activations.create(shape, workdir, name, opts.activation_memory)  # noqa: E731
+                          if workdir is not None else Activations(shape))
+    x = resume
+    if x is None:
+        x, embed = store("x-0.f32"), ckpt.get("model.embed_tokens.weight")
+        for a in range(0, len(windows), opts.calib_batch):
+            x.write(a, embed[windows[a:a + opts.calib_batch]])
+        del embed
+    rotary = arch.rotary(windows.shape[1], device=dev)
     gen = torch.Generator().manual_seed(opts.seed)
-    for l in range(cfg.num_hidden_layers):
-        tensors = {n: ckpt.get(n) for n in non_expert_names(names, l)}
-        experts = read_experts(ckpt, l, config[layout.num_experts_field]).to(dev, torch.float32)
-        router = tensors[layout.router_tensor(l)].to(dev, torch.float32)
-        layer = build_layer(cfg, l, tensors, experts).to(dev)
-        sample = torch.randperm(x.shape[0] * x.shape[1], generator=gen)[: opts.output_tokens].to(dev)
-        stats, x = calibrate_layer(layer, x, rotary, router, experts, config[layout.top_k_field], sample)
+    for l, is_moe in enumerate(arch.moe_layers()):
+        sample = torch.randperm(windows.numel(), generator=gen)[: opts.output_tokens]  # drawn for every layer
+        if l < start:
+            continue
+        tensors = {n: ckpt.get(n) for n in arch.non_expert_names(names, l)}
+        experts = arch.read_experts(ckpt, l, arch.num_experts).to(dev, torch.float32) if is_moe else None
+        router = tensors[arch.layout.router_tensor(l)].to(dev, torch.float32) if is_moe else None
+        ckpt.release()
+        layer = arch.build_layer(l, tensors, experts).to(dev)  # only this layer is on the device
+        out = store(f"x-{(l + 1) % 2}.f32")
+        stats = calibrate_batches(layer, x, out, rotary, router, experts, arch.routing, sample, opts.calib_batch, dev)
         del layer
-        yield CalibratedLayer(l, tensors, experts, router, stats)
+        x = out
+        yield CalibratedLayer(l, tensors, experts, router, stats, activations=x)
+        del tensors, experts, router, stats  # the consumer holds the layer now; the next one must not overlap it
 
 
 def in_groups(layers: Iterable[CalibratedLayer], size: int) -> Iterator[list[CalibratedLayer]]:
+    """Consecutive MoE layers `size` at a time; a layer without routed experts comes alone."""
     group: list[CalibratedLayer] = []
     for layer in layers:
+        if layer.experts is None:
+            if group:
+                yield group
+                group = []
+            yield [layer]
+            continue
         group.append(layer)
         if len(group) == size:
             yield group
@@ -169,8 +247,8 @@ def compress(opts: CompressOptions, calibrated: Iterable[CalibratedLayer] | None
     t0 = time.time()
     ckpt = LazyCheckpoint(opts.model)
     config = ckpt.config
-    n_src, budgets = _check_options(opts, config)
-    layout = layout_for(config)
+    arch = SourceArchitecture.of(config)
+    n_src, budgets = _check_options(opts, config, arch)
     method = make_method(opts.method, **opts.method_options)
     if calibrated is None:
         if not ckpt.has_tokenizer():
@@ -178,50 +256,72 @@ def compress(opts: CompressOptions, calibrated: Iterable[CalibratedLayer] | None
                                 f"cannot be tokenized, and the output could not be served")
         tokenizer = AutoTokenizer.from_pretrained(str(ckpt.dir))
         windows, calib_info = calibration_windows(tokenizer, opts.calib, opts.samples, opts.seq_len, opts.seed)
-        calibrated = calibrated_layers(ckpt, windows, opts)
     dev = torch.device(opts.device)
-    top_k = config[layout.top_k_field]
     src_dtype = ckpt.get("model.embed_tokens.weight").dtype
+    replay = calibrated is not None
 
-    with atomic_output_dir(opts.out, opts.force, protect=ckpt.dir) as tmp:
-        writer = ShardWriter(tmp)
-        writer.write({n: ckpt.get(n) for n in ckpt.names() if not n.startswith("model.layers.")})
-        layers, maps = [], []
-        bar = tqdm(total=config["num_hidden_layers"], desc=f"compress {opts.method} {n_src}->{opts.num_experts}",
-                   unit="layer", disable=not opts.progress)
+    with resumable_output_dir(opts.out, opts.force, opts.fingerprint(), opts.restart or replay,
+                              protect=ckpt.dir) as progress:
+        tmp, state = progress.dir, progress.state
+        done = state.get("layers_done", 0)
+        writer = ShardWriter(tmp, state.get("writer"))
+        layers, maps = state.get("report_layers", []), state.get("maps", [])
+        if not replay:
+            resume = Activations((*windows.shape, config["hidden_size"]), path=tmp / "resume.f32") if done else None
+            calibrated = calibrated_layers(ckpt, windows, opts, tmp, start=done, resume=resume)
+        if not done:
+            writer.write({n: ckpt.get(n) for n in ckpt.names() if not n.startswith("model.layers.")})
+        bar = tqdm(total=config["num_hidden_layers"], initial=done, unit="layer", disable=not opts.progress,
+                   desc=f"compress {opts.method} {n_src}->{opts.num_experts}")
+        if done:
+            bar.write(f"resuming {opts.out} after its first {done} finished layers", file=sys.stderr)
         for group in in_groups(calibrated, method.layers_per_group):
-            tl = time.time()
-            results = method.reduce_layers([(c.experts.to("cpu"), c.stats) for c in group],
-                                           [budgets[c.index] for c in group], opts.seed)
-            for c, result in zip(group, results):
-                err = moe_output_error(c.stats.tokens.to(dev), c.router, c.experts, result, top_k, opts.export)
-                tensors = dict(c.tensors)
-                if opts.export == "vanilla":
-                    router_name = layout.router_tensor(c.index)
-                    tensors[router_name] = served_router(tensors[router_name], result, opts.export)
-                writer.write({**tensors, **expert_tensors(c.index, result.experts.to(src_dtype))})
-                maps.append(result.expert_map)
-                layers.append(report_mod.layer_entry(c.index, c.stats, result, err, (time.time() - tl) / len(group)))
+            if group[0].experts is None:  # a dense layer: kept as it is
+                writer.write(group[0].tensors)
+                maps.append(None)
+            else:
+                tl = time.time()
+                results = method.reduce_layers([(c.experts.to("cpu"), c.stats) for c in group],
+                                               [budgets[c.index] for c in group], opts.seed)
+                for c, result in zip(group, results):
+                    err = moe_output_error(c.stats.tokens.to(dev), c.router, c.experts, result, arch.routing,
+                                           opts.export)
+                    tensors = dict(c.tensors)
+                    if opts.export == "vanilla":
+                        router_name = arch.layout.router_tensor(c.index)
+                        tensors[router_name] = served_router(tensors[router_name], result, opts.export)
+                    writer.write({**tensors, **arch.expert_tensors(c.index, result.experts.to(src_dtype))})
+                    maps.append(result.expert_map)
+                    layers.append(report_mod.layer_entry(c.index, c.stats, result, err,
+                                                         (time.time() - tl) / len(group)))
+                del results, c
+            if not replay:  # a kill from here on resumes after this group
+                group[-1].activations.save_as(tmp / "resume.f32")
+                progress.save(layers_done=group[-1].index + 1, writer=writer.state(), maps=maps,
+                              report_layers=layers, seconds=state.get("seconds", 0) + time.time() - t0)
             bar.update(len(group))
-            del group, results
+            del group
         bar.close()
         writer.finish()
+        for f in tmp.glob("*.f32"):
+            f.unlink()
 
         source_bytes = ckpt.nbytes()
-        out_config = output_config(opts, config, maps, n_src, source_bytes, writer.total_bytes)
+        out_config = output_config(opts, config, arch, maps, n_src, source_bytes, writer.total_bytes)
         (tmp / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
         copy_tokenizer(ckpt.dir, tmp)
-        report = report_mod.build(opts, method, calib_info, layers, source_bytes, writer.total_bytes,
-                                  n_src, time.time() - t0, peak_rss_bytes())
+        report = report_mod.build(opts, method, calib_info, layers, [merged_count(m) for m in maps], source_bytes,
+                                  writer.total_bytes, n_src, state.get("seconds", 0) + time.time() - t0,
+                                  peak_rss_bytes())
         report_mod.write(report, tmp)
     return report
 
 
-def output_config(opts: CompressOptions, config: dict, maps: list[list[int]], n_src: int, source_bytes: int,
-                  weight_bytes: int) -> dict:
-    layout = layout_for(config)
+def output_config(opts: CompressOptions, config: dict, arch: SourceArchitecture, maps: list[list[int] | None],
+                  n_src: int, source_bytes: int, weight_bytes: int) -> dict:
+    layout = arch.layout
     out = dict(config)
-    out[layout.num_experts_field] = max(max(m) + 1 for m in maps)
+    out[layout.num_experts_key(config)] = max(merged_count(m) for m in maps)
     source_arch = (config.get("architectures") or [layout.source_architecture])[0]
     if opts.export == "vanilla":  # a stock checkpoint: the N'-row router needs no map
         out["architectures"] = [source_arch]

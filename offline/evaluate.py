@@ -1,8 +1,9 @@
 """`submoe eval`: per-domain perplexity, KL(reference ‖ model) and top-1 agreement.
 
-The torch reference forward of a merged checkpoint is transformers' Mixtral with N router
-experts whose expert i holds merged expert expert_map[i]: top-k over the N logits, then each
-chosen router expert computes with its merged expert, which is exactly the remapped forward.
+The torch reference forward of a merged checkpoint is transformers' model of the source
+architecture with N router experts whose expert i holds merged expert expert_map[i]: the
+source's own routing over the N logits, then each chosen router expert computes with its
+merged expert, which is exactly the remapped forward.
 """
 from __future__ import annotations
 
@@ -10,40 +11,42 @@ import math
 
 import torch
 from tqdm import tqdm
-from transformers import AutoTokenizer, MixtralForCausalLM
-from transformers.models.mixtral.modeling_mixtral import MixtralRotaryEmbedding
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from vllm_submoe.checkpoint_format import layout_for, served_expert_maps
 
+from .architecture import SourceArchitecture, layer_prefix
 from .checkpoint import LazyCheckpoint, resolve_model_dir
 from .data import domain_name, read_texts, token_windows
-from .mixtral_layer import hf_config, hf_layer_state, layer_prefix, non_expert_names, read_experts
 from .moe_math import Experts
 
 
-def load_reference(model_dir: str, dtype: torch.dtype = torch.float32) -> MixtralForCausalLM:
-    """transformers Mixtral computing exactly what the checkpoint serves (remap included)."""
+def load_reference(model_dir: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """transformers' model of the checkpoint's architecture computing exactly what it serves (remap included)."""
     ckpt = LazyCheckpoint(model_dir)
     config = ckpt.config
     maps = served_expert_maps(config)
-    cfg = hf_config({**config, layout_for(config).num_experts_field: len(maps[0])})
+    n_router = len(next(m for m in maps if m is not None))
+    arch = SourceArchitecture.of({**config, layout_for(config).num_experts_key(config): n_router})
     with torch.device("meta"):
-        model = MixtralForCausalLM(cfg)
+        model = AutoModelForCausalLM.from_config(arch.config)
     state = {n: ckpt.get(n) for n in ckpt.names() if not n.startswith("model.layers.")}
     names = ckpt.names()
     for l, m in enumerate(maps):
-        merged = read_experts(ckpt, l, max(m) + 1)
-        idx = torch.tensor(m)
-        expanded = Experts(merged.gate[idx], merged.up[idx], merged.down[idx])
-        tensors = {n: ckpt.get(n) for n in non_expert_names(names, l)}
-        for k, v in hf_layer_state(l, tensors, expanded).items():
+        expanded = None
+        if m is not None:
+            merged = arch.read_experts(ckpt, l, max(m) + 1)
+            idx = torch.tensor(m)
+            expanded = Experts(merged.gate[idx], merged.up[idx], merged.down[idx])
+        tensors = {n: ckpt.get(n) for n in arch.non_expert_names(names, l)}
+        for k, v in arch.hf_layer_state(l, tensors, expanded).items():
             state[layer_prefix(l) + k] = v
-    if cfg.tie_word_embeddings:
+    if arch.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
-    if cfg.tie_word_embeddings:
+    if arch.config.tie_word_embeddings:
         model.tie_weights()
-    model.model.rotary_emb = MixtralRotaryEmbedding(cfg)  # its buffers are not in the checkpoint
+    model.model.rotary_emb = arch.rotary_embedding()  # its buffers are not in the checkpoint
     return model.eval()
 
 

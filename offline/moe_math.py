@@ -43,17 +43,44 @@ def all_expert_outputs(x: torch.Tensor, experts: Experts) -> torch.Tensor:
 
 def softmax_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool = True):
     """Mixtral routing: softmax over all N logits, top-k, renormalise the k weights."""
-    probs = torch.softmax(router_logits.float(), dim=-1)
-    weights, ids = torch.topk(probs, top_k, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, ids
+    return Routing(top_k, renormalize)(router_logits)
 
 
-def moe_forward(x: torch.Tensor, router: torch.Tensor, experts: Experts, top_k: int,
+@dataclass(frozen=True)
+class Routing:
+    """How a source architecture turns N router logits into k (weight, expert) pairs per token,
+    before any remap: softmax over all N; optionally only within the best `topk_groups` of
+    `num_groups` equal expert groups (a group scores its best expert: DeepSeek-V2's
+    group_limited_greedy); top-k; optionally renormalise the k weights; scale them."""
+
+    top_k: int
+    renormalize: bool = True
+    num_groups: int = 1
+    topk_groups: int = 1
+    scaling: float = 1.0
+
+    def __call__(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = torch.softmax(router_logits.float(), dim=-1)
+        if self.num_groups > 1:
+            grouped = probs.view(*probs.shape[:-1], self.num_groups, -1)
+            best = grouped.amax(-1).topk(self.topk_groups, dim=-1).indices
+            keep = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(-1, best, True)
+            probs = grouped.masked_fill(~keep.unsqueeze(-1), 0.0).view_as(probs)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * self.scaling, ids
+
+
+def as_routing(routing: Routing | int) -> Routing:
+    """A bare top-k means Mixtral's routing."""
+    return routing if isinstance(routing, Routing) else Routing(routing)
+
+
+def moe_forward(x: torch.Tensor, router: torch.Tensor, experts: Experts, routing: Routing | int,
                 expert_map: torch.Tensor | None = None) -> torch.Tensor:
-    """Sparse MoE output for tokens x [T, H]; `expert_map` remaps router ids to merged experts."""
-    weights, ids = softmax_topk(x @ router.T, top_k)
+    """Sparse MoE output (routed experts) for tokens x [T, H]; `expert_map` remaps router ids to merged experts."""
+    weights, ids = as_routing(routing)(x @ router.T)
     if expert_map is not None:
         ids = expert_map[ids]
     out = torch.zeros_like(x, dtype=torch.float32)
@@ -64,8 +91,8 @@ def moe_forward(x: torch.Tensor, router: torch.Tensor, experts: Experts, top_k: 
     return out.to(x.dtype)
 
 
-def routing_frequency(router_logits: torch.Tensor, top_k: int) -> torch.Tensor:
+def routing_frequency(router_logits: torch.Tensor, routing: Routing | int) -> torch.Tensor:
     """Share of top-k selections each router expert receives (sums to 1)."""
-    _, ids = softmax_topk(router_logits, top_k)
+    _, ids = as_routing(routing)(router_logits)
     counts = torch.bincount(ids.flatten(), minlength=router_logits.shape[-1]).double()
     return counts / counts.sum()

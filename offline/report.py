@@ -19,7 +19,8 @@ def layer_entry(layer: int, stats, result, output_error: float, seconds: float) 
     }
 
 
-def build(opts, method, calib_info: dict, layers: list[dict], source_bytes: int, out_bytes: int,
+def build(opts, method, calib_info: dict, layers: list[dict], experts_per_layer: list[int], source_bytes: int,
+          out_bytes: int,
           n_src: int, seconds: float, peak_rss: int) -> dict:
     return {
         "method": opts.method,
@@ -30,7 +31,7 @@ def build(opts, method, calib_info: dict, layers: list[dict], source_bytes: int,
         "calibration": calib_info,
         "sizes": {"source_weight_bytes": source_bytes, "weight_bytes": out_bytes,
                   "compression_ratio": source_bytes / out_bytes,
-                  "experts_per_layer": [l["num_experts"] for l in layers]},
+                  "experts_per_layer": experts_per_layer},  # 0: a layer without routed experts
         "time_seconds": round(seconds, 2),
         "peak_rss_bytes": peak_rss,
         "layers": layers,

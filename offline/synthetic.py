@@ -45,3 +45,87 @@ def random_mixtral(out: Path, tokenizer_dir: Path, hidden: int = 64, intermediat
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     copy_tokenizer(tokenizer_dir, out)
     return out
+
+
+# Tiny settings per architecture: every feature the compressor and the plugin must get right is on
+# (shared experts with their sigmoid gate, dense MLP layers, top-k renormalisation or not, grouped
+# top-k with a routed scaling factor, q/k norms, MLA attention).
+TINY = {
+    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=64, num_key_value_heads=1),
+    "qwen2_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, intermediate_size=96,
+                      shared_expert_intermediate_size=96, norm_topk_prob=False, mlp_only_layers=[1],
+                      num_key_value_heads=1),
+    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, intermediate_size=96,
+                      norm_topk_prob=True, head_dim=32, num_key_value_heads=1),
+    "olmoe": dict(num_experts=8, num_experts_per_tok=2, intermediate_size=64, norm_topk_prob=False,
+                  num_key_value_heads=2),
+    "deepseek_v2": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, intermediate_size=96,
+                        # vLLM's CPU MLA kernel is compiled for DeepSeek's 512 + 64 latent only
+                        n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=None,
+                        qk_nope_head_dim=32, qk_rope_head_dim=64, v_head_dim=32, n_group=4, topk_group=2,
+                        topk_method="group_limited_greedy", routed_scaling_factor=2.0, norm_topk_prob=False,
+                        # with 2 heads, stock vLLM's CPU MLA already differs from transformers (0.04 logprob)
+                        num_attention_heads=4, num_key_value_heads=4),
+}
+
+
+def random_moe(model_type: str, out: Path, tokenizer_dir: Path, layers: int = 3, hidden: int = 64, heads: int = 2,
+               seed: int = 0, std: float = 0.05, router_gain: float = 10.0, **overrides) -> Path:
+    """A tiny random MoE of any supported architecture, built by transformers from its own config
+    class and written by `save_pretrained` (the hub's on-disk naming), with the given tokenizer.
+    Router rows are scaled by `router_gain` so routing is decisive, as in a trained model. (vLLM's CPU
+    backend wants head_dim 32, 64, ... and a hidden size divisible by 32: the defaults fit.)"""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok = json.loads((tokenizer_dir / "config.json").read_text())
+    fields = {**dict(vocab_size=tok["vocab_size"], hidden_size=hidden, num_hidden_layers=layers,
+                     num_attention_heads=heads, max_position_embeddings=1024, rms_norm_eps=1e-5,
+                     tie_word_embeddings=False, initializer_range=std, bos_token_id=tok.get("bos_token_id"),
+                     eos_token_id=tok.get("eos_token_id"), pad_token_id=tok.get("pad_token_id")),
+              **TINY[model_type], **overrides}
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **fields), dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:  # RMSNorm gains start at 1; randomise them a little so a mixed-up norm shows
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif name.endswith("mlp.gate.weight"):  # transformers names every router mlp.gate
+                p.mul_(router_gain)
+    model.save_pretrained(out)
+    copy_tokenizer(tokenizer_dir, out)
+    return out
+
+
+def sharded_random_mixtral(out: Path, tokenizer_dir: Path, layers: int, hidden: int = 1024, intermediate: int = 3584,
+                           experts: int = 8, heads: int = 8, kv_heads: int = 2, seed: int = 0,
+                           dtype: torch.dtype = torch.bfloat16) -> Path:
+    """A large random Mixtral written one decoder layer per shard (hub-style index), holding one
+    layer in memory at a time: the scaling benchmark's sources (8 GB and more)."""
+    from .checkpoint import ShardWriter
+
+    out.mkdir(parents=True, exist_ok=True)
+    small = random_mixtral(out / "layout", tokenizer_dir, hidden=hidden, intermediate=8, layers=1, experts=experts,
+                           heads=heads, kv_heads=kv_heads, vocab=json.loads((tokenizer_dir / "config.json").read_text())
+                           ["vocab_size"], dtype=dtype)
+    config = json.loads((small / "config.json").read_text())
+    config.update(intermediate_size=intermediate, num_hidden_layers=layers)
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape: (torch.randn(*shape, generator=gen) * 0.02).to(dtype)  # noqa: E731
+    writer = ShardWriter(out)
+    from safetensors import safe_open
+    with safe_open(str(small / "model.safetensors"), framework="pt") as f:
+        writer.write({k: f.get_tensor(k) for k in f.keys() if not k.startswith("model.layers.")})
+        layer0 = {k: f.get_tensor(k) for k in f.keys() if k.startswith("model.layers.0.") and ".experts." not in k}
+    for l in range(layers):
+        t = {k.replace("model.layers.0.", f"model.layers.{l}."): v for k, v in layer0.items()}
+        t[MIXTRAL.router_tensor(l)] = rnd(experts, hidden) * 50
+        for e in range(experts):
+            for which, shape in MIXTRAL.expert_shapes(hidden, intermediate).items():
+                t[MIXTRAL.expert_tensor(l, e, which)] = rnd(*shape)
+        writer.write(t)
+    writer.finish()
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    copy_tokenizer(tokenizer_dir, out)
+    import shutil
+    shutil.rmtree(small)
+    return out

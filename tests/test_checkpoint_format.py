@@ -41,7 +41,8 @@ def test_valid_block_parses_with_per_layer_counts():
     (lambda c: c.update(num_experts_per_tok=9), r"`num_experts_per_tok` must be an integer in 1..8"),
     (lambda c: c.update(num_experts_per_tok=0), r"`num_experts_per_tok` must be an integer in 1..8 .*got 0"),
     (lambda c: c["submoe"].update(layers=[]), "one entry per decoder layer"),
-    (lambda c: c.update(model_type="llama"), "unsupported architecture model_type='llama'.*supported: mixtral"),
+    (lambda c: c.update(model_type="llama"), "unsupported architecture model_type='llama'.*supports MixtralForCausalLM "
+                                              r"\(mixtral\), Qwen2MoeForCausalLM"),
 ])
 def test_bad_blocks_give_one_clear_error(mutate, message):
     with pytest.raises(CheckpointFormatError, match=message):
@@ -72,3 +73,26 @@ def test_tensor_shape_and_presence_checks_name_the_tensor():
     with pytest.raises(CheckpointFormatError, match="missing tensor"):
         check_all_present(set(expected) - {name}, expected)
     check_all_present(expected, expected)
+
+
+DEEPSEEK = {"model_type": "deepseek_v2", "architectures": ["SubMoEDeepseekV2ForCausalLM"], "num_hidden_layers": 3,
+            "first_k_dense_replace": 1, "hidden_size": 64, "moe_intermediate_size": 32, "n_routed_experts": 3,
+            "num_experts_per_tok": 2,
+            "submoe": make_block("submoe", {"num_experts": 4}, 4, [None, [0, 1, 2, 2], [0, 0, 1, 1]])}
+
+
+def test_dense_layers_have_no_map_and_no_expected_tensors():
+    block = parse_block(DEEPSEEK)
+    assert block.expert_maps[0] is None and block.experts_per_layer == (0, 3, 2)
+    expected = expected_expert_tensors(DEEPSEEK, block)
+    assert not any(k.startswith("model.layers.0.") for k in expected)
+    assert expected["model.layers.1.mlp.gate.weight"] == (4, 64)
+    assert expected["model.layers.2.mlp.experts.1.down_proj.weight"] == (64, 32)
+
+
+def test_the_expert_count_key_follows_the_config():
+    """Hub Qwen-MoE configs say num_experts; transformers 5 writes num_local_experts."""
+    from vllm_submoe.checkpoint_format import QWEN3_MOE
+    assert QWEN3_MOE.num_experts_key({"num_experts": 8}) == "num_experts"
+    assert QWEN3_MOE.num_experts_key({"num_local_experts": 8}) == "num_local_experts"
+    assert QWEN3_MOE.num_experts({"num_local_experts": 8}) == 8

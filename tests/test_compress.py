@@ -10,35 +10,9 @@ from conftest import CALIB, EVAL, tree_digest, write_config
 from offline.checkpoint import LazyCheckpoint
 from offline.cli import main as cli
 from offline.evaluate import evaluate, load_reference
-from offline.compress import calibrate_layer
-from offline.mixtral_layer import Rotary, build_layer, hf_config, non_expert_names, read_experts
+from offline.architecture import SourceArchitecture
 from offline.moe_math import moe_forward
 from vllm_submoe.checkpoint_format import expected_expert_tensors, layout_for, parse_block
-
-
-@torch.no_grad()
-def test_layer_by_layer_forward_equals_transformers_full_forward(random_source):
-    """The compressor's streamed forward is the source model's forward (no drift to calibrate on)."""
-    ckpt = LazyCheckpoint(random_source)
-    cfg = hf_config(ckpt.config)
-    ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
-    x = ckpt.get("model.embed_tokens.weight")[ids]
-    rotary = Rotary(cfg, ids.shape[1])
-    k = cfg.num_experts_per_tok
-    for l in range(cfg.num_hidden_layers):
-        tensors = {n: ckpt.get(n) for n in non_expert_names(ckpt.names(), l)}
-        experts = read_experts(ckpt, l, cfg.num_local_experts)
-        router = tensors[layout_for(ckpt.config).router_tensor(l)]
-        layer = build_layer(cfg, l, tensors, experts)
-        stats, x = calibrate_layer(layer, x, rotary, router, experts, k, torch.arange(ids.numel()))
-        # the MoE the methods reason about (moe_math) is transformers' MoE block
-        torch.testing.assert_close(moe_forward(stats.tokens, router, experts, k),
-                                   layer.mlp(stats.tokens.unsqueeze(0))[0], atol=1e-5, rtol=1e-4)
-        assert stats.outputs.shape == (cfg.num_local_experts, ids.numel(), cfg.hidden_size)
-        assert stats.frequency.sum().item() == pytest.approx(1.0)
-    x = torch.nn.functional.rms_norm(x, (cfg.hidden_size,), ckpt.get("model.norm.weight"), cfg.rms_norm_eps)
-    logits = x @ ckpt.get("lm_head.weight").T
-    torch.testing.assert_close(logits, load_reference(str(random_source))(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
 
 
 def test_compressed_checkpoint_is_complete_and_source_untouched(random_source, tmp_path):
@@ -88,7 +62,7 @@ def test_reference_forward_applies_the_remap(random_source, random_compressed):
     block = parse_block(ckpt.config)
     layer = ref.model.layers[0]
     x = torch.randn(10, ckpt.config["hidden_size"], generator=torch.Generator().manual_seed(1))
-    experts = read_experts(ckpt, 0, block.experts_per_layer[0])
+    experts = SourceArchitecture.of(ckpt.config).read_experts(ckpt, 0, block.experts_per_layer[0])
     router = ckpt.get(layout_for(ckpt.config).router_tensor(0))
     with torch.no_grad():
         ours = moe_forward(x, router, experts, 2, torch.tensor(block.expert_maps[0]))
@@ -122,7 +96,7 @@ def _compress_args(src, out, *extra):
     (lambda a: a.__setitem__(a.index("submoe"), "reap") or a.append("--align-neurons"),
      "--align-neurons does not apply to --method reap"),
     (lambda a: a.__setitem__(a.index("--num-experts") + 1, "3,5") or a.extend(["--export", "vanilla"]),
-     "--export vanilla writes a stock Mixtral, whose layers all have the same expert count"),
+     "--export vanilla writes a stock MixtralForCausalLM, whose layers all have the same expert count"),
     (lambda a: a.__setitem__(a.index("--num-experts") + 1, "1") or a.extend(["--export", "vanilla"]),
      "--export vanilla needs at least top_k=2 experts per layer"),
     (lambda a: a.extend(["--adaptive"]) or a.__setitem__(a.index("--num-experts") + 1, "3,5"),
@@ -190,17 +164,70 @@ def test_seq_len_and_missing_tokenizer_are_refused(random_source, tmp_path, caps
     assert "has no tokenizer.json" in capsys.readouterr().err
 
 
-def test_failed_run_leaves_no_partial_directory(random_source, tmp_path, capsys):
+def _checkpoint_tensors(path):
+    ckpt = LazyCheckpoint(path)
+    return {n: ckpt.get(n) for n in ckpt.names()}
+
+
+def test_failed_run_keeps_finished_layers_and_the_same_command_resumes_there(random_source, tmp_path, capsys):
+    """A run that dies in layer 1 leaves no --out, only the hidden work directory with layer 0 done;
+    once the source is mended, the same command continues from layer 1 and writes what an
+    uninterrupted run writes."""
     broken = tmp_path / "broken"
     shutil.copytree(random_source, broken)
     from safetensors.torch import save_file
+    name = "model.layers.1.block_sparse_moe.experts.7.w2.weight"
     with safe_open(str(broken / "model.safetensors"), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys() if k != "model.layers.1.block_sparse_moe.experts.7.w2.weight"}
-    save_file(tensors, str(broken / "model.safetensors"))
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file({k: v for k, v in tensors.items() if k != name}, str(broken / "model.safetensors"))
     out = tmp_path / "out"
-    assert cli(_compress_args(broken, out)) == 2
-    assert "missing tensor model.layers.1.block_sparse_moe.experts.7.w2.weight" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
+    assert cli(_compress_args(broken, out, "--activation-memory", "0")) == 2
+    err = capsys.readouterr().err
+    assert f"missing tensor {name}" in err and "rerun the same command to resume" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.partial", "broken"]
+    assert json.loads((tmp_path / ".out.partial" / "progress.json").read_text())["layers_done"] == 1
+    save_file(tensors, str(broken / "model.safetensors"))  # mended
+    assert cli(_compress_args(broken, out, "--activation-memory", "0")) == 0
+    assert "resuming" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "out"]
+    whole = tmp_path / "whole"
+    assert cli(_compress_args(broken, whole)) == 0  # in RAM, never interrupted
+    a, b = _checkpoint_tensors(out), _checkpoint_tensors(whole)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((out / "config.json").read_text())["submoe"]["layers"] == \
+        json.loads((whole / "config.json").read_text())["submoe"]["layers"]
+    assert not list(out.glob("*.f32")) and not (out / "progress.json").exists()
+
+
+def test_a_partial_run_with_other_settings_is_not_resumed(random_source, tmp_path, capsys):
+    partial = tmp_path / ".out.partial"
+    partial.mkdir()
+    (partial / "progress.json").write_text(json.dumps({"fingerprint": {"seed": 99}, "layers_done": 1}))
+    out = tmp_path / "out"
+    assert cli(_compress_args(random_source, out)) == 2
+    assert "holds a partial run with other settings" in capsys.readouterr().err
+    assert cli(_compress_args(random_source, out, "--restart")) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_batched_and_spilled_calibration_gives_the_same_checkpoint(random_source, tmp_path):
+    """Windows one at a time with activations in files: the statistics, hence the merge, are the
+    all-at-once in-RAM ones (sampled tokens kept in the same order)."""
+    from offline.compress import CompressOptions, calibrated_layers
+    from offline.calibration import calibration_windows
+    from transformers import AutoTokenizer
+    opts = CompressOptions(model=str(random_source), out=tmp_path / "x", method="submoe", num_experts=4,
+                           calib=CALIB[:2], samples=8, seq_len=64, progress=False)
+    windows, _ = calibration_windows(AutoTokenizer.from_pretrained(str(random_source)), opts.calib, 8, 64, 0)
+    ckpt = LazyCheckpoint(random_source)
+    whole = list(calibrated_layers(ckpt, windows, opts))
+    opts.calib_batch, opts.activation_memory = 1, 0
+    spilled = list(calibrated_layers(ckpt, windows, opts, workdir=tmp_path))
+    assert spilled[0].activations.on_disk and (tmp_path / "x-1.f32").stat().st_size == 8 * 64 * 64 * 4
+    for a, b in zip(whole, spilled):
+        torch.testing.assert_close(a.stats.frequency, b.stats.frequency, atol=0, rtol=0)
+        for field in ("tokens", "outputs", "router_logits"):
+            torch.testing.assert_close(getattr(a.stats, field), getattr(b.stats, field), atol=1e-5, rtol=1e-5)
 
 
 def test_compressing_a_compressed_checkpoint_is_refused(random_compressed, tmp_path, capsys):

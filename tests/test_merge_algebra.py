@@ -116,16 +116,3 @@ def test_method_options_are_checked():
         make_method("average", rank=4)
     with pytest.raises(ValueError, match="--align-neurons does not apply to --method reap"):
         make_method("reap", align_neurons=True)
-
-
-@pytest.mark.parametrize("renormalize", [True, False])
-def test_plugin_routing_equals_mixtral_routing_then_remap(renormalize):
-    from vllm_submoe.routing import RemappedSoftmaxTopK
-
-    from offline.moe_math import softmax_topk
-    logits = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
-    expert_map = [0, 0, 1, 2, 3, 1, 2, 3]
-    weights, ids = RemappedSoftmaxTopK(expert_map)(torch.empty(0), logits, 2, renormalize)
-    ref_w, ref_ids = softmax_topk(logits, 2, renormalize)
-    torch.testing.assert_close(weights, ref_w, atol=1e-6, rtol=1e-6)
-    assert torch.equal(ids, torch.tensor(expert_map)[ref_ids].to(ids.dtype))

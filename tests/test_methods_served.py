@@ -17,8 +17,7 @@ from offline.checkpoint import LazyCheckpoint, copy_tokenizer
 from offline.compress import CompressOptions, compress
 from offline.evaluate import load_reference
 from offline.synthetic import random_mixtral
-from test_vllm_serving import assert_matches_reference
-from vllm_helpers import reference_greedy, vllm_results
+from vllm_helpers import assert_matches_reference, reference_greedy, vllm_results
 from vllm_submoe.checkpoint_format import BLOCK_KEY, make_block, parse_block
 
 pytestmark = pytest.mark.vllm

@@ -5,39 +5,23 @@ subprocess per offline engine.
 """
 import json
 import math
-import shutil
 import urllib.error
 import urllib.request
 
 import openai
 import pytest
 
-from conftest import CALIB, SHIPPED, write_config
+from conftest import CALIB, SHIPPED
 from offline.compress import CompressOptions, compress
 from offline.evaluate import load_reference
 from serving.launcher import ServerError, VLLMServer
 from serving.scrape import compression_gauges, metric_samples
-from vllm_submoe.checkpoint_format import make_block
-from vllm_helpers import reference_greedy, run_vllm, vllm_results
+from vllm_helpers import assert_matches_reference, assert_same_serving, identity_copy, reference_greedy, run_vllm, \
+    vllm_results
 
 pytestmark = pytest.mark.vllm
 MAX_TOKENS = 12
 API_KEY = "test-key"  # the module server requires it on /v1 (vLLM's --api-key, through the launcher)
-LOGPROB_ATOL = 2e-3  # float32 both sides; different kernels and summation order
-
-
-def assert_matches_reference(got: dict, ref: dict) -> None:
-    """Prompt logprobs close at every position; greedy tokens identical (unless the reference
-    itself is at a near-tie, where the continuations may legitimately part) with close logprobs."""
-    assert len(got["prompt_logprobs"]) == len(ref["prompt_logprobs"])
-    for i, (a, b) in enumerate(zip(got["prompt_logprobs"], ref["prompt_logprobs"])):
-        if b is not None:
-            assert a == pytest.approx(b, abs=LOGPROB_ATOL), f"prompt position {i}"
-    for i, (a, b) in enumerate(zip(got["token_ids"], ref["token_ids"])):
-        if a != b:
-            assert ref["gaps"][i] < LOGPROB_ATOL, f"step {i}: vLLM chose {a}, reference {b} (gap {ref['gaps'][i]:.4f})"
-            return
-        assert got["logprobs"][i] == pytest.approx(ref["logprobs"][i], abs=LOGPROB_ATOL), f"step {i}"
 
 
 @pytest.fixture(scope="module")
@@ -93,23 +77,10 @@ def test_chat_endpoint_answers(client, hetero):
     assert r.choices[0].finish_reason in ("length", "stop") and r.usage.completion_tokens > 0
 
 
-def _identity_copy(src, dst):
-    shutil.copytree(src, dst)
-    config = json.loads((src / "config.json").read_text())
-    n, layers = config["num_local_experts"], config["num_hidden_layers"]
-    write_config(dst, architectures=["SubMoEMixtralForCausalLM"], submoe=make_block(
-        "identity", {"architecture": "MixtralForCausalLM", "num_experts": n}, n, [list(range(n))] * layers))
-    return dst
-
-
 def test_identity_map_equals_stock_vllm_serving_the_source(tmp_path, prompts):
-    identity = _identity_copy(SHIPPED, tmp_path / "identity")
-    stock = vllm_results(SHIPPED, prompts, tmp_path / "stock", MAX_TOKENS)
-    ours = vllm_results(identity, prompts, tmp_path / "ours", MAX_TOKENS)
-    for a, b in zip(ours, stock):
-        assert a["token_ids"] == b["token_ids"]
-        assert a["logprobs"] == pytest.approx(b["logprobs"], abs=1e-5)
-        assert a["prompt_logprobs"][1:] == pytest.approx(b["prompt_logprobs"][1:], abs=1e-5)
+    identity = identity_copy(SHIPPED, tmp_path / "identity")
+    both = vllm_results([SHIPPED, identity], prompts, tmp_path / "run", MAX_TOKENS)
+    assert_same_serving(both[str(identity)], both[str(SHIPPED)])
 
 
 def _break_map(ckpt):
@@ -132,7 +103,7 @@ def _transpose_one_expert(ckpt):
                             "expected (256, 384)"),
 ])
 def test_bad_checkpoint_is_refused_at_load_with_a_clear_error(tmp_path, damage, message):
-    bad = _identity_copy(SHIPPED, tmp_path / "bad")
+    bad = identity_copy(SHIPPED, tmp_path / "bad")
     damage(bad)
     proc = run_vllm(bad, [[1, 2, 3]], tmp_path)
     assert proc.returncode != 0

@@ -1,9 +1,12 @@
-"""Run one vLLM engine (offline LLM API) on token-id prompts; print greedy tokens and logprobs as JSON.
+"""Run vLLM engines (offline LLM API) on token-id prompts; write greedy tokens and logprobs as JSON.
 
-A subprocess per engine keeps vLLM's worker processes and global state out of pytest.
-    python tests/vllm_generate.py MODEL PROMPTS.json OUT.json [--max-tokens N]
+A subprocess keeps vLLM's worker processes and global state out of pytest. With several models,
+their engines run one after another in this one process (vLLM is imported once), and OUT holds
+{model: results}.
+    python tests/vllm_generate.py MODEL [MODEL ...] --prompts PROMPTS.json --out OUT.json [--max-tokens N]
 """
 import argparse
+import gc
 import json
 import os
 
@@ -11,18 +14,11 @@ for k, v in {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAG
     os.environ.setdefault(k, v)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("model")
-    ap.add_argument("prompts")
-    ap.add_argument("out")
-    ap.add_argument("--max-tokens", type=int, default=12)
-    args = ap.parse_args()
+def generate(model: str, prompts: list[list[int]], max_tokens: int, enforce_eager: bool) -> list[dict]:
     from vllm import LLM, SamplingParams
 
-    prompts = json.load(open(args.prompts))
-    llm = LLM(model=args.model, dtype="float32", max_model_len=512, seed=0)
-    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, logprobs=1, prompt_logprobs=1, ignore_eos=True)
+    llm = LLM(model=model, dtype="float32", max_model_len=512, seed=0, enforce_eager=enforce_eager)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=1, prompt_logprobs=1, ignore_eos=True)
     results = []
     for out in llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False):
         o = out.outputs[0]
@@ -32,7 +28,23 @@ def main() -> None:
             "prompt_logprobs": [None if step is None else step[t].logprob
                                 for step, t in zip(out.prompt_logprobs, out.prompt_token_ids)],
         })
-    json.dump(results, open(args.out, "w"))
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("models", nargs="+")
+    ap.add_argument("--prompts", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--max-tokens", type=int, default=12)
+    ap.add_argument("--enforce-eager", action="store_true", help="skip torch.compile (faster start-up)")
+    args = ap.parse_args()
+    prompts = json.load(open(args.prompts))
+    results = {m: generate(m, prompts, args.max_tokens, args.enforce_eager) for m in args.models}
+    json.dump(results if len(args.models) > 1 else results[args.models[0]], open(args.out, "w"))
 
 
 if __name__ == "__main__":

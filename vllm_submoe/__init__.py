@@ -7,10 +7,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .checkpoint_format import LAYOUTS
+
 # architecture name in config.json -> "module:class" (imported by vLLM only when used)
-MODEL_CLASSES = {
-    "SubMoEMixtralForCausalLM": "vllm_submoe.models.mixtral:SubMoEMixtralForCausalLM",
-}
+MODEL_CLASSES = {layout.plugin_architecture: f"vllm_submoe.models.{layout.model_type}:{layout.plugin_architecture}"
+                 for layout in LAYOUTS.values()}
 
 
 def register() -> None:

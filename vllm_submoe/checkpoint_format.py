@@ -8,7 +8,8 @@ neither side, nor vLLM, nor torch: it must stay importable everywhere.
                "num_router_experts": 8,
                "layers": [{"num_experts": 4, "expert_map": [0, 0, 1, 2, 3, 1, 2, 3]}, ...]}
 
-`expert_map[l][i]` is the merged expert that serves router expert i in layer l.
+`expert_map[l][i]` is the merged expert that serves router expert i in layer l. A layer without
+routed experts (DeepSeek's first dense layers, Qwen-MoE's `mlp_only_layers`) has `null`.
 """
 from __future__ import annotations
 
@@ -33,11 +34,20 @@ class MoELayout:
     source_architecture: str
     plugin_architecture: str
     num_experts_field: str
-    top_k_field: str
     intermediate_field: str
-    moe_prefix: str  # module under model.layers.{l}
-    router_name: str
-    expert_names: tuple[str, str, str]  # gate (W_G), down (W_D), up (W_U)
+    moe_prefix: str = "mlp"  # module under model.layers.{l}
+    router_name: str = "gate"
+    expert_names: tuple[str, str, str] = ("gate_proj", "down_proj", "up_proj")  # W_G, W_D, W_U
+    top_k_field: str = "num_experts_per_tok"
+    num_experts_alias: str | None = None  # the same count under another name (transformers 5 renamed some)
+
+    def num_experts_key(self, config: Mapping[str, Any]) -> str:
+        """The config.json key holding the expert count (hub configs and transformers 5 differ)."""
+        return self.num_experts_alias if self.num_experts_alias in config and self.num_experts_field not in config \
+            else self.num_experts_field
+
+    def num_experts(self, config: Mapping[str, Any]) -> Any:
+        return config.get(self.num_experts_key(config))
 
     def router_tensor(self, layer: int) -> str:
         return f"model.layers.{layer}.{self.moe_prefix}.{self.router_name}.weight"
@@ -47,25 +57,47 @@ class MoELayout:
         name = dict(zip(("gate", "down", "up"), self.expert_names))[which]
         return f"model.layers.{layer}.{self.moe_prefix}.experts.{expert}.{name}.weight"
 
+    def is_expert_tensor(self, name: str) -> bool:
+        return f".{self.moe_prefix}.experts." in name
+
     def expert_shapes(self, hidden: int, intermediate: int) -> dict[str, tuple[int, int]]:
         return {"gate": (intermediate, hidden), "up": (intermediate, hidden), "down": (hidden, intermediate)}
 
+    def moe_layers(self, config: Mapping[str, Any]) -> list[bool]:
+        """Which decoder layers have routed experts, decided as the source architecture decides."""
+        n = config["num_hidden_layers"]
+        if self.model_type in ("qwen2_moe", "qwen3_moe"):
+            step, only_mlp = config.get("decoder_sparse_step", 1) or 1, set(config.get("mlp_only_layers") or [])
+            return [l not in only_mlp and (l + 1) % step == 0 for l in range(n)]
+        if self.model_type == "deepseek_v2":
+            first, freq = config.get("first_k_dense_replace", 0), config.get("moe_layer_freq", 1)
+            return [l >= first and l % freq == 0 for l in range(n)]
+        return [True] * n
 
-MIXTRAL = MoELayout(
-    model_type="mixtral", source_architecture="MixtralForCausalLM",
-    plugin_architecture="SubMoEMixtralForCausalLM", num_experts_field="num_local_experts",
-    top_k_field="num_experts_per_tok", intermediate_field="intermediate_size",
-    moe_prefix="block_sparse_moe", router_name="gate", expert_names=("w1", "w2", "w3"),
-)
-LAYOUTS = {MIXTRAL.model_type: MIXTRAL}
+
+MIXTRAL = MoELayout("mixtral", "MixtralForCausalLM", "SubMoEMixtralForCausalLM", "num_local_experts",
+                    "intermediate_size", moe_prefix="block_sparse_moe", expert_names=("w1", "w2", "w3"))
+QWEN2_MOE = MoELayout("qwen2_moe", "Qwen2MoeForCausalLM", "SubMoEQwen2MoeForCausalLM", "num_experts",
+                      "moe_intermediate_size", num_experts_alias="num_local_experts")
+QWEN3_MOE = MoELayout("qwen3_moe", "Qwen3MoeForCausalLM", "SubMoEQwen3MoeForCausalLM", "num_experts",
+                      "moe_intermediate_size", num_experts_alias="num_local_experts")
+OLMOE = MoELayout("olmoe", "OlmoeForCausalLM", "SubMoEOlmoeForCausalLM", "num_experts", "intermediate_size",
+                  num_experts_alias="num_local_experts")
+DEEPSEEK_V2 = MoELayout("deepseek_v2", "DeepseekV2ForCausalLM", "SubMoEDeepseekV2ForCausalLM", "n_routed_experts",
+                        "moe_intermediate_size")
+LAYOUTS = {layout.model_type: layout for layout in (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, DEEPSEEK_V2)}
+
+
+def supported_architectures() -> str:
+    return ", ".join(f"{l.source_architecture} ({l.model_type})" for l in LAYOUTS.values())
 
 
 def layout_for(config: Mapping[str, Any]) -> MoELayout:
     model_type = config.get("model_type")
     if model_type not in LAYOUTS:
         raise CheckpointFormatError(
-            f"unsupported architecture model_type={model_type!r} "
-            f"(architectures={config.get('architectures')}); supported: {', '.join(sorted(LAYOUTS))}")
+            f"unsupported architecture model_type={model_type!r} (architectures={config.get('architectures')}); "
+            f"vllm-submoe supports {supported_architectures()}")
     return LAYOUTS[model_type]
 
 
@@ -75,26 +107,30 @@ class SubMoEBlock:
 
     method: str
     num_router_experts: int
-    expert_maps: tuple[tuple[int, ...], ...]
+    expert_maps: tuple[tuple[int, ...] | None, ...]  # None: a layer without routed experts
     raw: Mapping[str, Any]
 
     @property
     def experts_per_layer(self) -> tuple[int, ...]:
-        return tuple(max(m) + 1 for m in self.expert_maps)
+        return tuple(merged_count(m) for m in self.expert_maps)
+
+
+def merged_count(expert_map: Iterable[int] | None) -> int:
+    """Experts a layer serves under its map (0 for a layer without routed experts)."""
+    return 0 if expert_map is None else max(expert_map) + 1
 
 
 def make_block(method: str, source: Mapping[str, Any], num_router_experts: int,
                expert_maps: Iterable[Iterable[int]], **extra: Any) -> dict[str, Any]:
-    maps = [[int(i) for i in m] for m in expert_maps]
-    block = {
+    maps = [None if m is None else [int(i) for i in m] for m in expert_maps]
+    return {
         "format_version": FORMAT_VERSION,
         "method": method,
         "source": dict(source),
         "num_router_experts": int(num_router_experts),
-        "layers": [{"num_experts": max(m) + 1, "expert_map": m} for m in maps],
+        "layers": [None if m is None else {"num_experts": max(m) + 1, "expert_map": m} for m in maps],
         **extra,
     }
-    return block
 
 
 def _int(value: Any) -> bool:
@@ -123,9 +159,18 @@ def parse_block(config: Mapping[str, Any]) -> SubMoEBlock:
         got = len(layers) if isinstance(layers, list) else repr(layers)
         raise CheckpointFormatError(f"{where}.layers must list one entry per decoder layer "
                                     f"(num_hidden_layers={num_layers}), got {got}")
+    layout = layout_for(config)
     maps = []
-    for l, layer in enumerate(layers):
+    for l, (layer, is_moe) in enumerate(zip(layers, layout.moe_layers(config))):
         lw = f"{where}.layers[{l}]"
+        if layer is None and not is_moe:
+            maps.append(None)
+            continue
+        if (layer is None) != (not is_moe):
+            what = "is null but the architecture routes experts there" if is_moe else \
+                "has an expert map but the architecture has a dense MLP there"
+            raise CheckpointFormatError(f"{lw} {what} (see {layout.model_type}'s config): the block does not "
+                                        f"belong to this config")
         n = layer.get("num_experts") if isinstance(layer, Mapping) else None
         m = layer.get("expert_map") if isinstance(layer, Mapping) else None
         if not _int(n) or not 1 <= n <= n_router:
@@ -144,12 +189,11 @@ def parse_block(config: Mapping[str, Any]) -> SubMoEBlock:
             raise CheckpointFormatError(f"{lw}.expert_map reaches no router expert to merged expert(s) "
                                         f"{unreached}: drop them or fix the map")
         maps.append(tuple(m))
-    layout = layout_for(config)
-    declared = config.get(layout.num_experts_field)
-    if declared != max(max(m) + 1 for m in maps):
+    declared, largest = layout.num_experts(config), max(merged_count(m) for m in maps)
+    if declared != largest:
         raise CheckpointFormatError(
-            f"config.json `{layout.num_experts_field}` is {declared!r} but the largest per-layer "
-            f"expert count in `{BLOCK_KEY}.layers` is {max(max(m) + 1 for m in maps)}: they must agree")
+            f"config.json `{layout.num_experts_key(config)}` is {declared!r} but the largest per-layer "
+            f"expert count in `{BLOCK_KEY}.layers` is {largest}: they must agree")
     top_k = config.get(layout.top_k_field)
     if not _int(top_k) or not 1 <= top_k <= n_router:
         raise CheckpointFormatError(f"config.json `{layout.top_k_field}` must be an integer in 1..{n_router} "
@@ -158,13 +202,14 @@ def parse_block(config: Mapping[str, Any]) -> SubMoEBlock:
                        expert_maps=tuple(maps), raw=block)
 
 
-def served_expert_maps(config: Mapping[str, Any]) -> list[list[int]]:
+def served_expert_maps(config: Mapping[str, Any]) -> list[list[int] | None]:
     """Per-layer router expert -> served expert: the validated maps of a compressed
-    checkpoint, the identity for a source model."""
+    checkpoint, the identity for a source model; None for a layer without routed experts."""
     if BLOCK_KEY in config:
-        return [list(m) for m in parse_block(config).expert_maps]
-    n = config[layout_for(config).num_experts_field]
-    return [list(range(n)) for _ in range(config["num_hidden_layers"])]
+        return [None if m is None else list(m) for m in parse_block(config).expert_maps]
+    layout = layout_for(config)
+    n = layout.num_experts(config)
+    return [list(range(n)) if moe else None for moe in layout.moe_layers(config)]
 
 
 def expected_expert_tensors(config: Mapping[str, Any], block: SubMoEBlock) -> dict[str, tuple[int, int]]:
@@ -174,6 +219,8 @@ def expected_expert_tensors(config: Mapping[str, Any], block: SubMoEBlock) -> di
     shapes = layout.expert_shapes(hidden, inter)
     out = {}
     for l, n in enumerate(block.experts_per_layer):
+        if block.expert_maps[l] is None:
+            continue
         out[layout.router_tensor(l)] = (block.num_router_experts, hidden)
         for j in range(n):
             for which, shape in shapes.items():
@@ -187,7 +234,7 @@ def check_tensor_shape(name: str, shape: Iterable[int], expected: Mapping[str, t
     expect (an id past the layer's count, another naming) is an error, not silently dropped."""
     want = expected.get(name)
     if want is None:
-        if f".{layout.moe_prefix}.experts." in name:
+        if layout.is_expert_tensor(name):
             raise CheckpointFormatError(f"unexpected expert tensor {name}: the `{BLOCK_KEY}` block gives that layer "
                                         f"fewer experts, or the name is not {'/'.join(layout.expert_names)}")
         return

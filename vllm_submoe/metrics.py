@@ -9,7 +9,8 @@ from __future__ import annotations
 from prometheus_client import Gauge
 from vllm.v1.metrics.loggers import StatLoggerBase
 
-from .checkpoint_format import BLOCK_KEY, CheckpointFormatError, layout_for, safetensors_bytes, served_expert_maps
+from .checkpoint_format import BLOCK_KEY, CheckpointFormatError, layout_for, merged_count, safetensors_bytes, \
+    served_expert_maps
 
 _GAUGES: dict[str, Gauge] = {}
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -29,7 +30,7 @@ def compression_facts(config: dict, model_dir: str, served_dtype_bytes: int | No
     except CheckpointFormatError:
         return None  # not an MoE this plugin knows: nothing to export
     hidden, inter = config["hidden_size"], config[layout.intermediate_field]
-    counts = [max(m) + 1 for m in served_expert_maps(config)]
+    counts = [merged_count(m) for m in served_expert_maps(config)]  # 0: a layer without routed experts
     source = config.get(BLOCK_KEY, {}).get("source", {})
     expert_params = sum(counts) * 3 * hidden * inter
     # Local checkpoints: measured from the safetensors headers; otherwise what compress recorded.

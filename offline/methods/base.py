@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from ..alignment import align_to
-from ..moe_math import Experts, softmax_topk
+from ..moe_math import Experts, Routing, as_routing
 
 
 @dataclass
@@ -21,10 +21,15 @@ class LayerStats:
     router_logits: torch.Tensor  # [T, N] on the sampled tokens
     top_k: int = 2
     samples: int = 0  # calibration windows behind the figures (MergeMoE's collapse threshold)
+    routing: Routing | None = None  # the source architecture's routing; None: Mixtral's with top_k
+
+    def __post_init__(self):
+        self.routing = as_routing(self.routing or self.top_k)
+        self.top_k = self.routing.top_k
 
     def gate_weights(self) -> torch.Tensor:
         """[T, N] the source routing weight of every expert on every sampled token (0 if not in its top-k)."""
-        w, ids = softmax_topk(self.router_logits, self.top_k)
+        w, ids = self.routing(self.router_logits)
         return torch.zeros(self.router_logits.shape, dtype=w.dtype).scatter_(1, ids, w)
 
 

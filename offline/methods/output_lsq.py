@@ -28,7 +28,7 @@ def split_stats(stats: LayerStats, every: int = 5) -> tuple[LayerStats, LayerSta
     held = torch.zeros(len(stats.tokens), dtype=torch.bool)
     held[::every] = True
     part = lambda m: LayerStats(stats.frequency, stats.tokens[m], stats.outputs[:, m], stats.router_logits[m],  # noqa: E731
-                                stats.top_k, stats.samples)
+                                stats.top_k, stats.samples, stats.routing)
     return part(~held), part(held)
 
 

@@ -1,0 +1,140 @@
+"""Source decoder layers built from checkpoint tensors with transformers' own modules.
+
+The offline side needs the source model's exact forward, one layer at a time, for every
+supported MoE architecture: `SourceArchitecture` finds that architecture's transformers
+classes (decoder layer, rotary embedding, config) and translates between the on-disk names
+(per-expert gate/up/down tensors) and transformers' fused expert parameters.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoConfig, PreTrainedConfig
+
+from vllm_submoe.checkpoint_format import BLOCK_KEY, MoELayout, layout_for
+
+from .moe_math import Experts, Routing
+
+
+def layer_prefix(layer: int) -> str:
+    return f"model.layers.{layer}."
+
+
+def hf_config(config: dict) -> PreTrainedConfig:
+    """transformers' own config class for the checkpoint's model_type (the `submoe` block dropped)."""
+    fields = {k: v for k, v in config.items() if k not in (BLOCK_KEY, "model_type")}
+    cfg = AutoConfig.for_model(config["model_type"], **fields)
+    cfg._attn_implementation = "sdpa"
+    cfg._experts_implementation = "grouped_mm"
+    return cfg
+
+
+def routing_of(layout: MoELayout, cfg: PreTrainedConfig) -> Routing:
+    """The source's routing: softmax over N logits, top-k, then what each architecture adds.
+
+    Mixtral always renormalises the k weights; Qwen-MoE and OLMoE follow `norm_topk_prob`
+    (Qwen3-MoE's default True, Qwen1.5/2-MoE's and OLMoE's False); DeepSeek-V2 may limit the
+    choice to the best `topk_group` of `n_group` expert groups and scales by
+    `routed_scaling_factor` (renormalising when `norm_topk_prob`, as vLLM does)."""
+    top_k = getattr(cfg, layout.top_k_field)
+    if layout.model_type == "mixtral":
+        return Routing(top_k)
+    if layout.model_type == "deepseek_v2":
+        grouped = cfg.topk_method == "group_limited_greedy"
+        return Routing(top_k, renormalize=bool(cfg.norm_topk_prob), num_groups=cfg.n_group if grouped else 1,
+                       topk_groups=cfg.topk_group if grouped else 1, scaling=float(cfg.routed_scaling_factor))
+    return Routing(top_k, renormalize=bool(cfg.norm_topk_prob))
+
+
+@dataclass
+class SourceArchitecture:
+    """One checkpoint's architecture: its MoE layout, transformers config, routing and modules."""
+
+    layout: MoELayout
+    config: PreTrainedConfig
+    routing: Routing
+
+    @classmethod
+    def of(cls, config: dict) -> "SourceArchitecture":
+        layout = layout_for(config)
+        cfg = hf_config(config)
+        return cls(layout, cfg, routing_of(layout, cfg))
+
+    def _modeling(self, suffix: str):
+        module = importlib.import_module(f"transformers.models.{self.layout.model_type}.modeling_{self.layout.model_type}")
+        return getattr(module, self.layout.source_architecture.removesuffix("ForCausalLM") + suffix)
+
+    @property
+    def num_experts(self) -> int:
+        return getattr(self.config, self.layout.num_experts_field)
+
+    def moe_layers(self) -> list[bool]:
+        return self.layout.moe_layers(self.config.to_dict())
+
+    def read_experts(self, ckpt, layer: int, num_experts: int) -> Experts:
+        get = lambda e, which: ckpt.get(self.layout.expert_tensor(layer, e, which))  # noqa: E731
+        return Experts(gate=torch.stack([get(e, "gate") for e in range(num_experts)]),
+                       up=torch.stack([get(e, "up") for e in range(num_experts)]),
+                       down=torch.stack([get(e, "down") for e in range(num_experts)]))
+
+    def expert_tensors(self, layer: int, experts: Experts) -> dict[str, torch.Tensor]:
+        """On-disk names for a layer's (merged) experts."""
+        return {self.layout.expert_tensor(layer, e, which): t[e]
+                for e in range(len(experts)) for which, t in experts.matrices().items()}
+
+    def non_expert_names(self, names: list[str], layer: int) -> list[str]:
+        """The layer's attention, norms, router, shared experts and dense MLP: everything kept as is."""
+        p = layer_prefix(layer)
+        return [n for n in names if n.startswith(p) and not self.layout.is_expert_tensor(n)]
+
+    def hf_layer_state(self, layer: int, tensors: dict[str, torch.Tensor],
+                       experts: Experts | None) -> dict[str, torch.Tensor]:
+        """transformers' parameter names (relative to the layer) for on-disk layer tensors + experts."""
+        p, moe = layer_prefix(layer), f"{self.layout.moe_prefix}."
+        state = {}
+        for name, t in tensors.items():
+            local = name[len(p):]
+            state["mlp." + local[len(moe):] if local.startswith(moe) else local] = t
+        if experts is not None:
+            state["mlp.experts.gate_up_proj"] = torch.cat([experts.gate, experts.up], dim=1)
+            state["mlp.experts.down_proj"] = experts.down
+        return state
+
+    def build_layer(self, layer: int, tensors: dict[str, torch.Tensor], experts: Experts | None,
+                    dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+        """transformers' decoder layer holding the given tensors (and `len(experts)` experts)."""
+        cfg = self.config
+        if experts is not None and len(experts) != self.num_experts:
+            fields = cfg.to_dict()
+            cfg = hf_config({**fields, self.layout.num_experts_key(fields): len(experts)})
+        with torch.device("meta"):  # no random init to allocate and overwrite: the tensors are adopted as they are
+            module = self._modeling("DecoderLayer")(cfg, layer)
+        state = self.hf_layer_state(layer, tensors, experts)
+        module.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+        return module.eval()
+
+    def rotary_embedding(self) -> torch.nn.Module:
+        return self._modeling("RotaryEmbedding")(self.config)
+
+    def rotary(self, seq_len: int, device: torch.device | str = "cpu") -> "Rotary":
+        return Rotary(self.rotary_embedding(), self.config.hidden_size, seq_len, device)
+
+
+class Rotary:
+    """Position embeddings for [S, L] windows, computed once and shared by all layers (cos/sin, or
+    DeepSeek's complex frequencies: whatever the architecture's attention takes)."""
+
+    def __init__(self, rope: torch.nn.Module, hidden: int, seq_len: int, device: torch.device | str = "cpu"):
+        pos = torch.arange(seq_len).unsqueeze(0)
+        emb = rope(torch.zeros(1, seq_len, hidden), pos)
+        self.embeddings = tuple(e.to(device) for e in emb) if isinstance(emb, tuple) else emb.to(device)
+
+
+@torch.no_grad()
+def attention_half(layer: torch.nn.Module, x: torch.Tensor, rotary: Rotary) -> torch.Tensor:
+    """x + attention(norm(x)) for [S, L, H] windows (causal)."""
+    h, *_ = layer.self_attn(hidden_states=layer.input_layernorm(x), attention_mask=None,
+                            position_embeddings=rotary.embeddings)
+    return x + h

@@ -1,0 +1,155 @@
+"""Merged experts behind a routing remap, inside vLLM's own model classes.
+
+A compressed checkpoint is served by the source architecture's vLLM model, built unchanged
+(attention, norms, shared experts, dense layers, weight loading) except for one thing: each MoE
+layer's fused experts. While the model is constructed, the architecture module's
+`FusedMoEFactory` is swapped for `remapped_fused_moe`, which receives exactly the routing
+arguments vLLM derives from the config (renormalisation, grouped top-k, scoring function,
+routed scaling factor, ...) and builds
+
+  - the router vLLM would build for the N router experts (the source's routing, exactly), wrapped
+    by `RemappedRouter`, which maps the chosen ids to merged experts on the device; and
+  - vLLM's fused MoE over the layer's N' merged experts, with that router.
+
+The ids the router returns are global merged-expert ids (0..N'-1); under expert parallelism
+vLLM's expert map turns them into each rank's local ids, as it does for any MoE.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from types import ModuleType
+
+import torch
+from vllm.model_executor.layers.fused_moe import FusedMoEFactory
+from vllm.model_executor.layers.fused_moe.config import RoutingMethodType
+from vllm.model_executor.layers.fused_moe.router.fused_moe_router import FusedMoERouter
+from vllm.model_executor.layers.fused_moe.router.router_factory import create_fused_moe_router
+from vllm.model_executor.models.utils import extract_layer_index
+
+from ..checkpoint_format import CheckpointFormatError, SubMoEBlock, check_all_present, check_tensor_shape, \
+    expected_expert_tensors, layout_for, parse_block
+
+
+class RemappedRouter(FusedMoERouter):
+    """The source architecture's router over N experts, then `expert_map[ids]` (no host sync).
+
+    Two chosen router experts that map to one merged expert both stay in the top-k list: the
+    fused kernels accept duplicate ids and add their weights, which is exactly the merged forward.
+    """
+
+    def __init__(self, source_router: FusedMoERouter, expert_map: list[int]):
+        super().__init__(eplb_state=None)
+        self.source_router = source_router
+        # Built under vLLM's device context at model construction, so it lives on the model's device.
+        self.expert_map = torch.tensor(expert_map, dtype=torch.int32)
+
+    def set_capture_fn(self, capture_fn) -> None:
+        self.source_router.set_capture_fn(capture_fn)
+
+    @property
+    def routing_method_type(self) -> RoutingMethodType:
+        # Custom: no monolithic kernel may fuse the source's routing and skip the remap.
+        return RoutingMethodType.Custom
+
+    def _select_experts(self, hidden_states: torch.Tensor, router_logits: torch.Tensor,
+                        topk_indices_dtype: torch.dtype | None = None, *,
+                        input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        weights, ids = self.source_router.select_experts(hidden_states, router_logits, topk_indices_dtype,
+                                                         input_ids=input_ids)
+        return weights, self.expert_map[ids.long()].to(ids.dtype)
+
+
+def remapped_fused_moe(block: SubMoEBlock, built: set[int]):
+    """A stand-in for `FusedMoEFactory` that builds layer l's N'_l merged experts behind a remap."""
+
+    def factory(*, num_experts: int, top_k: int, prefix: str = "", renormalize: bool = True,
+                use_grouped_topk: bool = False, num_expert_group: int | None = None, topk_group: int | None = None,
+                scoring_func: str = "softmax", routed_scaling_factor: float = 1.0,
+                apply_routed_scale_to_output: bool = False, e_score_correction_bias: torch.Tensor | None = None,
+                custom_routing_function=None, enable_eplb: bool = False, fuse_shared_experts: bool = False,
+                num_redundant_experts: int = 0, **kwargs):
+        layer = extract_layer_index(prefix)
+        expert_map = block.expert_maps[layer] if layer < len(block.expert_maps) else None
+        if expert_map is None:
+            raise CheckpointFormatError(f"vLLM builds routed experts for layer {layer} ({prefix}) but the `submoe` "
+                                        f"block has no map for it: the checkpoint does not match its config")
+        if enable_eplb or num_redundant_experts or fuse_shared_experts:
+            raise CheckpointFormatError(
+                "a merged checkpoint cannot be served with EPLB or fused shared experts (their expert tables "
+                "cannot express N->N' merges): drop --enable-eplb / VLLM_ROCM_USE_AITER_FUSION_SHARED_EXPERTS")
+        if num_experts != block.num_router_experts:
+            raise CheckpointFormatError(f"layer {layer} routes over {num_experts} experts but the `submoe` block "
+                                        f"says {block.num_router_experts} router experts")
+        source_router = create_fused_moe_router(
+            top_k=top_k, global_num_experts=num_experts, renormalize=renormalize,
+            use_grouped_topk=use_grouped_topk, num_expert_group=num_expert_group, topk_group=topk_group,
+            scoring_func=scoring_func, e_score_correction_bias=e_score_correction_bias,
+            custom_routing_function=custom_routing_function,
+            # as FusedMoEFactory does: scaled by the router unless the runner scales the output
+            routed_scaling_factor=1.0 if apply_routed_scale_to_output else routed_scaling_factor)
+        built.add(layer)
+        return FusedMoEFactory(num_experts=max(expert_map) + 1, top_k=top_k, prefix=prefix, renormalize=renormalize,
+                               scoring_func=scoring_func, routed_scaling_factor=routed_scaling_factor,
+                               apply_routed_scale_to_output=apply_routed_scale_to_output,
+                               router=RemappedRouter(source_router, list(expert_map)), **kwargs)
+
+    return factory
+
+
+@contextmanager
+def merged_experts(arch_module: ModuleType, hf_config, block: SubMoEBlock) -> Iterator[set[int]]:
+    """Build a vLLM model of `arch_module` with merged experts: the config shows vLLM the N router
+    experts (router rows, routing) while each MoE layer gets its own N'_l fused experts. Yields
+    the set of layers that got merged experts."""
+    key = layout_for(hf_config.to_dict()).num_experts_key(hf_config.to_dict())
+    served = getattr(hf_config, key)
+    built: set[int] = set()
+    original = arch_module.FusedMoEFactory
+    arch_module.FusedMoEFactory = remapped_fused_moe(block, built)
+    setattr(hf_config, key, block.num_router_experts)
+    try:
+        yield built
+    finally:
+        arch_module.FusedMoEFactory = original
+        setattr(hf_config, key, served)
+
+
+def checked_weights(weights: Iterable[tuple[str, torch.Tensor]], config: dict, block: SubMoEBlock,
+                    layers: range) -> Iterator[tuple[str, torch.Tensor]]:
+    """Check expert and router tensors against the `submoe` block as they stream past: a mis-shaped,
+    stray or missing tensor is an error naming it, never a kernel crash."""
+    layout = layout_for(config)
+    expected = {k: v for k, v in expected_expert_tensors(config, block).items() if int(k.split(".")[2]) in layers}
+    seen = set()
+    for name, tensor in weights:
+        if name.startswith("model.layers.") and int(name.split(".")[2]) not in layers:
+            yield name, tensor  # another pipeline stage's layer: vLLM skips it
+            continue
+        check_tensor_shape(name, tensor.shape, expected, layout)
+        seen.add(name)
+        yield name, tensor
+    check_all_present(seen, expected)
+
+
+class SubMoEModel:
+    """Mixed in before a vLLM `...ForCausalLM` class: builds it with merged experts behind the
+    checkpoint's remap and validates the `submoe` block before any weight is allocated."""
+
+    arch_module: ModuleType  # the vLLM module whose FusedMoEFactory builds the architecture's MoE layers
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        hf_config = vllm_config.model_config.hf_config
+        self.submoe = parse_block(hf_config.to_dict())
+        with merged_experts(self.arch_module, hf_config, self.submoe) as built:
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+        stage = range(self.model.start_layer, self.model.end_layer)  # this pipeline stage's layers
+        wanted = {l for l in stage if self.submoe.expert_maps[l] is not None}
+        if built != wanted:
+            raise CheckpointFormatError(
+                f"the `submoe` block maps experts in layers {sorted(wanted)} but vLLM's "
+                f"{self.arch_module.__name__.rsplit('.', 1)[-1]} model routes experts in layers {sorted(built)}")
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        layers = range(self.model.start_layer, self.model.end_layer)
+        return super().load_weights(checked_weights(weights, self.config.to_dict(), self.submoe, layers))
