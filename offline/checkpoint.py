@@ -208,7 +208,7 @@ def resumable_output_dir(dst: Path, force: bool, fingerprint: dict, restart: boo
             print(f"submoe: the finished layers are kept in {partial}: rerun the same command to resume "
                   f"there, or pass --restart to start over", file=sys.stderr)
         raise
-    (partial / "progress.json").unlink()
+    progress_file.unlink(missing_ok=True)  # a replayed run (quality benchmark) never saves progress
     swap_into(partial, dst)
 
 

@@ -230,6 +230,24 @@ def test_batched_and_spilled_calibration_gives_the_same_checkpoint(random_source
             torch.testing.assert_close(getattr(a.stats, field), getattr(b.stats, field), atol=1e-5, rtol=1e-5)
 
 
+def test_replayed_calibration_writes_what_a_streamed_run_writes(random_source, random_compressed, tmp_path):
+    """The quality benchmark calibrates once and replays the layers to every method: that path keeps
+    no resume state, and (twice into one --out, with force) writes the streamed run's checkpoint."""
+    from offline.compress import CompressOptions, calibrated_layers, compress
+    from offline.calibration import calibration_windows
+    from transformers import AutoTokenizer
+    opts = CompressOptions(model=str(random_source), out=tmp_path / "out", method="submoe", num_experts=4,
+                           calib=CALIB[:2], samples=8, seq_len=64, progress=False, force=True)
+    windows, info = calibration_windows(AutoTokenizer.from_pretrained(str(random_source)), opts.calib, 8, 64, 0)
+    layers = list(calibrated_layers(LazyCheckpoint(random_source), windows, opts))
+    for _ in range(2):
+        compress(opts, calibrated=layers, calib_info=info)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+        assert not (opts.out / "progress.json").exists()
+        a, b = _checkpoint_tensors(opts.out), _checkpoint_tensors(random_compressed)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_compressing_a_compressed_checkpoint_is_refused(random_compressed, tmp_path, capsys):
     assert cli(_compress_args(random_compressed, tmp_path / "out")) == 2
     assert "already a compressed checkpoint" in capsys.readouterr().err
