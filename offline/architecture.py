@@ -73,11 +73,22 @@ class SourceArchitecture:
     def moe_layers(self) -> list[bool]:
         return self.layout.moe_layers(self.config.to_dict())
 
-    def read_experts(self, ckpt, layer: int, num_experts: int) -> Experts:
-        get = lambda e, which: ckpt.get(self.layout.expert_tensor(layer, e, which))  # noqa: E731
-        return Experts(gate=torch.stack([get(e, "gate") for e in range(num_experts)]),
-                       up=torch.stack([get(e, "up") for e in range(num_experts)]),
-                       down=torch.stack([get(e, "down") for e in range(num_experts)]))
+    def read_experts(self, ckpt, layer: int, num_experts: int, dtype: torch.dtype | None = None,
+                     device: torch.device | str = "cpu") -> Experts:
+        """A layer's experts, fused (gate and up in one tensor), in `dtype` (default: as stored) on
+        `device`. Each stored matrix is copied straight into its slot: a layer costs one copy of
+        itself plus one stored matrix in flight, never a stack of per-expert copies."""
+        gate_up = down = None
+        for e in range(num_experts):
+            gate, up, dn = (ckpt.get(self.layout.expert_tensor(layer, e, w)) for w in ("gate", "up", "down"))
+            if gate_up is None:
+                inter, hidden = gate.shape
+                gate_up = torch.empty(num_experts, 2 * inter, hidden, dtype=dtype or gate.dtype, device=device)
+                down = torch.empty(num_experts, *dn.shape, dtype=dtype or dn.dtype, device=device)
+            gate_up[e, :inter].copy_(gate)
+            gate_up[e, inter:].copy_(up)
+            down[e].copy_(dn)
+        return Experts.fused(gate_up, down)
 
     def expert_tensors(self, layer: int, experts: Experts) -> dict[str, torch.Tensor]:
         """On-disk names for a layer's (merged) experts."""
@@ -98,7 +109,7 @@ class SourceArchitecture:
             local = name[len(p):]
             state["mlp." + local[len(moe):] if local.startswith(moe) else local] = t
         if experts is not None:
-            state["mlp.experts.gate_up_proj"] = torch.cat([experts.gate, experts.up], dim=1)
+            state["mlp.experts.gate_up_proj"] = experts.fused_gate_up()
             state["mlp.experts.down_proj"] = experts.down
         return state
 

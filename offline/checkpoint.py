@@ -70,6 +70,8 @@ class LazyCheckpoint:
         return list(self._file_of)
 
     def get(self, name: str) -> torch.Tensor:
+        """The stored tensor: a view into the memory-mapped file (safetensors maps without copying),
+        valid after `release()` but keeping the whole file mapped while it lives."""
         if name not in self._file_of:
             raise CheckpointError(f"{self.dir} is missing tensor {name}")
         f = self._file_of[name]
@@ -79,7 +81,8 @@ class LazyCheckpoint:
 
     def release(self) -> None:
         """Close the memory-mapped files: pages read so far stop counting as this process's memory
-        (called after each layer, so resident memory does not grow with the model)."""
+        (called after each layer, so resident memory does not grow with the model). A file stays
+        mapped while a tensor from `get` lives: clone what must outlive the layer."""
         self._handles.clear()
 
     def nbytes(self) -> int:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import psutil
 import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer
@@ -27,7 +28,7 @@ from .architecture import Rotary, SourceArchitecture, attention_half
 from .calibration import calibration_windows
 from .checkpoint import LazyCheckpoint, ShardWriter, copy_tokenizer, resumable_output_dir
 from .methods import LayerStats, make_method
-from .moe_math import Experts, Routing, all_expert_outputs, moe_forward
+from .moe_math import Experts, Routing, all_expert_outputs, all_finite, moe_forward
 
 
 class CompressError(ValueError):
@@ -118,6 +119,10 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def rss_bytes() -> int:
+    return psutil.Process().memory_info().rss
+
+
 @torch.no_grad()
 def calibrate_batches(layer, source: Activations, target: Activations, rotary: Rotary, router: torch.Tensor | None,
                       experts: Experts | None, routing: Routing, sample: torch.Tensor, batch: int,
@@ -140,7 +145,7 @@ def calibrate_batches(layer, source: Activations, target: Activations, rotary: R
             continue
         flat = moe_in.reshape(-1, hidden)
         logits = flat @ router.T
-        if not torch.isfinite(logits).all():
+        if not all_finite(logits):
             raise CompressError(f"calibration produced NaN/inf router logits in layer {layer.self_attn.layer_idx}: "
                                 f"the source weights are not finite there (check the checkpoint)")
         _, ids = routing(logits)
@@ -154,7 +159,7 @@ def calibrate_batches(layer, source: Activations, target: Activations, rotary: R
                        outputs=all_expert_outputs(tokens.to(device), experts).cpu(), router_logits=logits_s,
                        samples=windows, routing=routing)
     for name, t in (("expert outputs", stats.outputs), ("MoE inputs", stats.tokens)):
-        if not torch.isfinite(t).all():
+        if not all_finite(t):
             raise CompressError(f"calibration produced NaN/inf {name} in layer {layer.self_attn.layer_idx}: the "
                                 f"source weights are not finite there (check the checkpoint)")
     return stats
@@ -209,8 +214,8 @@ def calibrated_layers(ckpt: LazyCheckpoint, windows: torch.Tensor, opts: Compres
         sample = torch.randperm(windows.numel(), generator=gen)[: opts.output_tokens]  # drawn for every layer
         if l < start:
             continue
-        tensors = {n: ckpt.get(n) for n in arch.non_expert_names(names, l)}
-        experts = arch.read_experts(ckpt, l, arch.num_experts).to(dev, torch.float32) if is_moe else None
+        tensors = {n: ckpt.get(n).clone() for n in arch.non_expert_names(names, l)}  # owned: see release()
+        experts = arch.read_experts(ckpt, l, arch.num_experts, torch.float32, dev) if is_moe else None
         router = tensors[arch.layout.router_tensor(l)].to(dev, torch.float32) if is_moe else None
         ckpt.release()
         layer = arch.build_layer(l, tensors, experts).to(dev)  # only this layer is on the device
@@ -229,11 +234,11 @@ def in_groups(layers: Iterable[CalibratedLayer], size: int) -> Iterator[list[Cal
         if layer.experts is None:
             if group:
                 yield group
-                group = []
-            yield [layer]
-            continue
-        group.append(layer)
-        if len(group) == size:
+            group = [layer]
+        else:
+            group.append(layer)
+        del layer  # the consumer frees a group it is done with: nothing here may keep it alive
+        if len(group) == size or group[0].experts is None:
             yield group
             group = []
     if group:
@@ -256,6 +261,7 @@ def compress(opts: CompressOptions, calibrated: Iterable[CalibratedLayer] | None
                                 f"cannot be tokenized, and the output could not be served")
         tokenizer = AutoTokenizer.from_pretrained(str(ckpt.dir))
         windows, calib_info = calibration_windows(tokenizer, opts.calib, opts.samples, opts.seq_len, opts.seed)
+    rss_before_weights = rss_bytes()  # libraries, tokenizer, calibration tokens: what no layer adds to
     dev = torch.device(opts.device)
     src_dtype = ckpt.get("model.embed_tokens.weight").dtype
     replay = calibrated is not None
@@ -276,25 +282,10 @@ def compress(opts: CompressOptions, calibrated: Iterable[CalibratedLayer] | None
         if done:
             bar.write(f"resuming {opts.out} after its first {done} finished layers", file=sys.stderr)
         for group in in_groups(calibrated, method.layers_per_group):
-            if group[0].experts is None:  # a dense layer: kept as it is
-                writer.write(group[0].tensors)
-                maps.append(None)
-            else:
-                tl = time.time()
-                results = method.reduce_layers([(c.experts.to("cpu"), c.stats) for c in group],
-                                               [budgets[c.index] for c in group], opts.seed)
-                for c, result in zip(group, results):
-                    err = moe_output_error(c.stats.tokens.to(dev), c.router, c.experts, result, arch.routing,
-                                           opts.export)
-                    tensors = dict(c.tensors)
-                    if opts.export == "vanilla":
-                        router_name = arch.layout.router_tensor(c.index)
-                        tensors[router_name] = served_router(tensors[router_name], result, opts.export)
-                    writer.write({**tensors, **arch.expert_tensors(c.index, result.experts.to(src_dtype))})
-                    maps.append(result.expert_map)
-                    layers.append(report_mod.layer_entry(c.index, c.stats, result, err,
-                                                         (time.time() - tl) / len(group)))
-                del results, c
+            for entry in reduce_and_write(group, method, budgets, arch, writer, opts, src_dtype):
+                maps.append(entry["expert_map"] if entry else None)
+                if entry:
+                    layers.append(entry)
             if not replay:  # a kill from here on resumes after this group
                 group[-1].activations.save_as(tmp / "resume.f32")
                 progress.save(layers_done=group[-1].index + 1, writer=writer.state(), maps=maps,
@@ -312,9 +303,32 @@ def compress(opts: CompressOptions, calibrated: Iterable[CalibratedLayer] | None
         copy_tokenizer(ckpt.dir, tmp)
         report = report_mod.build(opts, method, calib_info, layers, [merged_count(m) for m in maps], source_bytes,
                                   writer.total_bytes, n_src, state.get("seconds", 0) + time.time() - t0,
-                                  peak_rss_bytes())
+                                  peak_rss_bytes(), rss_before_weights)
         report_mod.write(report, tmp)
     return report
+
+
+def reduce_and_write(group: list[CalibratedLayer], method, budgets: list[int | None], arch: SourceArchitecture,
+                     writer: ShardWriter, opts: CompressOptions, dtype: torch.dtype) -> list[dict | None]:
+    """Merge one group of calibrated layers and write each as a shard: per layer its report entry,
+    expert map included (None for a layer without routed experts, written as it is). Everything
+    this holds is freed on return, before the next layer is read."""
+    if group[0].experts is None:
+        writer.write(group[0].tensors)
+        return [None]
+    t0, dev = time.time(), torch.device(opts.device)
+    results = method.reduce_layers([(c.experts.to("cpu"), c.stats) for c in group],
+                                   [budgets[c.index] for c in group], opts.seed)
+    entries = []
+    for c, result in zip(group, results):
+        err = moe_output_error(c.stats.tokens.to(dev), c.router, c.experts, result, arch.routing, opts.export)
+        tensors = dict(c.tensors)
+        if opts.export == "vanilla":
+            router_name = arch.layout.router_tensor(c.index)
+            tensors[router_name] = served_router(tensors[router_name], result, opts.export)
+        writer.write({**tensors, **arch.expert_tensors(c.index, result.experts.to(dtype))})
+        entries.append(report_mod.layer_entry(c.index, c.stats, result, err, (time.time() - t0) / len(group)))
+    return entries
 
 
 def output_config(opts: CompressOptions, config: dict, arch: SourceArchitecture, maps: list[list[int] | None],

@@ -37,7 +37,7 @@ def load_reference(model_dir: str, dtype: torch.dtype = torch.float32) -> PreTra
         if m is not None:
             merged = arch.read_experts(ckpt, l, max(m) + 1)
             idx = torch.tensor(m)
-            expanded = Experts(merged.gate[idx], merged.up[idx], merged.down[idx])
+            expanded = Experts.fused(merged.fused_gate_up()[idx], merged.down[idx])
         tensors = {n: ckpt.get(n) for n in arch.non_expert_names(names, l)}
         for k, v in arch.hf_layer_state(l, tensors, expanded).items():
             state[layer_prefix(l) + k] = v

@@ -1,7 +1,7 @@
 """The MoE block as small pure tensor functions (SwiGLU experts, softmax top-k routing, remap)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -9,21 +9,51 @@ import torch.nn.functional as F
 
 @dataclass
 class Experts:
-    """A layer's experts stacked: gate W_G [E, I, H] (w1), up W_U [E, I, H] (w3), down W_D [E, H, I] (w2)."""
+    """A layer's experts stacked: gate W_G [E, I, H] (w1), up W_U [E, I, H] (w3), down W_D [E, H, I] (w2).
+
+    `gate_up` optionally holds W_G and W_U as one [E, 2I, H] tensor of which `gate` and `up` are
+    views: transformers' fused expert parameter, so a source layer is built without a copy."""
 
     gate: torch.Tensor
     up: torch.Tensor
     down: torch.Tensor
+    gate_up: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def fused(cls, gate_up: torch.Tensor, down: torch.Tensor) -> "Experts":
+        inter = gate_up.shape[1] // 2
+        return cls(gate_up[:, :inter], gate_up[:, inter:], down, gate_up)
 
     def __len__(self) -> int:
         return self.gate.shape[0]
 
     def to(self, *args, **kwargs) -> "Experts":
-        """Like Tensor.to (dtype and/or device), for all three matrices."""
+        """Like Tensor.to (dtype and/or device), for all three matrices (fused ones stay fused)."""
+        if self.gate_up is not None:
+            return Experts.fused(self.gate_up.to(*args, **kwargs), self.down.to(*args, **kwargs))
         return Experts(self.gate.to(*args, **kwargs), self.up.to(*args, **kwargs), self.down.to(*args, **kwargs))
+
+    @classmethod
+    def empty(cls, n: int, like: "Experts") -> "Experts":
+        """`n` uninitialised experts with `like`'s matrix shapes, dtype and device (fused)."""
+        inter, hidden = like.gate.shape[1:]
+        return cls.fused(like.gate.new_empty(n, 2 * inter, hidden), like.down.new_empty(n, *like.down.shape[1:]))
+
+    def fused_gate_up(self) -> torch.Tensor:
+        """[E, 2I, H]: W_G rows then W_U rows (no copy when the experts were read fused)."""
+        return self.gate_up if self.gate_up is not None else torch.cat([self.gate, self.up], dim=1)
 
     def matrices(self) -> dict[str, torch.Tensor]:
         return {"gate": self.gate, "up": self.up, "down": self.down}
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or inf in `t`, without `torch.isfinite`'s full-size temporaries (a GB for one
+    Mixtral expert stack): aminmax propagates NaN, and an inf is always an extreme."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def expert_hidden(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ def layer_entry(layer: int, stats, result, output_error: float, seconds: float) 
 
 def build(opts, method, calib_info: dict, layers: list[dict], experts_per_layer: list[int], source_bytes: int,
           out_bytes: int,
-          n_src: int, seconds: float, peak_rss: int) -> dict:
+          n_src: int, seconds: float, peak_rss: int, rss_before_weights: int) -> dict:
     return {
         "method": opts.method,
         "method_description": method.description,
@@ -34,6 +34,7 @@ def build(opts, method, calib_info: dict, layers: list[dict], experts_per_layer:
                   "experts_per_layer": experts_per_layer},  # 0: a layer without routed experts
         "time_seconds": round(seconds, 2),
         "peak_rss_bytes": peak_rss,
+        "rss_before_weights_bytes": rss_before_weights,  # of this run's process (a resumed run: its own)
         "layers": layers,
     }
 
@@ -51,7 +52,9 @@ def to_markdown(r: dict) -> str:
         f"({r['calibration']['tokens']} tokens) from " + ", ".join(r["calibration"]["sources"]),
         f"- weights: {s['source_weight_bytes'] / 1e6:.2f} MB -> {s['weight_bytes'] / 1e6:.2f} MB "
         f"(ratio {s['compression_ratio']:.3f})",
-        f"- time: {r['time_seconds']:.1f} s, peak resident memory {r['peak_rss_bytes'] / 2**20:.0f} MiB",
+        f"- time: {r['time_seconds']:.1f} s, peak resident memory {r['peak_rss_bytes'] / 2**20:.0f} MiB "
+        f"({r['rss_before_weights_bytes'] / 2**20:.0f} MiB before any weight was read: libraries, tokenizer, "
+        f"calibration tokens)",
         "",
         "| layer | experts | expert map | routing frequency | MoE output rel. error |",
         "|---:|---:|---|---|---:|",

@@ -230,6 +230,45 @@ def test_batched_and_spilled_calibration_gives_the_same_checkpoint(random_source
             torch.testing.assert_close(getattr(a.stats, field), getattr(b.stats, field), atol=1e-5, rtol=1e-5)
 
 
+def test_streaming_holds_one_layer_and_builds_it_without_copies(tmp_path):
+    """Memory that stays flat in model size, as behaviour: a layer's experts are freed before the
+    next layer is read (nothing in the pipeline keeps a finished group alive), transformers' layer
+    adopts the fused expert tensor as it is, and no tensor pins the source file's mapping."""
+    import gc
+    import weakref
+
+    from conftest import SHIPPED
+    from offline.calibration import calibration_windows
+    from offline.compress import CompressOptions, calibrated_layers, in_groups
+    from offline.synthetic import random_mixtral
+    from transformers import AutoTokenizer
+    src = random_mixtral(tmp_path / "src", SHIPPED, layers=4)
+    opts = CompressOptions(model=str(src), out=tmp_path / "x", method="submoe", num_experts=4,
+                           calib=CALIB[:1], samples=4, seq_len=32, progress=False)
+    windows, _ = calibration_windows(AutoTokenizer.from_pretrained(str(src)), opts.calib, 4, 32, 0)
+    ckpt = LazyCheckpoint(src)
+    arch = SourceArchitecture.of(ckpt.config)
+    experts = arch.read_experts(ckpt, 0, 8, torch.float32)
+    layer = arch.build_layer(0, {n: ckpt.get(n) for n in arch.non_expert_names(ckpt.names(), 0)}, experts)
+    assert layer.mlp.experts.gate_up_proj.data_ptr() == experts.gate_up.data_ptr() == experts.gate.data_ptr()
+    assert torch.equal(experts.up[3], ckpt.get("model.layers.0.block_sparse_moe.experts.3.w3.weight"))
+    previous, alive_at_read = [], []
+    read = ckpt.get
+
+    def get(name):  # when a layer's first expert is read, is any earlier layer's still alive?
+        if name.endswith("experts.0.w1.weight"):
+            gc.collect()
+            alive_at_read.append(sum(ref() is not None for ref in previous))
+        return read(name)
+    ckpt.get = get
+    for group in in_groups(calibrated_layers(ckpt, windows, opts), 1):
+        # tensors kept past the layer are owned copies (resizable), not views pinning the mapped file
+        assert all(t.untyped_storage().resizable() for t in group[0].tensors.values())
+        previous.append(weakref.ref(group[0].experts.gate_up))
+        del group
+    assert alive_at_read == [0, 0, 0, 0]
+
+
 def test_replayed_calibration_writes_what_a_streamed_run_writes(random_source, random_compressed, tmp_path):
     """The quality benchmark calibrates once and replays the layers to every method: that path keeps
     no resume state, and (twice into one --out, with force) writes the streamed run's checkpoint."""

@@ -116,3 +116,13 @@ def test_method_options_are_checked():
         make_method("average", rank=4)
     with pytest.raises(ValueError, match="--align-neurons does not apply to --method reap"):
         make_method("reap", align_neurons=True)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_all_finite_finds_any_nan_or_inf_in_a_strided_view(bad):
+    from offline.moe_math import all_finite
+    fused = torch.randn(4, 6, 5)
+    up = fused[:, 3:]  # a view, as the source experts are read
+    assert all_finite(up) and all_finite(torch.empty(0))
+    fused[2, 4, 1] = bad
+    assert not all_finite(up) and all_finite(fused[:, :3])

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from ..alignment import align_to
-from ..moe_math import Experts, Routing, as_routing
+from ..moe_math import Experts, Routing, all_finite, as_routing
 
 
 @dataclass
@@ -79,15 +79,14 @@ class ExpertReducer(ABC):
         if clusters is None:
             clusters = self.group(stats, num_out, seed, experts)
         clusters = canonical_clusters(clusters)
-        merged, infos = [], []
-        for members in clusters:
+        out, infos = Experts.empty(len(clusters), experts), []
+        for j, members in enumerate(clusters):  # each merge lands in its slot at once: no second copy of the layer
             source = experts
             if self.align_neurons and len(members) > 1:
                 source = align_to(experts, members, centre=dominant(stats.frequency, members))
             m, info = self.merge(source, members, stats)
-            merged.append(m)
+            out.gate[j], out.up[j], out.down[j] = m.gate[0], m.up[0], m.down[0]
             infos.append(info)
-        out = Experts(*(torch.cat([getattr(m, k) for m in merged]) for k in ("gate", "up", "down")))
         check_finite(out.matrices(), "the merged experts")
         return LayerResult(out, clusters_to_map(clusters, len(experts)), clusters, {"clusters": infos},
                            [self.representative(members, stats) for members in clusters])
@@ -159,7 +158,7 @@ def routed_tokens(stats: LayerStats, members: list[int]) -> torch.Tensor:
 
 def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
     for name, t in tensors.items():
-        if not torch.isfinite(t).all():
+        if not all_finite(t):
             label = f"W_{name}" if name in ("gate", "up", "down") else name
             raise MethodError(f"{label} of {what} has NaN or inf values: the source checkpoint is not finite "
                               f"there (check it, e.g. with safetensors, before compressing)")
