@@ -9,11 +9,25 @@ from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 
 
+def cosine_similarity(outputs: torch.Tensor, chunk_tokens: int = 256) -> torch.Tensor:
+    """[N, N] float64 cosine similarity of the experts' flattened outputs [N, T, H], accumulated
+    over token chunks: no float64 copy of the outputs (8 GiB for 128 experts x 2048 tokens x 4096)."""
+    n = outputs.shape[0]
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    for chunk in outputs.split(chunk_tokens, dim=1):
+        flat = chunk.reshape(n, -1).double()
+        gram += flat @ flat.T
+    norms = gram.diagonal().sqrt().clamp_min(1e-12)  # an all-zero output stays the zero vector
+    return gram / norms[:, None] / norms[None, :]
+
+
 def output_features(outputs: torch.Tensor) -> np.ndarray:
-    """One unit vector per expert: its outputs on the calibration tokens, flattened.
-    Euclidean k-means on unit vectors clusters by cosine similarity."""
-    flat = outputs.reshape(outputs.shape[0], -1).double()
-    return torch.nn.functional.normalize(flat, dim=1).numpy()
+    """One point per expert whose Euclidean geometry is that of its unit-normalised flattened outputs,
+    so k-means on them clusters by cosine similarity. N points span at most N dimensions: the
+    coordinates come from the N x N similarity matrix (G = Q Λ Qᵀ, X = Q Λ^½, hence X Xᵀ = G),
+    which keeps every distance and centroid while k-means works on [N, N], not [N, T*H]."""
+    eigvals, eigvecs = torch.linalg.eigh(cosine_similarity(outputs))
+    return (eigvecs * eigvals.clamp_min(0).sqrt()).numpy()
 
 
 def kmeans_clusters(features: np.ndarray, k: int, seed: int) -> list[list[int]]:
@@ -42,7 +56,3 @@ def assign_to_centres(scores: torch.Tensor, similarity: torch.Tensor, k: int) ->
             clusters[max(centres, key=lambda c: similarity[i, c].item())].append(i)
     return list(clusters.values())
 
-
-def cosine_similarity(outputs: torch.Tensor) -> torch.Tensor:
-    f = torch.from_numpy(output_features(outputs))
-    return f @ f.T

@@ -55,6 +55,23 @@ def test_kmeans_is_seeded_and_finds_planted_groups():
     assert groups == [[0, 1, 6, 7], [2, 3, 8, 9], [4, 5]]
 
 
+def test_expert_features_keep_the_geometry_of_the_normalised_outputs():
+    """k-means runs on N x N coordinates instead of the [N, T*H] outputs: every pairwise distance
+    (hence every centroid distance) and every cosine must be those of the flattened unit outputs,
+    an all-zero expert included, and the planted groups must come out the same."""
+    from offline.clustering import cosine_similarity, output_features
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(3, 300, 16, generator=g)
+    outputs = torch.cat([base + 0.05 * torch.randn(3, 300, 16, generator=g) for _ in range(2)] + [torch.zeros(1, 300, 16)])
+    unit = torch.nn.functional.normalize(outputs.reshape(len(outputs), -1).double(), dim=1)
+    x = torch.from_numpy(output_features(outputs))
+    assert x.shape == (7, 7)
+    torch.testing.assert_close(torch.cdist(x, x), torch.cdist(unit, unit), atol=1e-10, rtol=0)
+    torch.testing.assert_close(cosine_similarity(outputs, chunk_tokens=7), unit @ unit.T, atol=1e-12, rtol=0)
+    groups = sorted(sorted(c) for c in kmeans_clusters(output_features(outputs), 4, seed=0))
+    assert groups == sorted(sorted(c) for c in kmeans_clusters(unit.numpy(), 4, seed=0)) == [[0, 3], [1, 4], [2, 5], [6]]
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_methods_give_valid_maps_and_are_deterministic(method):
     experts, stats = _layer()
