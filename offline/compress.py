@@ -27,7 +27,7 @@ from .activations import Activations
 from .architecture import Rotary, SourceArchitecture, attention_half
 from .calibration import calibration_windows
 from .checkpoint import LazyCheckpoint, ShardWriter, copy_tokenizer, resumable_output_dir
-from .methods import LayerStats, make_method
+from .methods import ExpertReducer, LayerStats, make_method
 from .moe_math import Experts, Routing, all_expert_outputs, all_finite, moe_forward
 
 
@@ -261,7 +261,7 @@ def compress(opts: CompressOptions, calibrated: Iterable[CalibratedLayer] | None
                                 f"cannot be tokenized, and the output could not be served")
         tokenizer = AutoTokenizer.from_pretrained(str(ckpt.dir))
         windows, calib_info = calibration_windows(tokenizer, opts.calib, opts.samples, opts.seq_len, opts.seed)
-    rss_before_weights = rss_bytes()  # libraries, tokenizer, calibration tokens: what no layer adds to
+    rss_before_weights = rss_bytes()  # the floor no layer adds to: libraries, tokenizer, calibration tokens
     dev = torch.device(opts.device)
     src_dtype = ckpt.get("model.embed_tokens.weight").dtype
     replay = calibrated is not None
@@ -308,7 +308,7 @@ def compress(opts: CompressOptions, calibrated: Iterable[CalibratedLayer] | None
     return report
 
 
-def reduce_and_write(group: list[CalibratedLayer], method, budgets: list[int | None], arch: SourceArchitecture,
+def reduce_and_write(group: list[CalibratedLayer], method: ExpertReducer, budgets: list[int | None], arch: SourceArchitecture,
                      writer: ShardWriter, opts: CompressOptions, dtype: torch.dtype) -> list[dict | None]:
     """Merge one group of calibrated layers and write each as a shard: per layer its report entry,
     expert map included (None for a layer without routed experts, written as it is). Everything
