@@ -1,0 +1,89 @@
+"""Every method on both shipped models writes the checkpoint it wrote when these digests were
+recorded: a refactor of the pipeline must not move one bit of any tensor or expert map.
+
+    python tests/test_golden_checkpoints.py --record   # only when a change is *meant* to alter output
+
+The digests cover every tensor's name, dtype, shape and bytes and the `submoe` block's maps.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import CALIB, ROOT  # noqa: E402
+
+GOLDEN = Path(__file__).parent / "data" / "golden_checkpoints.json"
+MODELS = {"upcycled": ROOT / "models" / "tiny-mixtral-8e", "from-scratch": ROOT / "models" / "tiny-mixtral-8e-scratch"}
+CALIBRATION = dict(samples=16, seq_len=64, output_tokens=512, seed=1)
+# (label, method, experts, options, export)
+CASES = [(m, m, 4, {}, "remap") for m in ("submoe", "output-lsq", "mergemoe", "hc-smoe", "m-smoe", "reap",
+                                          "freq-prune", "average", "random")] + [
+    ("submoe+adaptive", "submoe", 4, {"adaptive": True}, "remap"),
+    ("submoe+rank0.5", "submoe", 4, {"rank_ratio": 0.5}, "remap"),
+    ("submoe+intra0.5", "submoe", 4, {"intra_rank_ratio": 0.5}, "remap"),
+    ("output-lsq+align", "output-lsq", 4, {"align_neurons": True}, "remap"),
+    ("mergemoe+align", "mergemoe", 6, {"align_neurons": True}, "remap"),
+    ("hc-smoe-per-layer", "hc-smoe", [6, 5, 4, 3], {}, "remap"),
+    ("reap-vanilla", "reap", 4, {}, "vanilla"),
+    ("m-smoe-vanilla", "m-smoe", 6, {}, "vanilla"),
+]
+
+
+def checkpoint_digest(path: Path) -> str:
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for name in sorted(st.keys()):
+                t = st.get_tensor(name).contiguous()
+                h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+                h.update(t.view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
+    config = json.loads((path / "config.json").read_text())
+    block = config.get("submoe") or {}
+    h.update(json.dumps([l and l["expert_map"] for l in block.get("layers", [])]).encode())
+    h.update(json.dumps(config.get("num_local_experts")).encode())
+    return h.hexdigest()
+
+
+def compress_case(model: Path, out: Path, method: str, experts, options: dict, export: str) -> Path:
+    import warnings
+
+    from offline.compress import CompressOptions, compress
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compress(CompressOptions(model=str(model), out=out, method=method, num_experts=experts, calib=CALIB,
+                                 method_options=options, export=export, progress=False, force=True, **CALIBRATION))
+    return out
+
+
+@pytest.fixture(scope="module")
+def golden() -> dict:
+    return json.loads(GOLDEN.read_text())
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_every_method_writes_the_recorded_checkpoint(model, golden, tmp_path):
+    changed = []
+    for label, method, experts, options, export in CASES:
+        got = checkpoint_digest(compress_case(MODELS[model], tmp_path / label, method, experts, options, export))
+        if got != golden[model][label]:
+            changed.append(label)
+    assert not changed, f"{model}: these checkpoints changed bits: {changed}"
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--record"]:
+    import tempfile
+    sys.path.insert(0, str(ROOT))
+    record = {}
+    with tempfile.TemporaryDirectory() as td:
+        for model, path in MODELS.items():
+            record[model] = {label: checkpoint_digest(compress_case(path, Path(td) / model / label, *case))
+                             for label, *case in CASES}
+            print(model, record[model])
+    GOLDEN.write_text(json.dumps(record, indent=2) + "\n")
