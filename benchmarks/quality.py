@@ -7,8 +7,8 @@ Calibration comes from the shipped calibration split (all domains, round-robin),
 from the held-out split of every domain: perplexity, KL(original || compressed), top-1
 agreement and greedy-continuation agreement, with retention (original / compressed perplexity)
 as mean and worst domain. Every figure is mean and spread over calibration seeds. Each
-(model, seed) is calibrated once and replayed to every method through `compress(...,
-calibrated=...)`: the statistics do not depend on the method, so they share one sample.
+(model, seed) is calibrated once and every method runs the pipeline's later stages on those
+layers (`compress_calibrated`): the statistics do not depend on the method, so they share one sample.
 Writes benchmarks/results/quality.{json,md} and quality*.png.
 """
 from __future__ import annotations
@@ -32,10 +32,18 @@ from transformers import AutoTokenizer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from offline.calibration import calibration_windows  # noqa: E402
-from offline.checkpoint import LazyCheckpoint  # noqa: E402
-from offline.compress import CompressOptions, calibrated_layers, compress  # noqa: E402
-from offline.data import domain_name, read_texts, token_windows  # noqa: E402
+from offline.calibration.windows import calibration_windows  # noqa: E402
+from offline.source.checkpoint import LazyCheckpoint  # noqa: E402
+from offline.calibration.layers import calibrated_layers, in_groups  # noqa: E402
+from offline.compress import reduce_and_write  # noqa: E402
+from offline.methods import make_method  # noqa: E402
+from offline.options import CompressOptions, layer_budgets  # noqa: E402
+from offline.source.architecture import SourceArchitecture  # noqa: E402
+from offline.writing.output import CompressedOutput  # noqa: E402
+from offline.writing.report import rss_bytes  # noqa: E402
+from offline.writing.workdir import resumable_output_dir  # noqa: E402
+from offline.calibration.windows import token_windows  # noqa: E402
+from vllm_submoe.texts import domain_name, read_texts  # noqa: E402
 from offline.evaluate import compare, first_divergence, greedy_continuations, load_reference, \
     next_token_logprobs  # noqa: E402
 
@@ -137,6 +145,20 @@ class Calibrations:
         return self.value
 
 
+def compress_calibrated(opts: CompressOptions, layers: list, calib_info: dict) -> dict:
+    """The pipeline after calibration, on layers calibrated once: reduce each group of layers and
+    write the checkpoint into `opts.out` (replaced; nothing to resume). Returns the report."""
+    t0 = time.time()
+    source = LazyCheckpoint(opts.model)
+    arch = SourceArchitecture.of(source.config)
+    budgets, method = layer_budgets(opts, source.config, arch), make_method(opts.method, **opts.method_options)
+    with resumable_output_dir(opts.out, True, opts.fingerprint(), restart=True, protect=source.dir) as work:
+        out = CompressedOutput(work.dir, source, arch, opts)
+        for group in in_groups(layers, method.joint_layers):
+            reduce_and_write(group, method, budgets, opts, out)
+        return out.finish(method, calib_info, time.time() - t0, rss_bytes())
+
+
 def run_one(model_dir: Path, cal: Calibrations, ev: Evaluator, tmp: Path, method: str, options: dict, n: int,
             seed: int, sources: list[str], samples: int, s: Settings) -> dict:
     layers, info = cal.get(sources, samples, seed)
@@ -144,10 +166,9 @@ def run_one(model_dir: Path, cal: Calibrations, ev: Evaluator, tmp: Path, method
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t0 = time.time()
-        report = compress(CompressOptions(model=str(model_dir), out=out, method=method, num_experts=n, samples=samples,
-                                          seq_len=s.seq_len, method_options=options, seed=seed, force=True,
-                                          output_tokens=s.output_tokens, progress=False),
-                          calibrated=layers, calib_info=info)
+        report = compress_calibrated(CompressOptions(
+            model=str(model_dir), out=out, method=method, num_experts=n, samples=samples, seq_len=s.seq_len,
+            method_options=options, seed=seed, force=True, output_tokens=s.output_tokens, progress=False), layers, info)
         merge_seconds = time.time() - t0
     figures = ev.score(out)
     figures.update(method=method, label=label(method, options), options=options, num_experts=n, seed=seed,
@@ -177,7 +198,7 @@ def summarise(runs: list[dict], keys=("label", "num_experts")) -> list[dict]:
 def cost_run(model_dir: Path, method: str, s: Settings, tmp: Path) -> dict:
     """A real `submoe compress` in a fresh process: wall time and peak resident memory as a user sees them."""
     out = tmp / f"cost-{method}"
-    cmd = [sys.executable, "-m", "offline.cli", "compress", "--model", str(model_dir), "--out", str(out), "--method",
+    cmd = [sys.executable, "-m", "submoe", "compress", "--model", str(model_dir), "--out", str(out), "--method",
            method, "--num-experts", "4", "--samples", str(s.samples), "--seq-len", str(s.seq_len), "--calib", *CALIB,
            "--no-progress", "--force"]
     t0 = time.time()

@@ -32,7 +32,7 @@ GiB = 2**30
 
 
 def compress(src: Path, out: Path, samples: int, *extra: str) -> dict:
-    cmd = [sys.executable, "-m", "offline.cli", "compress", "--model", str(src), "--out", str(out),
+    cmd = [sys.executable, "-m", "submoe", "compress", "--model", str(src), "--out", str(out),
            "--method", "submoe", "--num-experts", "4", "--samples", str(samples),
            "--seq-len", str(CALIB["seq_len"]), "--output-tokens", str(CALIB["output_tokens"]),
            "--calib", *map(str, sorted((ROOT / "data" / "calib").glob("*.jsonl"))), "--no-progress", "--force", *extra]

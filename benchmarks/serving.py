@@ -36,7 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from offline.compress import CompressOptions, compress  # noqa: E402
+from offline.compress import compress  # noqa: E402
+from offline.options import CompressOptions  # noqa: E402
 from offline.synthetic import random_mixtral  # noqa: E402
 from serving.launcher import VLLMServer, vllm_executable  # noqa: E402
 from serving.loadtest.cli import LoadTestOptions, run_phase, measure, run  # noqa: E402

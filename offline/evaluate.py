@@ -15,9 +15,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from vllm_submoe.checkpoint_format import layout_for, served_expert_maps
 
-from .architecture import SourceArchitecture, layer_prefix
-from .checkpoint import LazyCheckpoint, resolve_model_dir
-from .data import domain_name, read_texts, token_windows
+from .source.architecture import SourceArchitecture, layer_prefix
+from .source.checkpoint import LazyCheckpoint, resolve_model_dir
+from vllm_submoe.texts import domain_name, read_texts
+
+from .calibration.windows import token_windows
 from .moe_math import Experts
 
 

@@ -71,11 +71,6 @@ def all_expert_outputs(x: torch.Tensor, experts: Experts) -> torch.Tensor:
                         for e in range(len(experts))])
 
 
-def softmax_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool = True):
-    """Mixtral routing: softmax over all N logits, top-k, renormalise the k weights."""
-    return Routing(top_k, renormalize)(router_logits)
-
-
 @dataclass(frozen=True)
 class Routing:
     """How a source architecture turns N router logits into k (weight, expert) pairs per token,
@@ -119,10 +114,3 @@ def moe_forward(x: torch.Tensor, router: torch.Tensor, experts: Experts, routing
         y = expert_forward(x[rows], experts.gate[e], experts.up[e], experts.down[e])
         out.index_add_(0, rows, (y * weights[rows, slot, None]).float())
     return out.to(x.dtype)
-
-
-def routing_frequency(router_logits: torch.Tensor, routing: Routing | int) -> torch.Tensor:
-    """Share of top-k selections each router expert receives (sums to 1)."""
-    _, ids = as_routing(routing)(router_logits)
-    counts = torch.bincount(ids.flatten(), minlength=router_logits.shape[-1]).double()
-    return counts / counts.sum()

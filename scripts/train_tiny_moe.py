@@ -22,7 +22,8 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from offline.data import read_texts, token_windows  # noqa: E402
+from offline.calibration.windows import token_windows  # noqa: E402
+from vllm_submoe.texts import read_texts  # noqa: E402
 
 ARCH = dict(vocab_size=4096, hidden_size=256, intermediate_size=384, num_hidden_layers=4,
             num_attention_heads=8, num_key_value_heads=4, head_dim=32, max_position_embeddings=1024,

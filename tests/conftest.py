@@ -32,19 +32,23 @@ def write_config(path: Path, **changes) -> None:
     (path / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def random_layer(seed=0, n=8, h=16, i=24, t=64):
-    """One random MoE layer's experts and calibration statistics (in memory)."""
+def random_layer(seed=0, n=8, h=16, i=24, t=64, router_gain=1.0):
+    """One random MoE layer's experts and the calibration statistics a router over them gives: logits
+    from a random router on random tokens, frequency counted from those logits' top-2, as
+    calibration measures them (so frequency, gate weights and logits agree)."""
     import torch
 
-    from offline.methods import LayerStats
-    from offline.moe_math import Experts, all_expert_outputs
+    from offline.calibration.stats import LayerStats
+    from offline.moe_math import Experts, Routing, all_expert_outputs
     g = torch.Generator().manual_seed(seed)
     experts = Experts(torch.randn(n, i, h, generator=g), torch.randn(n, i, h, generator=g),
                       torch.randn(n, h, i, generator=g))
     tokens = torch.randn(t, h, generator=g)
-    freq = torch.rand(n, generator=g)
-    stats = LayerStats(frequency=freq / freq.sum(), tokens=tokens, outputs=all_expert_outputs(tokens, experts),
-                       router_logits=torch.randn(t, n, generator=g), top_k=2, samples=64)
+    logits = tokens @ (torch.randn(n, h, generator=g) * router_gain / h ** 0.5).T
+    _, ids = Routing(2)(logits)
+    counts = torch.bincount(ids.flatten(), minlength=n).double()
+    stats = LayerStats(frequency=counts / counts.sum(), tokens=tokens, outputs=all_expert_outputs(tokens, experts),
+                       router_logits=logits, top_k=2, samples=64)
     return experts, stats
 
 
@@ -66,7 +70,8 @@ def random_source(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def random_compressed(tmp_path_factory, random_source) -> Path:
-    from offline.compress import CompressOptions, compress
+    from offline.compress import compress
+    from offline.options import CompressOptions
     out = tmp_path_factory.mktemp("random-4e") / "out"
     compress(CompressOptions(model=str(random_source), out=out, method="submoe", num_experts=4,
                              calib=CALIB[:2], samples=8, seq_len=64, progress=False))

@@ -1,16 +1,17 @@
 """`submoe compress` / `submoe eval` end to end on a random Mixtral, and every bad input."""
 import json
 import shutil
+import sys
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import CALIB, EVAL, tree_digest, write_config
-from offline.checkpoint import LazyCheckpoint
+from conftest import CALIB, EVAL, ROOT, tree_digest, write_config
+from offline.source.checkpoint import LazyCheckpoint
 from offline.cli import main as cli
 from offline.evaluate import evaluate, load_reference
-from offline.architecture import SourceArchitecture
+from offline.source.architecture import SourceArchitecture
 from offline.moe_math import moe_forward
 from vllm_submoe.checkpoint_format import expected_expert_tensors, layout_for, parse_block
 
@@ -43,7 +44,8 @@ def test_compressed_checkpoint_is_complete_and_source_untouched(random_source, t
 
 
 def test_compression_is_deterministic_given_a_seed(random_source, random_compressed, tmp_path):
-    from offline.compress import CompressOptions, compress
+    from offline.compress import compress
+    from offline.options import CompressOptions
     out = tmp_path / "again"
     compress(CompressOptions(model=str(random_source), out=out, method="submoe", num_experts=4,
                              calib=CALIB[:2], samples=8, seq_len=64, progress=False))
@@ -213,8 +215,9 @@ def test_a_partial_run_with_other_settings_is_not_resumed(random_source, tmp_pat
 def test_batched_and_spilled_calibration_gives_the_same_checkpoint(random_source, tmp_path):
     """Windows one at a time with activations in files: the statistics, hence the merge, are the
     all-at-once in-RAM ones (sampled tokens kept in the same order)."""
-    from offline.compress import CompressOptions, calibrated_layers
-    from offline.calibration import calibration_windows
+    from offline.calibration.layers import calibrated_layers
+    from offline.options import CompressOptions
+    from offline.calibration.windows import calibration_windows
     from transformers import AutoTokenizer
     opts = CompressOptions(model=str(random_source), out=tmp_path / "x", method="submoe", num_experts=4,
                            calib=CALIB[:2], samples=8, seq_len=64, progress=False)
@@ -238,8 +241,9 @@ def test_streaming_holds_one_layer_and_builds_it_without_copies(tmp_path):
     import weakref
 
     from conftest import SHIPPED
-    from offline.calibration import calibration_windows
-    from offline.compress import CompressOptions, calibrated_layers, in_groups
+    from offline.calibration.windows import calibration_windows
+    from offline.calibration.layers import calibrated_layers, in_groups
+    from offline.options import CompressOptions
     from offline.synthetic import random_mixtral
     from transformers import AutoTokenizer
     src = random_mixtral(tmp_path / "src", SHIPPED, layers=4)
@@ -269,18 +273,23 @@ def test_streaming_holds_one_layer_and_builds_it_without_copies(tmp_path):
     assert alive_at_read == [0, 0, 0, 0]
 
 
-def test_replayed_calibration_writes_what_a_streamed_run_writes(random_source, random_compressed, tmp_path):
-    """The quality benchmark calibrates once and replays the layers to every method: that path keeps
-    no resume state, and (twice into one --out, with force) writes the streamed run's checkpoint."""
-    from offline.compress import CompressOptions, calibrated_layers, compress
-    from offline.calibration import calibration_windows
+def test_stages_on_layers_calibrated_once_write_what_a_streamed_run_writes(random_source, random_compressed,
+                                                                            tmp_path):
+    """The quality benchmark calibrates once and runs the later stages per method: that path keeps
+    no resume state, and (twice into one --out) writes the streamed run's checkpoint."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from quality import compress_calibrated
+
+    from offline.calibration.layers import calibrated_layers
+    from offline.calibration.windows import calibration_windows
+    from offline.options import CompressOptions
     from transformers import AutoTokenizer
     opts = CompressOptions(model=str(random_source), out=tmp_path / "out", method="submoe", num_experts=4,
                            calib=CALIB[:2], samples=8, seq_len=64, progress=False, force=True)
     windows, info = calibration_windows(AutoTokenizer.from_pretrained(str(random_source)), opts.calib, 8, 64, 0)
     layers = list(calibrated_layers(LazyCheckpoint(random_source), windows, opts))
     for _ in range(2):
-        compress(opts, calibrated=layers, calib_info=info)
+        compress_calibrated(opts, layers, info)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
         assert not (opts.out / "progress.json").exists()
         a, b = _checkpoint_tensors(opts.out), _checkpoint_tensors(random_compressed)

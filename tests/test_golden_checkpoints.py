@@ -54,7 +54,8 @@ def checkpoint_digest(path: Path) -> str:
 def compress_case(model: Path, out: Path, method: str, experts, options: dict, export: str) -> Path:
     import warnings
 
-    from offline.compress import CompressOptions, compress
+    from offline.compress import compress
+    from offline.options import CompressOptions
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         compress(CompressOptions(model=str(model), out=out, method=method, num_experts=experts, calib=CALIB,

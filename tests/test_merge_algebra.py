@@ -3,10 +3,11 @@ import numpy as np
 import pytest
 import torch
 
-from offline.clustering import kmeans_clusters
+from offline.methods.clustering import kmeans_clusters
 from conftest import random_layer as _layer
-from offline.methods import METHODS, make_method
-from offline.methods.base import clusters_to_map, merge_weights
+from offline.methods import METHODS, make_method, reduce_layer
+from offline.methods.base import clusters_to_map
+from offline.methods.merging import merge_weights
 from offline.methods.submoe import subspace_merge
 from offline.moe_math import Experts
 
@@ -17,11 +18,19 @@ def _mats(k=3, n_out=12, n_in=10, seed=0):
 
 
 def test_full_rank_submoe_equals_frequency_weighted_average():
-    mats = _mats()
-    w = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
-    merged, err = subspace_merge(mats, w, rank=None)
-    torch.testing.assert_close(merged, torch.einsum("k,kij->ij", w, mats), atol=1e-10, rtol=0)
-    assert err < 1e-12
+    """Sub-MoE's joint-SVD merge at full rank is the frequency-weighted average: the identity that
+    lets production skip the SVD. Checked where production merges (SubMoE.merge, full rank by
+    default and for any --rank at or above full) against the SVD path it skips."""
+    experts, stats = _layer(seed=4)
+    members = [1, 4, 6]
+    w = merge_weights(stats.frequency, members)
+    for method in (make_method("submoe"), make_method("submoe", rank=10_000)):
+        m = method.merge(experts, members, members[0], stats)
+        for which, mats in experts.matrices().items():
+            svd, err = subspace_merge(mats[members].double(), w, rank=None)
+            torch.testing.assert_close(getattr(m.expert, which)[0].double(), svd, atol=1e-5, rtol=1e-5)
+            assert m.rank[which] == min(mats.shape[1], 3 * mats.shape[2]) and m.truncation_error[which] == 0
+            assert err < 1e-10
 
 
 @pytest.mark.parametrize("rank", [1, 4, 8])
@@ -59,7 +68,7 @@ def test_expert_features_keep_the_geometry_of_the_normalised_outputs():
     """k-means runs on N x N coordinates instead of the [N, T*H] outputs: every pairwise distance
     (hence every centroid distance) and every cosine must be those of the flattened unit outputs,
     an all-zero expert included, and the planted groups must come out the same."""
-    from offline.clustering import cosine_similarity, output_features
+    from offline.methods.clustering import cosine_similarity, output_features
     g = torch.Generator().manual_seed(0)
     base = torch.randn(3, 300, 16, generator=g)
     outputs = torch.cat([base + 0.05 * torch.randn(3, 300, 16, generator=g) for _ in range(2)] + [torch.zeros(1, 300, 16)])
@@ -75,8 +84,8 @@ def test_expert_features_keep_the_geometry_of_the_normalised_outputs():
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_methods_give_valid_maps_and_are_deterministic(method):
     experts, stats = _layer()
-    a = make_method(method).reduce_layer(experts, stats, 3, seed=0)
-    b = make_method(method).reduce_layer(experts, stats, 3, seed=0)
+    a = reduce_layer(make_method(method), experts, stats, 3, seed=0)
+    b = reduce_layer(make_method(method), experts, stats, 3, seed=0)
     assert len(a.experts) == 3 and a.experts.gate.shape == (3, 24, 16) and a.experts.down.shape == (3, 16, 24)
     assert sorted(set(a.expert_map)) == [0, 1, 2] and len(a.expert_map) == 8
     assert a.expert_map == b.expert_map
@@ -85,7 +94,7 @@ def test_methods_give_valid_maps_and_are_deterministic(method):
 
 def test_submoe_layer_merge_is_weighted_average_of_its_clusters():
     experts, stats = _layer(seed=3)
-    r = make_method("submoe").reduce_layer(experts, stats, 3, seed=0)
+    r = reduce_layer(make_method("submoe"), experts, stats, 3, seed=0)
     for j, members in enumerate(r.clusters):
         w = merge_weights(stats.frequency, members).float()
         for which in ("gate", "up", "down"):
@@ -93,9 +102,9 @@ def test_submoe_layer_merge_is_weighted_average_of_its_clusters():
             torch.testing.assert_close(getattr(r.experts, which)[j], torch.einsum("k,kij->ij", w, mats),
                                        atol=1e-4, rtol=1e-4)
     # and an explicit rank below full goes through the subspace projection instead
-    low = make_method("submoe", rank=4).reduce_layer(experts, stats, 3, seed=0)
+    low = reduce_layer(make_method("submoe", rank=4), experts, stats, 3, seed=0)
     assert low.expert_map == r.expert_map
-    assert all(c["gate_rank"] == 4 and c["gate_truncation_error"] > 0 for c in low.info["clusters"])
+    assert all(c.rank["gate"] == 4 and c.truncation_error["gate"] > 0 for c in low.merges)
 
 
 def test_identical_experts_still_fill_the_budget():
@@ -104,19 +113,19 @@ def test_identical_experts_still_fill_the_budget():
     from offline.moe_math import all_expert_outputs
     stats.outputs = all_expert_outputs(stats.tokens, same)
     for method in [m for m in METHODS if m not in ("freq-prune", "reap")]:
-        r = make_method(method).reduce_layer(same, stats, 3, seed=0)
+        r = reduce_layer(make_method(method), same, stats, 3, seed=0)
         assert len(r.experts) == 3 and sorted(set(r.expert_map)) == [0, 1, 2]
         torch.testing.assert_close(r.experts.gate, same.gate[:3], atol=1e-5, rtol=1e-5)
 
 
 def test_freq_prune_keeps_the_most_frequent_experts_unchanged():
     experts, stats = _layer(seed=5)
-    r = make_method("freq-prune").reduce_layer(experts, stats, 3, seed=0)
+    r = reduce_layer(make_method("freq-prune"), experts, stats, 3, seed=0)
     top = set(torch.argsort(stats.frequency, descending=True)[:3].tolist())
-    kept = {c["kept"] for c in r.info["clusters"]}
+    kept = {c.kept for c in r.merges}
     assert kept == top
-    for j, c in enumerate(r.info["clusters"]):
-        torch.testing.assert_close(r.experts.gate[j], experts.gate[c["kept"]], atol=0, rtol=0)
+    for j, c in enumerate(r.merges):
+        torch.testing.assert_close(r.experts.gate[j], experts.gate[c.kept], atol=0, rtol=0)
 
 
 def test_clusters_to_map_rejects_unassigned_experts():

@@ -5,16 +5,14 @@ import pytest
 import torch
 
 from conftest import random_layer
-from offline.alignment import align_to, neuron_features, neuron_permutation
-from offline.methods import METHODS, CalibrationWarning, MethodError, make_method
-from offline.methods.base import merge_weights, weighted_average
-from offline.methods.mergemoe import least_squares_down
-from offline.methods.output_lsq import remapped_output_error
+from offline.methods.alignment import align_to, neuron_features, neuron_permutation
+from offline.methods import METHODS, CalibrationWarning, Grouping, MethodError, make_method, reduce_layer, reduce_layers
+from offline.methods.base import WeightMerge
+from offline.methods.merging import least_squares_down, merge_weights, weighted_average
 from offline.methods.reap import reap_scores
 from offline.methods.submoe import whitened_low_rank
 from offline.moe_math import Experts, all_expert_outputs, expert_forward, expert_hidden
 
-MERGING = sorted(m for m in METHODS if METHODS[m].merges_weights)
 
 
 def _weighted_target(experts, stats, members):
@@ -24,7 +22,7 @@ def _weighted_target(experts, stats, members):
 
 def test_mergemoe_down_projection_solves_its_least_squares():
     experts, stats = random_layer(seed=1, t=200)
-    r = make_method("mergemoe").reduce_layer(experts, stats, 3, seed=0)
+    r = reduce_layer(make_method("mergemoe"), experts, stats, 3, seed=0)
     for j, members in enumerate(r.clusters):
         if len(members) == 1:
             continue
@@ -43,7 +41,7 @@ def test_mergemoe_down_projection_solves_its_least_squares():
 def test_mergemoe_centres_are_the_most_frequent_experts():
     experts, stats = random_layer(seed=2, t=200)
     for method in ("mergemoe", "m-smoe"):
-        r = make_method(method).reduce_layer(experts, stats, 3, seed=0)
+        r = reduce_layer(make_method(method), experts, stats, 3, seed=0)
         top = set(torch.argsort(stats.frequency, descending=True)[:3].tolist())
         assert all(len(set(c) & top) == 1 for c in r.clusters), (method, r.clusters)
 
@@ -52,8 +50,8 @@ def test_mergemoe_warns_below_the_papers_sample_threshold():
     experts, stats = random_layer(seed=1, t=16)  # 16 tokens for 24 unknowns per row: underdetermined
     stats.samples = 8
     with pytest.warns(CalibrationWarning, match="8 calibration samples.*16 tokens for 24 unknowns"):
-        r = make_method("mergemoe").reduce_layer(experts, stats, 3, seed=0)
-    assert any(c.get("underdetermined") for c in r.info["clusters"])
+        r = reduce_layer(make_method("mergemoe"), experts, stats, 3, seed=0)
+    assert any(c.underdetermined for c in r.merges)
 
 
 def test_least_squares_down_with_ridge_is_never_worse_than_its_prior():
@@ -75,10 +73,10 @@ def test_reap_keeps_the_highest_scoring_experts_and_its_score_is_the_papers():
         brute.append(sum(probs[t, j] * stats.outputs[j, t].double().norm() for t in rows) / max(1, len(rows)))
     scores = reap_scores(stats)
     torch.testing.assert_close(scores, torch.stack([torch.as_tensor(b, dtype=torch.float64) for b in brute]))
-    r = make_method("reap").reduce_layer(experts, stats, 3, seed=0)
-    assert {c["kept"] for c in r.info["clusters"]} == set(torch.argsort(scores, descending=True)[:3].tolist())
-    for j, c in enumerate(r.info["clusters"]):
-        torch.testing.assert_close(r.experts.down[j], experts.down[c["kept"]], atol=0, rtol=0)
+    r = reduce_layer(make_method("reap"), experts, stats, 3, seed=0)
+    assert {c.kept for c in r.merges} == set(torch.argsort(scores, descending=True)[:3].tolist())
+    for j, c in enumerate(r.merges):
+        torch.testing.assert_close(r.experts.down[j], experts.down[c.kept], atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("method", ["submoe", "hc-smoe", "output-lsq", "average"])
@@ -89,19 +87,45 @@ def test_output_based_grouping_recovers_planted_pairs(method):
     pairs = Experts(*(torch.cat([m[:4], m[:4] + 0.01 * torch.randn(m[:4].shape, generator=g)])
                       for m in experts.matrices().values()))
     stats.outputs = all_expert_outputs(stats.tokens, pairs)
-    r = make_method(method).reduce_layer(pairs, stats, 4, seed=0)
+    r = reduce_layer(make_method(method), pairs, stats, 4, seed=0)
     assert r.clusters == [[0, 4], [1, 5], [2, 6], [3, 7]]
 
 
+def _served_error_by_loop(stats, result) -> float:
+    """The remapped MoE output's relative error, token by token: top-2 of the router logits, each
+    chosen router expert computing with its merged expert (independent of the code under test)."""
+    num = den = 0.0
+    for t in range(len(stats.tokens)):
+        p = torch.softmax(stats.router_logits[t].double(), -1)
+        w, ids = p.topk(2)
+        w = w / w.sum()
+        x = stats.tokens[t:t + 1]
+        src = sum(wi * stats.outputs[i, t].double() for wi, i in zip(w, ids.tolist()))
+        e = result.experts
+        served = sum(wi * expert_forward(x, e.gate[j], e.up[j], e.down[j])[0].double()
+                     for wi, j in zip(w, [result.expert_map[i] for i in ids.tolist()]))
+        num += ((served - src) ** 2).sum().item()
+        den += (src ** 2).sum().item()
+    return (num / den) ** 0.5
+
+
 def test_output_lsq_picks_the_grouping_with_least_held_out_error():
+    from offline.methods.output_lsq import candidate_groupings, split_stats
     experts, stats = random_layer(seed=7, t=1500)
-    r = make_method("output-lsq").reduce_layer(experts, stats, 4, seed=0)
-    errors = r.info["held_out_error_by_grouping"]
-    assert set(errors) == {"output-kmeans", "output-hierarchical", "router-logit-centres"}
-    assert r.info["grouping"] == min(errors, key=errors.get)
+    method = make_method("output-lsq")
+    r = reduce_layer(method, experts, stats, 4, seed=0)
+    fit, held = split_stats(stats)
+    # each candidate merged on the fit tokens, scored on the held-out ones by an independent loop
+    loop = {name: _served_error_by_loop(held, reduce_layer(method, experts, fit, 4, 0, Grouping(c)))
+            for name, c in candidate_groupings(stats, 4, 0).items()}
+    assert set(loop) == set(r.grouping.held_out_errors)
+    for name, err in loop.items():
+        assert r.grouping.held_out_errors[name] == pytest.approx(err, rel=1e-4)
+    assert loop[r.grouping.chosen_by] == min(loop.values())
+    assert sorted(r.clusters) == sorted(sorted(c) for c in candidate_groupings(stats, 4, 0)[r.grouping.chosen_by])
     # with enough routed tokens its fitted down projections beat the plain frequency-weighted merge
-    plain = make_method("hc-smoe").reduce_layer(experts, stats, 4, seed=0, clusters=r.clusters)
-    assert remapped_output_error(stats, r) < remapped_output_error(stats, plain)
+    plain = reduce_layer(make_method("hc-smoe"), experts, stats, 4, seed=0, grouping=Grouping(r.clusters))
+    assert _served_error_by_loop(stats, r) < _served_error_by_loop(stats, plain)
 
 
 def test_neuron_alignment_recovers_a_permutation_and_preserves_the_function():
@@ -128,8 +152,8 @@ def test_aligned_merge_of_permuted_copies_is_the_original_expert():
     copies = Experts(torch.stack([experts.gate[0][p] for p in perms]), torch.stack([experts.up[0][p] for p in perms]),
                      torch.stack([experts.down[0][:, p] for p in perms]))
     stats.outputs = all_expert_outputs(stats.tokens, copies)
-    plain = make_method("average").reduce_layer(copies, stats, 2, seed=0)
-    aligned = make_method("average", align_neurons=True).reduce_layer(copies, stats, 2, seed=0)
+    plain = reduce_layer(make_method("average"), copies, stats, 2, seed=0)
+    aligned = reduce_layer(make_method("average", align_neurons=True), copies, stats, 2, seed=0)
     for r in (plain, aligned):
         assert len(r.experts) == 2
     out = lambda r: expert_forward(stats.tokens, r.experts.gate[0], r.experts.up[0], r.experts.down[0])  # noqa: E731
@@ -153,9 +177,9 @@ def test_whitened_low_rank_is_exact_at_full_rank_and_beats_plain_svd_on_its_inpu
 
 def test_submoe_dagger_reports_its_intra_expert_error():
     experts, stats = random_layer(seed=10, t=200)
-    r = make_method("submoe", intra_rank_ratio=0.5).reduce_layer(experts, stats, 3, seed=0)
-    for j, c in enumerate(r.info["clusters"]):
-        assert c["gate_intra_rank"] == 8 and 0 < c["gate_intra_error"] < 1
+    r = reduce_layer(make_method("submoe", intra_rank_ratio=0.5), experts, stats, 3, seed=0)
+    for j, c in enumerate(r.merges):
+        assert c.intra_rank["gate"] == 8 and 0 < c.intra_error["gate"] < 1
         assert torch.linalg.matrix_rank(r.experts.gate[j]) == 8  # float32 tolerance: it is stored in float32
     assert "factors" in make_method("submoe", intra_rank_ratio=0.5).settings()["note"]
     with pytest.raises(MethodError, match="--intra-rank-ratio must be in"):
@@ -165,18 +189,18 @@ def test_submoe_dagger_reports_its_intra_expert_error():
 def test_adaptive_submoe_groups_adjacent_layers_jointly():
     a, b = random_layer(seed=11), random_layer(seed=12)
     method = make_method("submoe", adaptive=True)
-    assert method.layers_per_group == 2
-    ra, rb = method.reduce_layers([a, b], [3, 3], seed=0)
+    assert method.joint_layers == 2
+    ra, rb = reduce_layers(method, [a, b], [3, 3], seed=0)
     assert ra.clusters == rb.clusters and len(ra.experts) == len(rb.experts) == 3
     with pytest.raises(MethodError, match="adjacent layers jointly.*must be equal"):
-        method.reduce_layers([a, b], [3, 4], seed=0)
+        reduce_layers(method, [a, b], [3, 4], seed=0)
 
 
 def test_random_merge_is_seeded_and_balanced():
     experts, stats = random_layer()
-    a = make_method("random").reduce_layer(experts, stats, 3, seed=0)
-    assert a.expert_map == make_method("random").reduce_layer(experts, stats, 3, seed=0).expert_map
-    assert a.expert_map != make_method("random").reduce_layer(experts, stats, 3, seed=1).expert_map
+    a = reduce_layer(make_method("random"), experts, stats, 3, seed=0)
+    assert a.expert_map == reduce_layer(make_method("random"), experts, stats, 3, seed=0).expert_map
+    assert a.expert_map != reduce_layer(make_method("random"), experts, stats, 3, seed=1).expert_map
     assert sorted(len(c) for c in a.clusters) == [2, 3, 3]
 
 
@@ -190,11 +214,11 @@ def test_expert_never_routed_and_clusters_of_one(method):
     assert stats.frequency[2] == 0 and stats.frequency[6] == 0
     with warnings.catch_warnings():
         warnings.simplefilter("error", CalibrationWarning)
-        r = make_method(method).reduce_layer(experts, stats, 7, seed=0)
+        r = reduce_layer(make_method(method), experts, stats, 7, seed=0)
     assert len(r.experts) == 7 and sorted(set(r.expert_map)) == list(range(7))
     assert all(torch.isfinite(m).all() for m in r.experts.matrices().values())
     if method in ("freq-prune", "reap"):  # the one expert dropped is one never routed
-        dropped = set(range(8)) - {c["kept"] for c in r.info["clusters"]}
+        dropped = set(range(8)) - {c.kept for c in r.merges}
         assert len(dropped) == 1 and dropped < {2, 6}
 
 
@@ -204,7 +228,7 @@ def test_non_finite_weights_or_calibration_are_refused_with_a_clear_message(meth
     bad = Experts(experts.gate, experts.up.clone(), experts.down)
     bad.up[3, 0, 0] = float("nan")
     with pytest.raises(MethodError, match="W_up of the source experts has NaN or inf"):
-        make_method(method).reduce_layer(bad, stats, 4, seed=0)
+        reduce_layer(make_method(method), bad, stats, 4, seed=0)
     stats.router_logits[5, 1] = float("inf")
     with pytest.raises(MethodError, match="router_logits of the calibration statistics has NaN or inf"):
-        make_method(method).reduce_layer(experts, stats, 4, seed=0)
+        reduce_layer(make_method(method), experts, stats, 4, seed=0)

@@ -13,8 +13,10 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from conftest import CALIB, SHIPPED
-from offline.checkpoint import LazyCheckpoint, copy_tokenizer
-from offline.compress import CompressOptions, compress
+from offline.source.checkpoint import LazyCheckpoint
+from offline.writing.shards import copy_tokenizer
+from offline.compress import compress
+from offline.options import CompressOptions
 from offline.evaluate import load_reference
 from offline.synthetic import random_mixtral
 from vllm_helpers import assert_matches_reference, reference_greedy, vllm_results

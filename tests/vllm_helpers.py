@@ -85,7 +85,7 @@ def reference_greedy(model, prompt: list[int], max_tokens: int) -> dict:
 
 
 def eval_prompts(tokenizer, files: list[str], n_per_file: int = 1, length: int = 24) -> list[list[int]]:
-    from offline.data import read_texts
+    from vllm_submoe.texts import read_texts
     prompts = []
     for f in files:
         for text in read_texts(f)[:n_per_file]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import inspect
 
-from .base import ExpertReducer, LayerResult, LayerStats, MethodError
+from .base import Grouping, LayerResult, Merge, Method, MethodError, reduce_layer, reduce_layers
 from .baselines import Average, FrequencyPrune, RandomMerge
 from .hcsmoe import HCSMoE, MSMoE
 from .mergemoe import CalibrationWarning, MergeMoE
@@ -11,15 +11,15 @@ from .output_lsq import OutputLSQ
 from .reap import REAP
 from .submoe import SubMoE
 
-METHODS: dict[str, type[ExpertReducer]] = {m.name: m for m in (
+METHODS: dict[str, type[Method]] = {m.name: m for m in (
     SubMoE, OutputLSQ, MergeMoE, HCSMoE, MSMoE, REAP, FrequencyPrune, Average, RandomMerge)}
 
 
 def method_options(name: str) -> set[str]:
-    return set(inspect.signature(METHODS[name].__init__).parameters) - {"self"}
+    return set(inspect.signature(METHODS[name].__init__).parameters) - {"self", "args", "kwargs"}
 
 
-def make_method(name: str, **options) -> ExpertReducer:
+def make_method(name: str, **options) -> Method:
     """The method `name` with the options given (None = not given); an option the method does not
     take is an error naming the methods that do."""
     if name not in METHODS:
@@ -33,5 +33,5 @@ def make_method(name: str, **options) -> ExpertReducer:
     return METHODS[name](**given)
 
 
-__all__ = ["METHODS", "CalibrationWarning", "ExpertReducer", "LayerResult", "LayerStats", "MethodError",
-           "make_method", "method_options"]
+__all__ = ["METHODS", "CalibrationWarning", "Grouping", "LayerResult", "Merge", "Method", "MethodError",
+           "make_method", "method_options", "reduce_layer", "reduce_layers"]

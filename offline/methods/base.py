@@ -1,36 +1,69 @@
-"""One interface for every expert-reduction method: group a layer's experts, merge each group."""
+"""The method contract: a method `group`s a layer's router experts and `merge`s each group.
+
+That is all a method defines. `reduce_layer` runs the two on one layer (checks, canonical order,
+neuron alignment, one slot per merged expert) and `reduce_layers` on the layers a method groups
+jointly (Sub-MoE's adaptive variant). Results are typed: a `Grouping` per layer, a `Merge` per
+merged expert, a `LayerResult` the writer and the report read.
+"""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import torch
 
-from ..alignment import align_to
-from ..moe_math import Experts, Routing, all_finite, as_routing
+from vllm_submoe.errors import SubMoEError
+
+from ..calibration.stats import LayerStats
+from ..moe_math import Experts, all_finite
+from .alignment import align_to
+
+MATRICES = ("gate", "up", "down")
+
+
+class MethodError(SubMoEError):
+    """Options a method cannot work with."""
 
 
 @dataclass
-class LayerStats:
-    """What calibration measured for one MoE layer."""
+class Grouping:
+    """Which router experts share a merged expert."""
 
-    frequency: torch.Tensor  # [N] share of top-k selections per router expert (sums to 1)
-    tokens: torch.Tensor  # [T, H] sampled MoE inputs
-    outputs: torch.Tensor  # [N, T, H] every expert's output on those tokens
-    router_logits: torch.Tensor  # [T, N] on the sampled tokens
-    top_k: int = 2
-    samples: int = 0  # calibration windows behind the figures (MergeMoE's collapse threshold)
-    routing: Routing | None = None  # the source architecture's routing; None: Mixtral's with top_k
+    clusters: list[list[int]]
+    centres: list[int] | None = None  # per cluster, the member standing for it (None: the most frequent one)
+    scores: torch.Tensor | None = None  # [N] per router expert, for methods that rank experts (pruning)
+    chosen_by: str | None = None  # a method that tries several groupings: the winner's name
+    held_out_errors: dict[str, float] | None = None  # ... and each candidate's held-out output error
 
-    def __post_init__(self):
-        self.routing = as_routing(self.routing or self.top_k)
-        self.top_k = self.routing.top_k
 
-    def gate_weights(self) -> torch.Tensor:
-        """[T, N] the source routing weight of every expert on every sampled token (0 if not in its top-k)."""
-        w, ids = self.routing(self.router_logits)
-        return torch.zeros(self.router_logits.shape, dtype=w.dtype).scatter_(1, ids, w)
+@dataclass
+class Merge:
+    """One merged expert and the figures the report gives for it (None: not applicable)."""
+
+    expert: Experts  # leading dim 1
+    members: list[int]
+    weights: list[float] | None = None  # of the members, in the merge
+    kept: int | None = None  # pruning: the member kept as it is
+    score: float | None = None  # pruning: the kept member's score
+    rank: dict[str, int] | None = None  # Sub-MoE: rank kept per matrix ...
+    truncation_error: dict[str, float] | None = None  # ... and what truncating to it lost
+    intra_rank: dict[str, int] | None = None  # Sub-MoE†: intra-expert low rank per matrix ...
+    intra_error: dict[str, float] | None = None  # ... and its relative output error
+    least_squares_tokens: int | None = None  # W_D fitted on this many tokens
+    underdetermined: bool | None = None
+    ridge: float | str | None = None  # output-lsq: the chosen ridge, or "average" when the average won
+
+    def report(self) -> dict:
+        out = {"members": self.members}
+        for key in ("weights", "kept", "score", "least_squares_tokens", "underdetermined", "ridge"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        for key, suffix in (("rank", "rank"), ("truncation_error", "truncation_error"),
+                            ("intra_rank", "intra_rank"), ("intra_error", "intra_error")):
+            for m, v in (getattr(self, key) or {}).items():
+                out[f"{m}_{suffix}"] = v
+        return out
 
 
 @dataclass
@@ -38,85 +71,91 @@ class LayerResult:
     experts: Experts  # [N', ...] merged experts
     expert_map: list[int]  # router expert -> merged expert
     clusters: list[list[int]]
-    info: dict = field(default_factory=dict)  # per-method figures for the report
-    representatives: list[int] = field(default_factory=list)  # router row kept per merged expert (vanilla export)
+    representatives: list[int]  # router row kept per merged expert (vanilla export)
+    merges: list[Merge] = field(default_factory=list)
+    grouping: Grouping | None = None
 
 
-class MethodError(ValueError):
-    """Options a method cannot work with."""
-
-
-class ExpertReducer(ABC):
-    """A method: `group` chooses which router experts share a merged expert, `merge` builds it.
-
-    Methods that merge weights accept `align_neurons`: each member's intermediate neurons are
-    permuted to match the cluster's most frequent member before merging (as M-SMoE does)."""
+class Method(ABC):
+    """An expert-reduction method: `group` then `merge` (see the module docstring)."""
 
     name: ClassVar[str]
     description: ClassVar[str]
-    merges_weights: ClassVar[bool] = True  # False for pruning: nothing to align
-    layers_per_group: ClassVar[int] = 1  # layers grouped jointly (Sub-MoE's adaptive variant: 2)
+    joint_layers: int = 1  # layers grouped jointly (Sub-MoE's adaptive variant: 2)
+    align_neurons: bool = False  # permute members' neurons to the centre's before merging
+
+    def settings(self) -> dict:
+        return {}
+
+    @abstractmethod
+    def group(self, stats: LayerStats, num_out: int, seed: int, experts: Experts) -> Grouping:
+        ...
+
+    @abstractmethod
+    def merge(self, experts: Experts, members: list[int], centre: int, stats: LayerStats) -> Merge:
+        """Merge the members of one cluster into a single expert (leading dim 1)."""
+
+    def group_jointly(self, stats: list[LayerStats], num_out: int, seed: int) -> Grouping:
+        raise NotImplementedError(f"{self.name} groups one layer at a time")
+
+
+class WeightMerge(Method):
+    """A method that merges weights, and so can align the members' neurons first (as M-SMoE does)."""
 
     def __init__(self, align_neurons: bool = False):
         self.align_neurons = align_neurons
 
-    @abstractmethod
-    def group(self, stats: LayerStats, num_out: int, seed: int, experts: Experts) -> list[list[int]]:
-        ...
-
-    @abstractmethod
-    def merge(self, experts: Experts, members: list[int], stats: LayerStats) -> tuple[Experts, dict]:
-        """Merge the members of one cluster into a single expert (leading dim 1)."""
-
     def settings(self) -> dict:
-        return {"align_neurons": self.align_neurons} if self.merges_weights else {}
-
-    def reduce_layer(self, experts: Experts, stats: LayerStats, num_out: int, seed: int,
-                     clusters: list[list[int]] | None = None) -> LayerResult:
-        check_finite(experts.matrices(), "the source experts")
-        check_finite({"tokens": stats.tokens, "outputs": stats.outputs, "router_logits": stats.router_logits},
-                     "the calibration statistics")
-        if clusters is None:
-            clusters = self.group(stats, num_out, seed, experts)
-        clusters = canonical_clusters(clusters)
-        out, infos = Experts.empty(len(clusters), experts), []
-        for j, members in enumerate(clusters):  # each merge lands in its slot at once: no second copy of the layer
-            source = experts
-            if self.align_neurons and len(members) > 1:
-                source = align_to(experts, members, centre=dominant(stats.frequency, members))
-            m, info = self.merge(source, members, stats)
-            out.gate[j], out.up[j], out.down[j] = m.gate[0], m.up[0], m.down[0]
-            infos.append(info)
-        check_finite(out.matrices(), "the merged experts")
-        return LayerResult(out, clusters_to_map(clusters, len(experts)), clusters, {"clusters": infos},
-                           [self.representative(members, stats) for members in clusters])
-
-    def representative(self, members: list[int], stats: LayerStats) -> int:
-        """The member whose router row stands for the merged expert in an N'-row (vanilla) router."""
-        return dominant(stats.frequency, members)
-
-    def reduce_layers(self, layers: list[tuple[Experts, LayerStats]], budgets: list[int], seed: int) -> list[LayerResult]:
-        """Reduce `layers_per_group` adjacent layers; one at a time unless a method groups jointly."""
-        return [self.reduce_layer(e, s, n, seed) for (e, s), n in zip(layers, budgets)]
+        return {"align_neurons": self.align_neurons}
 
 
-class FrequencyWeightedMerge(ExpertReducer):
-    """Merge = Σ f_i W_i / Σ f_i for each of W_G, W_U, W_D (HC-SMoE, M-SMoE; the start of MergeMoE's)."""
+def reduce_layer(method: Method, experts: Experts, stats: LayerStats, num_out: int, seed: int,
+                 grouping: Grouping | None = None) -> LayerResult:
+    """Group (unless `grouping` is given) and merge one layer's experts."""
+    check_finite(experts.matrices(), "the source experts")
+    check_finite({"tokens": stats.tokens, "outputs": stats.outputs, "router_logits": stats.router_logits},
+                 "the calibration statistics")
+    grouping = canonical(grouping or method.group(stats, num_out, seed, experts), stats.frequency)
+    out, merges = Experts.empty(len(grouping.clusters), experts), []
+    for j, (members, centre) in enumerate(zip(grouping.clusters, grouping.centres)):
+        source = experts
+        if method.align_neurons and len(members) > 1:
+            source = align_to(experts, members, centre=dominant(stats.frequency, members))
+        m = method.merge(source, members, centre, stats)
+        if grouping.scores is not None:
+            m.score = round(grouping.scores[centre].item(), 6)
+        out.gate[j], out.up[j], out.down[j] = m.expert.gate[0], m.expert.up[0], m.expert.down[0]  # no second copy
+        merges.append(m)
+    check_finite(out.matrices(), "the merged experts")
+    return LayerResult(out, clusters_to_map(grouping.clusters, len(experts)), grouping.clusters,
+                       list(grouping.centres), merges, grouping)
 
-    def merge(self, experts: Experts, members: list[int], stats: LayerStats) -> tuple[Experts, dict]:
-        w = merge_weights(stats.frequency, members)
-        return weighted_average(experts, members, w), {"members": members, "weights": [round(x, 6) for x in w.tolist()]}
+
+def reduce_layers(method: Method, layers: list[tuple[Experts, LayerStats]], budgets: list[int],
+                  seed: int) -> list[LayerResult]:
+    """Reduce `method.joint_layers` adjacent layers: one grouping for all when the method groups jointly."""
+    if method.joint_layers == 1 or len(layers) == 1:
+        return [reduce_layer(method, e, s, n, seed) for (e, s), n in zip(layers, budgets)]
+    if len(set(budgets)) != 1:
+        raise MethodError(f"--adaptive clusters adjacent layers jointly, so their --num-experts must be equal; "
+                          f"got {budgets}")
+    joint = method.group_jointly([s for _, s in layers], budgets[0], seed)
+    return [reduce_layer(method, e, s, budgets[0], seed, Grouping(joint.clusters)) for e, s in layers]
+
+
+def canonical(grouping: Grouping, frequency: torch.Tensor) -> Grouping:
+    """Sorted members, clusters ordered by their smallest member, a centre for each: same grouping,
+    same file."""
+    centres = grouping.centres or [None] * len(grouping.clusters)
+    pairs = sorted(((sorted(int(i) for i in c), centre) for c, centre in zip(grouping.clusters, centres) if len(c)),
+                   key=lambda p: p[0][0])
+    return replace(grouping, clusters=[c for c, _ in pairs],
+                   centres=[dominant(frequency, c) if centre is None else int(centre) for c, centre in pairs])
 
 
 def dominant(frequency: torch.Tensor, members: list[int]) -> int:
     """The most frequently routed member (lowest index on ties)."""
     return max(members, key=lambda i: (frequency[i].item(), -i))
-
-
-def canonical_clusters(clusters: list[list[int]]) -> list[list[int]]:
-    """Sorted members, clusters ordered by their smallest member: same grouping, same file."""
-    clusters = [sorted(int(i) for i in c) for c in clusters if len(c)]
-    return sorted(clusters, key=lambda c: c[0])
 
 
 def clusters_to_map(clusters: list[list[int]], num_experts: int) -> list[int]:
@@ -129,36 +168,9 @@ def clusters_to_map(clusters: list[list[int]], num_experts: int) -> list[int]:
     return expert_map
 
 
-def merge_weights(frequency: torch.Tensor, members: list[int]) -> torch.Tensor:
-    """Normalised frequency weights; a cluster that calibration never routed to averages uniformly."""
-    f = frequency[members].double()
-    return f / f.sum() if f.sum() > 0 else torch.full_like(f, 1.0 / len(members))
-
-
-def weighted_average(experts: Experts, members: list[int], weights: torch.Tensor) -> Experts:
-    """Σ w_i W_i for each of W_G, W_U, W_D (leading dim 1)."""
-    return Experts(*(weighted_sum(m[members], weights).unsqueeze(0) for m in experts.matrices().values()))
-
-
-def weighted_sum(mats: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Σ_k w_k mats[k] for mats [k, out, in], in the matrices' dtype."""
-    return torch.einsum("k,kij->ij", weights.to(mats.dtype), mats)
-
-
-def routed_mask(stats: LayerStats, members: list[int]) -> torch.Tensor:
-    """[T] bool: sampled tokens whose top-k includes at least one member (where the merged expert acts)."""
-    return stats.gate_weights()[:, members].sum(1) > 0
-
-
-def routed_tokens(stats: LayerStats, members: list[int]) -> torch.Tensor:
-    """Tokens routed to the cluster; all sampled tokens if calibration routed none there."""
-    mask = routed_mask(stats, members)
-    return stats.tokens[mask] if mask.any() else stats.tokens
-
-
 def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
     for name, t in tensors.items():
         if not all_finite(t):
-            label = f"W_{name}" if name in ("gate", "up", "down") else name
+            label = f"W_{name}" if name in MATRICES else name
             raise MethodError(f"{label} of {what} has NaN or inf values: the source checkpoint is not finite "
                               f"there (check it, e.g. with safetensors, before compressing)")

@@ -3,23 +3,24 @@ from __future__ import annotations
 
 import torch
 
-from ..clustering import assign_to_centres, cosine_similarity, kmeans_clusters, output_features
+from ..calibration.stats import LayerStats
 from ..moe_math import Experts
-from .base import ExpertReducer, LayerStats, weighted_average
+from .base import Grouping, Merge, Method, WeightMerge
+from .clustering import assign_to_centres, cosine_similarity, kmeans_clusters, output_features
+from .merging import uniform_average
 
 
-class Average(ExpertReducer):
+class Average(WeightMerge):
     """Same output-similarity groups as Sub-MoE, merged by a uniform average (no frequencies)."""
 
     name = "average"
     description = "k-means on expert outputs; uniform average of each group"
 
-    def group(self, stats: LayerStats, num_out: int, seed: int, experts: Experts) -> list[list[int]]:
-        return kmeans_clusters(output_features(stats.outputs), num_out, seed)
+    def group(self, stats: LayerStats, num_out: int, seed: int, experts: Experts) -> Grouping:
+        return Grouping(kmeans_clusters(output_features(stats.outputs), num_out, seed))
 
-    def merge(self, experts: Experts, members: list[int], stats: LayerStats) -> tuple[Experts, dict]:
-        return weighted_average(experts, members, torch.full((len(members),), 1.0 / len(members))), \
-            {"members": members}
+    def merge(self, experts: Experts, members: list[int], centre: int, stats: LayerStats) -> Merge:
+        return uniform_average(experts, members)
 
 
 class RandomMerge(Average):
@@ -28,35 +29,27 @@ class RandomMerge(Average):
     name = "random"
     description = "uniformly random groups, uniform average (a lower bound)"
 
-    def group(self, stats: LayerStats, num_out: int, seed: int, experts: Experts) -> list[list[int]]:
+    def group(self, stats: LayerStats, num_out: int, seed: int, experts: Experts) -> Grouping:
         order = torch.randperm(len(stats.frequency), generator=torch.Generator().manual_seed(seed)).tolist()
-        return [order[j::num_out] for j in range(num_out)]
+        return Grouping([order[j::num_out] for j in range(num_out)])
 
 
-class Pruning(ExpertReducer):
-    """Keep N' experts unchanged, chosen by `scores`. In the remap format every router expert needs
-    a target, so a dropped expert is served by the kept expert whose outputs are most similar to
-    its own; `--export vanilla` instead drops its router row (true pruning)."""
-
-    merges_weights = False
-
-    def __init__(self):
-        super().__init__(align_neurons=False)
+class Pruning(Method):
+    """Keep N' experts unchanged, chosen by `scores` (computed once per layer). In the remap format
+    every router expert needs a target, so a dropped expert is served by the kept expert whose
+    outputs are most similar to its own; `--export vanilla` instead drops its router row (true pruning)."""
 
     def scores(self, stats: LayerStats) -> torch.Tensor:
         raise NotImplementedError
 
-    def group(self, stats: LayerStats, num_out: int, seed: int, experts: Experts) -> list[list[int]]:
-        return assign_to_centres(self.scores(stats), cosine_similarity(stats.outputs), num_out)
-
-    def representative(self, members: list[int], stats: LayerStats) -> int:
+    def group(self, stats: LayerStats, num_out: int, seed: int, experts: Experts) -> Grouping:
         scores = self.scores(stats)
-        return max(members, key=lambda i: (scores[i].item(), -i))
+        clusters = assign_to_centres(scores, cosine_similarity(stats.outputs), num_out)
+        return Grouping(clusters, centres=[max(c, key=lambda i: (scores[i].item(), -i)) for c in clusters],
+                        scores=scores)
 
-    def merge(self, experts: Experts, members: list[int], stats: LayerStats) -> tuple[Experts, dict]:
-        keep = self.representative(members, stats)
-        return Experts(*(m[keep:keep + 1] for m in experts.matrices().values())), \
-            {"kept": keep, "members": members, "score": round(self.scores(stats)[keep].item(), 6)}
+    def merge(self, experts: Experts, members: list[int], centre: int, stats: LayerStats) -> Merge:
+        return Merge(Experts(*(m[centre:centre + 1] for m in experts.matrices().values())), members, kept=centre)
 
 
 class FrequencyPrune(Pruning):

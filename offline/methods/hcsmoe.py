@@ -17,9 +17,11 @@ from __future__ import annotations
 import torch
 from scipy.cluster.hierarchy import cut_tree, linkage
 
+from ..calibration.stats import LayerStats
 from ..moe_math import Experts
-from ..clustering import assign_to_centres
-from .base import FrequencyWeightedMerge, LayerStats
+from .base import Grouping, Merge, WeightMerge
+from .clustering import assign_to_centres
+from .merging import frequency_weighted
 
 
 def average_linkage_clusters(features: torch.Tensor, k: int) -> list[list[int]]:
@@ -30,12 +32,25 @@ def average_linkage_clusters(features: torch.Tensor, k: int) -> list[list[int]]:
     return [[i for i, c in enumerate(labels.tolist()) if c == j] for j in range(k)]
 
 
-class HCSMoE(FrequencyWeightedMerge):
+def mean_output_clusters(stats: LayerStats, k: int) -> list[list[int]]:
+    """HC-SMoE's grouping: average linkage on each expert's mean output."""
+    return average_linkage_clusters(stats.outputs.mean(dim=1), k)
+
+
+def router_centres(stats: LayerStats, k: int) -> list[list[int]]:
+    """M-SMoE's grouping: the k most frequent experts are centres, the rest join by router-logit similarity."""
+    return assign_to_centres(stats.frequency, router_logit_similarity(stats.router_logits), k)
+
+
+class HCSMoE(WeightMerge):
     name = "hc-smoe"
     description = "hierarchical clustering (average linkage) of mean expert outputs; frequency-weighted merge"
 
-    def group(self, stats: LayerStats, num_out: int, seed: int, experts: Experts) -> list[list[int]]:
-        return average_linkage_clusters(stats.outputs.mean(dim=1), num_out)
+    def group(self, stats: LayerStats, num_out: int, seed: int, experts: Experts) -> Grouping:
+        return Grouping(mean_output_clusters(stats, num_out))
+
+    def merge(self, experts: Experts, members: list[int], centre: int, stats: LayerStats) -> Merge:
+        return frequency_weighted(experts, members, stats)
 
 
 def router_logit_similarity(router_logits: torch.Tensor) -> torch.Tensor:
@@ -44,9 +59,9 @@ def router_logit_similarity(router_logits: torch.Tensor) -> torch.Tensor:
     return cols @ cols.T
 
 
-class MSMoE(FrequencyWeightedMerge):
+class MSMoE(HCSMoE):
     name = "m-smoe"
     description = "most frequent experts as centres, others join by router-logit similarity; frequency-weighted merge"
 
-    def group(self, stats: LayerStats, num_out: int, seed: int, experts: Experts) -> list[list[int]]:
-        return assign_to_centres(stats.frequency, router_logit_similarity(stats.router_logits), num_out)
+    def group(self, stats: LayerStats, num_out: int, seed: int, experts: Experts) -> Grouping:
+        return Grouping(router_centres(stats, num_out))

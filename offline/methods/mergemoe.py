@@ -15,29 +15,17 @@ import warnings
 
 import torch
 
-from ..clustering import assign_to_centres
+from ..calibration.stats import LayerStats
 from ..moe_math import Experts, expert_hidden
-from .base import FrequencyWeightedMerge, LayerStats, merge_weights
+from .base import Grouping, Merge, WeightMerge
+from .clustering import assign_to_centres
+from .merging import frequency_weighted, least_squares_down, merge_weights, with_down
 
 PAPER_MIN_SAMPLES = 36
 
 
 class CalibrationWarning(UserWarning):
     """Calibration too small for a least-squares method to be trusted."""
-
-
-def least_squares_down(hidden: torch.Tensor, target: torch.Tensor, prior: torch.Tensor | None = None,
-                       ridge: float = 0.0) -> torch.Tensor:
-    """W [H, I] minimising ‖target − hidden Wᵀ‖² (+ ridge·tr(hᵀh)/I · ‖W − prior‖²), in fp64.
-
-    hidden [T, I], target [T, H]. Without ridge it is the minimum-norm solution Y P⁺."""
-    p, y = hidden.double(), target.double()
-    if ridge == 0:
-        return torch.linalg.lstsq(p, y, driver="gelsd").solution.T.to(hidden.dtype)
-    gram = p.T @ p
-    lam = ridge * gram.diagonal().mean().clamp_min(1e-12)
-    rhs = p.T @ y + lam * prior.double().T
-    return torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=gram.dtype), rhs).T.to(hidden.dtype)
 
 
 def weight_similarity(experts: Experts) -> torch.Tensor:
@@ -47,7 +35,7 @@ def weight_similarity(experts: Experts) -> torch.Tensor:
     return flat @ flat.T
 
 
-def warn_if_underdetermined(method: str, stats: LayerStats, tokens: int, intermediate: int) -> dict:
+def warn_if_underdetermined(method: str, stats: LayerStats, tokens: int, intermediate: int) -> bool:
     problems = []
     if 0 < stats.samples < PAPER_MIN_SAMPLES:
         problems.append(f"{stats.samples} calibration samples, below the {PAPER_MIN_SAMPLES} under which "
@@ -57,24 +45,24 @@ def warn_if_underdetermined(method: str, stats: LayerStats, tokens: int, interme
     if problems:
         warnings.warn(f"{method}: least squares on too little calibration: {'; '.join(problems)}. "
                       f"Raise --samples / --output-tokens.", CalibrationWarning, stacklevel=2)
-    return {"least_squares_tokens": tokens, "underdetermined": bool(problems)}
+    return bool(problems)
 
 
-class MergeMoE(FrequencyWeightedMerge):
+class MergeMoE(WeightMerge):
     name = "mergemoe"
     description = ("most frequent experts as centres, others join by [W_U||W_G] similarity; frequency-weighted "
                    "W_G, W_U; least-squares W_D on calibration outputs")
 
-    def group(self, stats: LayerStats, num_out: int, seed: int, experts: Experts) -> list[list[int]]:
-        return assign_to_centres(stats.frequency, weight_similarity(experts), num_out)
+    def group(self, stats: LayerStats, num_out: int, seed: int, experts: Experts) -> Grouping:
+        return Grouping(assign_to_centres(stats.frequency, weight_similarity(experts), num_out))
 
-    def merge(self, experts: Experts, members: list[int], stats: LayerStats) -> tuple[Experts, dict]:
-        avg, info = super().merge(experts, members, stats)  # W_G, W_U stay the weighted averages
+    def merge(self, experts: Experts, members: list[int], centre: int, stats: LayerStats) -> Merge:
+        avg = frequency_weighted(experts, members, stats)  # W_G, W_U stay the weighted averages
         if len(members) == 1:
-            return avg, info
-        x = stats.tokens.to(avg.gate.dtype)
+            return avg
+        x = stats.tokens.to(avg.expert.gate.dtype)
         w = merge_weights(stats.frequency, members)
         target = torch.einsum("k,ktd->td", w.to(stats.outputs.dtype), stats.outputs[members])
-        info.update(warn_if_underdetermined(self.name, stats, len(x), avg.gate.shape[1]))
-        down = least_squares_down(expert_hidden(x, avg.gate[0], avg.up[0]), target)
-        return Experts(avg.gate, avg.up, down.unsqueeze(0)), info
+        under = warn_if_underdetermined(self.name, stats, len(x), avg.expert.gate.shape[1])
+        down = least_squares_down(expert_hidden(x, avg.expert.gate[0], avg.expert.up[0]), target)
+        return with_down(avg, down, least_squares_tokens=len(x), underdetermined=under)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import LayerStats
+from ..calibration.stats import LayerStats
 from .baselines import Pruning
 
 

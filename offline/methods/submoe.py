@@ -16,9 +16,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..clustering import kmeans_clusters, output_features
+from ..calibration.stats import LayerStats
 from ..moe_math import Experts, expert_hidden
-from .base import ExpertReducer, LayerResult, LayerStats, MethodError, merge_weights, routed_tokens, weighted_sum
+from .base import Grouping, Merge, MethodError, WeightMerge
+from .clustering import kmeans_clusters, output_features
+from .merging import merge_weights, routed_tokens, weighted_sum
 
 
 def subspace_merge(mats: torch.Tensor, weights: torch.Tensor, rank: int | None = None) -> tuple[torch.Tensor, float]:
@@ -36,7 +38,7 @@ def subspace_merge(mats: torch.Tensor, weights: torch.Tensor, rank: int | None =
     return merged.to(mats.dtype), err
 
 
-class SubMoE(ExpertReducer):
+class SubMoE(WeightMerge):
     name = "submoe"
     description = "k-means on expert-output cosine similarity; joint-SVD subspace merge, frequency-weighted V"
 
@@ -53,7 +55,7 @@ class SubMoE(ExpertReducer):
             raise MethodError(f"--intra-rank-ratio must be in (0, 1), got {intra_rank_ratio}")
         self.rank, self.rank_ratio = rank, rank_ratio
         self.adaptive, self.intra_rank_ratio = adaptive, intra_rank_ratio
-        self.layers_per_group = 2 if adaptive else 1
+        self.joint_layers = 2 if adaptive else 1
 
     def settings(self) -> dict:
         out = {"rank": self.rank, "rank_ratio": self.rank_ratio or (None if self.rank else 1.0),
@@ -64,18 +66,13 @@ class SubMoE(ExpertReducer):
                            "when served as factors, which vLLM's fused-MoE kernel does not support yet")
         return out
 
-    def group(self, stats: LayerStats, num_out: int, seed: int, experts: Experts) -> list[list[int]]:
-        return kmeans_clusters(output_features(stats.outputs), num_out, seed)
+    def group(self, stats: LayerStats, num_out: int, seed: int, experts: Experts) -> Grouping:
+        return Grouping(kmeans_clusters(output_features(stats.outputs), num_out, seed))
 
-    def reduce_layers(self, layers: list[tuple[Experts, LayerStats]], budgets: list[int], seed: int) -> list[LayerResult]:
-        if not self.adaptive or len(layers) == 1:
-            return super().reduce_layers(layers, budgets, seed)
-        if len(set(budgets)) != 1:
-            raise MethodError(f"--adaptive clusters adjacent layers jointly, so their --num-experts must be equal; "
-                              f"got {budgets}")
-        joint = np.concatenate([output_features(s.outputs) for _, s in layers], axis=1) / np.sqrt(len(layers))
-        clusters = kmeans_clusters(joint, budgets[0], seed)
-        return [self.reduce_layer(e, s, budgets[0], seed, clusters=clusters) for e, s in layers]
+    def group_jointly(self, stats: list[LayerStats], num_out: int, seed: int) -> Grouping:
+        """Adaptive: one k-means over the layers' concatenated output features."""
+        joint = np.concatenate([output_features(s.outputs) for s in stats], axis=1) / np.sqrt(len(stats))
+        return Grouping(kmeans_clusters(joint, num_out, seed))
 
     def rank_for(self, n_out: int, n_in_total: int) -> int | None:
         full = min(n_out, n_in_total)
@@ -85,9 +82,9 @@ class SubMoE(ExpertReducer):
             return max(1, round(self.rank_ratio * full))
         return None
 
-    def merge(self, experts: Experts, members: list[int], stats: LayerStats) -> tuple[Experts, dict]:
+    def merge(self, experts: Experts, members: list[int], centre: int, stats: LayerStats) -> Merge:
         w = merge_weights(stats.frequency, members)
-        merged, info = {}, {"members": members, "weights": [round(x, 6) for x in w.tolist()]}
+        merged, ranks, errors = {}, {}, {}
         for which, mats in experts.matrices().items():
             sub = mats[members]
             full = min(sub.shape[1], len(members) * sub.shape[2])
@@ -95,27 +92,26 @@ class SubMoE(ExpertReducer):
             if rank is None or rank >= full:
                 # Full rank is exactly the weighted average (tested identity): skip the SVD,
                 # which for Mixtral-size experts costs minutes and a GB per matrix.
-                merged[which], err = weighted_sum(sub, w), 0.0
+                merged[which], errors[which] = weighted_sum(sub, w), 0.0
             else:
-                merged[which], err = subspace_merge(sub, w, rank)
-            info[f"{which}_rank"] = full if rank is None else min(rank, full)
-            info[f"{which}_truncation_error"] = err
+                merged[which], errors[which] = subspace_merge(sub, w, rank)
+            ranks[which] = full if rank is None else min(rank, full)
+        out = Merge(None, members, weights=[round(x, 6) for x in w.tolist()], rank=ranks, truncation_error=errors)
         if self.intra_rank_ratio is not None:
-            merged, intra = self.intra_expert_low_rank(merged, routed_tokens(stats, members))
-            info.update(intra)
-        return Experts(**{k: v.unsqueeze(0) for k, v in merged.items()}), info
+            merged, out.intra_rank, out.intra_error = self.intra_expert_low_rank(merged, routed_tokens(stats, members))
+        out.expert = Experts(**{k: v.unsqueeze(0) for k, v in merged.items()})
+        return out
 
-    def intra_expert_low_rank(self, merged: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[dict, dict]:
+    def intra_expert_low_rank(self, merged: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[dict, dict, dict]:
         """Sub-MoE†: whitened truncation of W_G, W_U (inputs: routed tokens) and W_D (inputs: the
-        merged expert's own activations on them)."""
+        merged expert's own activations on them). Returns (matrices, ranks, relative errors)."""
         hidden = expert_hidden(x, merged["gate"], merged["up"])
-        out, info = {}, {}
+        out, ranks, errors = {}, {}, {}
         for which, w in merged.items():
             inputs = hidden if which == "down" else x
-            rank = max(1, round(self.intra_rank_ratio * min(w.shape)))
-            out[which], info[f"{which}_intra_error"] = whitened_low_rank(w, inputs, rank)
-            info[f"{which}_intra_rank"] = rank
-        return out, info
+            ranks[which] = max(1, round(self.intra_rank_ratio * min(w.shape)))
+            out[which], errors[which] = whitened_low_rank(w, inputs, ranks[which])
+        return out, ranks, errors
 
 
 def whitened_low_rank(w: torch.Tensor, x: torch.Tensor, rank: int) -> tuple[torch.Tensor, float]:

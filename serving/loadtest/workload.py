@@ -6,7 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
-from offline.data import read_texts
+from vllm_submoe.texts import read_texts
 
 Prompt = str | list[int]  # text, or token ids (exact lengths, for KV-pressure runs)
 

@@ -2,7 +2,18 @@
 from __future__ import annotations
 
 import json
+import resource
 from pathlib import Path
+
+import psutil
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def rss_bytes() -> int:
+    return psutil.Process().memory_info().rss
 
 
 def layer_entry(layer: int, stats, result, output_error: float, seconds: float) -> dict:
@@ -15,7 +26,9 @@ def layer_entry(layer: int, stats, result, output_error: float, seconds: float) 
         "moe_output_relative_error": output_error,
         "seconds": round(seconds, 2),
         "representatives": result.representatives,
-        "merge": result.info.get("clusters", []),
+        "merge": [m.report() for m in result.merges],
+        **({"grouping": result.grouping.chosen_by, "held_out_error_by_grouping": result.grouping.held_out_errors}
+           if result.grouping is not None and result.grouping.chosen_by else {}),
     }
 
 

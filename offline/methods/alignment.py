@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from .moe_math import Experts
+from ..moe_math import Experts
 
 
 def neuron_features(experts: Experts, e: int) -> torch.Tensor:

@@ -1,15 +1,17 @@
-"""Calibration and evaluation text: read local files (or hub datasets) and cut token windows."""
+"""Text files users pass as calibration, evaluation or load-test data: local files or hub datasets.
+
+Shared by the compressor and the load tester (it imports neither, nor torch)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import torch
+from .errors import SubMoEError
 
 HUB_PREFIX = "hf:"
 
 
-class DataError(ValueError):
+class DataError(SubMoEError):
     """A data file or dataset name that cannot be used, with what to do about it."""
 
 
@@ -53,23 +55,3 @@ def _read_hub_dataset(name: str) -> list[str]:
     ds = datasets.load_dataset(parts[0], parts[1] if len(parts) > 1 and parts[1] else None,
                                split=parts[2] if len(parts) > 2 else "train")
     return [t for t in ds["text"] if t and t.strip()]
-
-
-def token_windows(tokenizer, texts: list[str], seq_len: int, max_windows: int | None = None,
-                  eos_id: int | None = None) -> torch.Tensor:
-    """Concatenate documents (EOS between them) and cut into [n, seq_len] windows, in order."""
-    if seq_len < 2:
-        raise DataError(f"--seq-len must be at least 2 tokens, got {seq_len}")
-    eos = tokenizer.eos_token_id if eos_id is None else eos_id
-    budget = None if max_windows is None else max_windows * seq_len
-    ids: list[int] = []
-    for t in texts:
-        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
-        ids.append(eos)
-        if budget is not None and len(ids) >= budget:
-            break
-    n = len(ids) // seq_len if max_windows is None else min(len(ids) // seq_len, max_windows)
-    if n == 0:
-        raise DataError(f"only {len(ids)} tokens of text, fewer than one window of {seq_len}: "
-                        "give more text or a smaller --seq-len")
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)

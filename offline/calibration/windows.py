@@ -1,9 +1,30 @@
-"""Calibration windows: token windows drawn evenly from every calibration source, seeded."""
+"""Token windows: calibration windows drawn evenly from every source (seeded), and evaluation
+windows cut in order."""
 from __future__ import annotations
 
 import torch
 
-from .data import DataError, domain_name, read_texts, token_windows
+from vllm_submoe.texts import DataError, domain_name, read_texts
+
+
+def token_windows(tokenizer, texts: list[str], seq_len: int, max_windows: int | None = None,
+                  eos_id: int | None = None) -> torch.Tensor:
+    """Concatenate documents (EOS between them) and cut into [n, seq_len] windows, in order."""
+    if seq_len < 2:
+        raise DataError(f"--seq-len must be at least 2 tokens, got {seq_len}")
+    eos = tokenizer.eos_token_id if eos_id is None else eos_id
+    budget = None if max_windows is None else max_windows * seq_len
+    ids: list[int] = []
+    for t in texts:
+        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
+        ids.append(eos)
+        if budget is not None and len(ids) >= budget:
+            break
+    n = len(ids) // seq_len if max_windows is None else min(len(ids) // seq_len, max_windows)
+    if n == 0:
+        raise DataError(f"only {len(ids)} tokens of text, fewer than one window of {seq_len}: "
+                        "give more text or a smaller --seq-len")
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
 def calibration_windows(tokenizer, sources: list[str], samples: int, seq_len: int, seed: int) -> tuple[torch.Tensor, dict]:

@@ -1,0 +1,69 @@
+"""Merging a cluster's weights: the weighted averages every weight-merging method starts from,
+and the least-squares down projection two of them fit on calibration outputs."""
+from __future__ import annotations
+
+import torch
+
+from ..calibration.stats import LayerStats
+from ..moe_math import Experts
+from .base import Merge
+
+
+def merge_weights(frequency: torch.Tensor, members: list[int]) -> torch.Tensor:
+    """Normalised frequency weights; a cluster that calibration never routed to averages uniformly."""
+    f = frequency[members].double()
+    return f / f.sum() if f.sum() > 0 else torch.full_like(f, 1.0 / len(members))
+
+
+def weighted_sum(mats: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ_k w_k mats[k] for mats [k, out, in], in the matrices' dtype."""
+    return torch.einsum("k,kij->ij", weights.to(mats.dtype), mats)
+
+
+def weighted_average(experts: Experts, members: list[int], weights: torch.Tensor) -> Experts:
+    """Σ w_i W_i for each of W_G, W_U, W_D (leading dim 1)."""
+    return Experts(*(weighted_sum(m[members], weights).unsqueeze(0) for m in experts.matrices().values()))
+
+
+def frequency_weighted(experts: Experts, members: list[int], stats: LayerStats) -> Merge:
+    """Σ f_i W_i / Σ f_i for each of W_G, W_U, W_D (HC-SMoE, M-SMoE; the start of MergeMoE's and ours)."""
+    w = merge_weights(stats.frequency, members)
+    return Merge(weighted_average(experts, members, w), members, weights=[round(x, 6) for x in w.tolist()])
+
+
+def uniform_average(experts: Experts, members: list[int]) -> Merge:
+    return Merge(weighted_average(experts, members, torch.full((len(members),), 1.0 / len(members))), members)
+
+
+def least_squares_down(hidden: torch.Tensor, target: torch.Tensor, prior: torch.Tensor | None = None,
+                       ridge: float = 0.0) -> torch.Tensor:
+    """W [H, I] minimising ‖target − hidden Wᵀ‖² (+ ridge·tr(hᵀh)/I · ‖W − prior‖²), in fp64.
+
+    hidden [T, I], target [T, H]. Without ridge it is the minimum-norm solution Y P⁺."""
+    p, y = hidden.double(), target.double()
+    if ridge == 0:
+        return torch.linalg.lstsq(p, y, driver="gelsd").solution.T.to(hidden.dtype)
+    gram = p.T @ p
+    lam = ridge * gram.diagonal().mean().clamp_min(1e-12)
+    rhs = p.T @ y + lam * prior.double().T
+    return torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=gram.dtype), rhs).T.to(hidden.dtype)
+
+
+def with_down(merge: Merge, down: torch.Tensor, **figures) -> Merge:
+    """`merge` with its W_D replaced (W_G, W_U kept) and the fit's figures added."""
+    e = merge.expert
+    merge.expert = Experts(e.gate, e.up, down.unsqueeze(0))
+    for k, v in figures.items():
+        setattr(merge, k, v)
+    return merge
+
+
+def routed_mask(stats: LayerStats, members: list[int]) -> torch.Tensor:
+    """[T] bool: sampled tokens whose top-k includes at least one member (where the merged expert acts)."""
+    return stats.gate_weights()[:, members].sum(1) > 0
+
+
+def routed_tokens(stats: LayerStats, members: list[int]) -> torch.Tensor:
+    """Tokens routed to the cluster; all sampled tokens if calibration routed none there."""
+    mask = routed_mask(stats, members)
+    return stats.tokens[mask] if mask.any() else stats.tokens

@@ -1,0 +1,90 @@
+"""What `submoe compress` was asked to do, and whether it can be done on this source, checked
+before anything is read or written."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from vllm_submoe.checkpoint_format import BLOCK_KEY
+from vllm_submoe.errors import SubMoEError
+
+from .source.architecture import SourceArchitecture
+
+
+class CompressError(SubMoEError):
+    """Compression settings that cannot work for this model."""
+
+
+@dataclass
+class CompressOptions:
+    model: str
+    out: Path
+    method: str
+    num_experts: int | list[int]  # one count for every layer, or one per layer (heterogeneous)
+    calib: list[str] = field(default_factory=list)
+    samples: int = 256
+    seq_len: int = 256
+    method_options: dict = field(default_factory=dict)  # e.g. rank, rank_ratio, adaptive, align_neurons
+    seed: int = 0
+    device: str = "cpu"
+    force: bool = False
+    output_tokens: int = 2048  # tokens on which every expert's output is measured (grouping, least squares)
+    export: str = "remap"  # "remap": N router rows + maps (plugin); "vanilla": N'-row router, stock Mixtral
+    progress: bool = True
+    calib_batch: int = 16  # calibration windows through a layer at once: bounds the transient activations
+    activation_memory: int = 1 << 30  # bytes of layer activations kept in RAM; more spill to a file
+    restart: bool = False  # drop a partial earlier run of this --out instead of resuming it
+
+    def fingerprint(self) -> dict:
+        """What must match for a partial run to be resumed."""
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self).items()
+                if k not in ("force", "progress", "restart", "device", "calib_batch", "activation_memory")}
+
+
+def layer_budgets(opts: CompressOptions, config: dict, arch: SourceArchitecture) -> list[int | None]:
+    """The target expert count of every decoder layer (None: no routed experts there), or one
+    clear error for settings that cannot work on this source."""
+    if BLOCK_KEY in config:
+        raise CompressError(f"{opts.model} is already a compressed checkpoint (config.json has a `{BLOCK_KEY}` "
+                            f"block): compress the source model instead")
+    n, moe = arch.num_experts, arch.moe_layers()
+    if isinstance(opts.num_experts, list):
+        given = list(opts.num_experts)
+        if len(given) == sum(moe) != len(moe):  # one count per MoE layer: skip the dense ones
+            given = [given.pop(0) if m else None for m in moe]
+        if len(given) != len(moe):
+            raise CompressError(f"--num-experts lists {len(given)} counts but the model has {len(moe)} layers "
+                                f"({sum(moe)} with routed experts): give one count, or one per layer")
+    else:
+        given = [opts.num_experts] * len(moe)
+    counts = [c if m else None for c, m in zip(given, moe)]
+    if not all(1 <= c < n for c in counts if c is not None):
+        raise CompressError(f"--num-experts must be between 1 and {n - 1} (the source has {n} experts per layer), "
+                            f"got {opts.num_experts}")
+    _check_export(opts, arch, {c for c in counts if c is not None})
+    if opts.output_tokens < 1:
+        raise CompressError(f"--output-tokens must be at least 1, got {opts.output_tokens}")
+    if opts.calib_batch < 1 or opts.activation_memory < 0:
+        raise CompressError(f"--calib-batch must be at least 1 and --activation-memory at least 0, got "
+                            f"{opts.calib_batch} and {opts.activation_memory}")
+    if opts.device.startswith("cuda") and not torch.cuda.is_available():
+        raise CompressError("--device cuda was given but no CUDA device is visible: use --device cpu")
+    return counts
+
+
+def _check_export(opts: CompressOptions, arch: SourceArchitecture, moe_counts: set[int]) -> None:
+    if opts.export not in ("remap", "vanilla"):
+        raise CompressError(f"--export must be remap or vanilla, got {opts.export!r}")
+    if opts.export == "remap":
+        return
+    if len(moe_counts) != 1:
+        raise CompressError(f"--export vanilla writes a stock {arch.layout.source_architecture}, whose layers all have "
+                            f"the same expert count: give one --num-experts, or use --export remap for per-layer counts")
+    if min(moe_counts) < arch.routing.top_k:
+        raise CompressError(f"--export vanilla needs at least top_k={arch.routing.top_k} experts per layer, "
+                            f"got {min(moe_counts)}")
+    if arch.routing.num_groups > 1:
+        raise CompressError("--export vanilla cannot keep grouped top-k routing (n_group expert groups over fewer "
+                            "router rows): use --export remap, which routes over the source's groups")

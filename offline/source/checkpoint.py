@@ -1,0 +1,84 @@
+"""Reading a source checkpoint: lazy safetensors reads, one tensor at a time.
+
+Reads go through `safe_open` (memory-mapped): a tensor is materialised only when asked for,
+so a compressor holds one decoder layer at a time, whatever the model size.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from vllm_submoe.checkpoint_format import safetensors_bytes
+from vllm_submoe.errors import SubMoEError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "generation_config.json", "chat_template.jinja")
+
+
+class CheckpointError(SubMoEError):
+    """A source checkpoint that cannot be read, with what to do about it."""
+
+
+def resolve_model_dir(spec: str) -> Path:
+    """A local directory, or a hub id resolved through the local Hugging Face cache / download."""
+    path = Path(spec)
+    if path.is_dir():
+        return path
+    if path.exists() or spec.startswith((".", "/")) or spec.count("/") != 1:
+        raise CheckpointError(f"model {spec} is not a directory with config.json and *.safetensors "
+                              f"(pass a local checkpoint directory or a hub id like org/name)")
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+    except Exception as e:  # network, auth, missing repo: one message either way
+        raise CheckpointError(f"could not fetch {spec} from the hub ({type(e).__name__}: {e}); "
+                              f"download it first and pass the local directory") from None
+
+
+class LazyCheckpoint:
+    """Name -> tensor access over one or many safetensors files, without loading them."""
+
+    def __init__(self, model_dir: str | Path):
+        self.dir = resolve_model_dir(str(model_dir))
+        config_path = self.dir / "config.json"
+        if not config_path.is_file():
+            raise CheckpointError(f"{self.dir} has no config.json: not a Hugging Face checkpoint directory")
+        self.config = json.loads(config_path.read_text())
+        files = sorted(self.dir.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{self.dir} has no *.safetensors weights (only safetensors are read; "
+                                  f"convert .bin checkpoints first)")
+        self._file_of: dict[str, Path] = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as h:
+                for name in h.keys():
+                    self._file_of[name] = f
+        self._handles: dict[Path, object] = {}
+
+    def has_tokenizer(self) -> bool:
+        return any((self.dir / n).is_file() for n in TOKENIZER_FILES[:2])
+
+    def names(self) -> list[str]:
+        return list(self._file_of)
+
+    def get(self, name: str) -> torch.Tensor:
+        """The stored tensor: a view into the memory-mapped file (safetensors maps without copying),
+        valid after `release()` but keeping the whole file mapped while it lives."""
+        if name not in self._file_of:
+            raise CheckpointError(f"{self.dir} is missing tensor {name}")
+        f = self._file_of[name]
+        if f not in self._handles:
+            self._handles[f] = safe_open(str(f), framework="pt")
+        return self._handles[f].get_tensor(name)
+
+    def release(self) -> None:
+        """Close the memory-mapped files: pages read so far stop counting as this process's memory
+        (called after each layer, so resident memory does not grow with the model). A file stays
+        mapped while a tensor from `get` lives: clone what must outlive the layer."""
+        self._handles.clear()
+
+    def nbytes(self) -> int:
+        return safetensors_bytes(self.dir)
