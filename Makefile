@@ -34,9 +34,10 @@ endif
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m serving.demo
+	$(PY) scripts/demo.py
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 # Rebuild corpus, tokenizer and the shipped models from Debian packages (about two hours, 2 cores).

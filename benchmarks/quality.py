@@ -32,20 +32,18 @@ from transformers import AutoTokenizer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from offline.calibration.windows import calibration_windows  # noqa: E402
-from offline.source.checkpoint import LazyCheckpoint  # noqa: E402
-from offline.calibration.layers import calibrated_layers, in_groups  # noqa: E402
-from offline.compress import reduce_and_write  # noqa: E402
-from offline.methods import make_method  # noqa: E402
-from offline.options import CompressOptions, layer_budgets  # noqa: E402
-from offline.source.architecture import SourceArchitecture  # noqa: E402
-from offline.writing.output import CompressedOutput  # noqa: E402
-from offline.writing.report import rss_bytes  # noqa: E402
-from offline.writing.workdir import resumable_output_dir  # noqa: E402
-from offline.calibration.windows import token_windows  # noqa: E402
-from vllm_submoe.texts import domain_name, read_texts  # noqa: E402
-from offline.evaluate import compare, first_divergence, greedy_continuations, load_reference, \
-    next_token_logprobs  # noqa: E402
+from offline.calibration.layers import calibrated_layers, in_groups
+from offline.calibration.windows import calibration_windows, token_windows
+from offline.compress import reduce_and_write
+from offline.evaluate import compare, first_divergence, greedy_continuations, load_reference, next_token_logprobs
+from offline.methods import make_method
+from offline.options import CompressOptions, layer_budgets
+from offline.source.architecture import SourceArchitecture
+from offline.source.checkpoint import LazyCheckpoint
+from offline.writing.output import CompressedOutput
+from offline.writing.report import rss_bytes
+from offline.writing.workdir import resumable_output_dir
+from vllm_submoe.texts import domain_name, read_texts
 
 MODELS = {"upcycled": ROOT / "models" / "tiny-mixtral-8e", "from-scratch": ROOT / "models" / "tiny-mixtral-8e-scratch"}
 CALIB = sorted(str(p) for p in (ROOT / "data" / "calib").glob("*.jsonl"))
@@ -348,7 +346,8 @@ def plot(results: dict, out_dir: Path, stem: str) -> list[Path]:
         for meth in dict.fromkeys(r["label"] for r in a["samples"]):
             rs = [r for r in a["samples"] if r["label"] == meth]
             axes[0].plot([r["samples"] for r in rs], [r["kl"] for r in rs], marker="o", label=meth)
-        axes[0].set(xscale="log", xlabel="calibration samples (windows of 256 tokens)", ylabel="KL", title="calibration size (8→4)")
+        axes[0].set(xscale="log", xlabel="calibration samples (windows of 256 tokens)", ylabel="KL",
+                    title="calibration size (8→4)")
         axes[0].legend()
         for meth in dict.fromkeys(r["label"] for r in a["domain_mismatch"]):
             rs = [r for r in a["domain_mismatch"] if r["label"] == meth]

@@ -36,12 +36,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from offline.compress import compress  # noqa: E402
-from offline.options import CompressOptions  # noqa: E402
-from offline.synthetic import random_mixtral  # noqa: E402
-from serving.launcher import VLLMServer, vllm_executable  # noqa: E402
-from serving.loadtest.cli import LoadTestOptions, run_phase, measure, run  # noqa: E402
-from serving.loadtest.workload import held_out_prompts  # noqa: E402
+from offline.compress import compress
+from offline.options import CompressOptions
+from offline.synthetic import random_mixtral
+from serving.launcher import VLLMServer, vllm_executable
+from serving.loadtest.cli import LoadTestOptions, measure, run, run_phase
+from serving.loadtest.workload import held_out_prompts
 
 SHIPPED = ROOT / "models" / "tiny-mixtral-8e"
 CALIB = sorted(str(p) for p in (ROOT / "data" / "calib").glob("*.jsonl"))

@@ -1,8 +1,9 @@
-"""`submoe`: compress a Mixture-of-Experts checkpoint, and measure what it cost.
+"""`submoe compress` and `submoe eval`: compress a Mixture-of-Experts checkpoint, and measure what it cost.
 
     submoe compress --model SRC --out DST --method submoe --num-experts 4 --calib data/calib/*.jsonl
     submoe eval --model DST --reference SRC --data data/eval/*.jsonl --json eval.json
-    submoe loadtest SRC DST --labels original,compressed --concurrency 1,4,16,64 --rate 4
+
+`submoe` (submoe.cli) dispatches these two here; `main` also runs them on its own.
 """
 from __future__ import annotations
 
@@ -12,18 +13,12 @@ import sys
 import warnings
 from pathlib import Path
 
-from serving.launcher import ServerError
-from serving.loadtest.cli import LoadTestError, add_arguments
-from vllm_submoe.checkpoint_format import CheckpointFormatError
+from vllm_submoe.errors import SubMoEError
 
-from .checkpoint import CheckpointError
-from .compress import CompressError, CompressOptions, compress
-from .data import DataError
+from .compress import compress
 from .evaluate import evaluate, to_table
-from .methods import METHODS, MethodError
-
-USER_ERRORS = (CheckpointError, CheckpointFormatError, CompressError, DataError, MethodError, FileExistsError,
-               LoadTestError, ServerError)
+from .methods import METHODS
+from .options import CompressOptions
 
 
 def _counts(text: str) -> int | list[int]:
@@ -92,48 +87,48 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--max-windows", type=int, default=32, help="windows per domain (default 32)")
     e.add_argument("--json", type=Path, help="write the figures here")
     e.add_argument("--no-progress", action="store_true")
-
-    add_arguments(sub.add_parser("loadtest", help="the same seeded workload against deployments, side by side"))
     return ap
+
+
+def run(argv: list[str]) -> int:
+    """Run `compress ...` or `eval ...`; a user error is raised as a `SubMoEError`."""
+    args = _parser().parse_args(argv)
+    if args.command == "compress":
+        options = {k: getattr(args, k) for k in ("rank", "rank_ratio", "adaptive", "intra_rank_ratio",
+                                                 "align_neurons")}
+        report = compress(CompressOptions(
+            model=args.model, out=args.out, method=args.method, num_experts=args.num_experts,
+            calib=args.calib, samples=args.samples, seq_len=args.seq_len, method_options=options,
+            seed=args.seed, device=args.device, force=args.force, output_tokens=args.output_tokens,
+            export=args.export, progress=not args.no_progress, calib_batch=args.calib_batch,
+            activation_memory=args.activation_memory, restart=args.restart))
+        s = report["sizes"]
+        print(f"wrote {args.out}: experts per layer {s['experts_per_layer']}, "
+              f"{s['source_weight_bytes'] / 1e6:.2f} MB -> {s['weight_bytes'] / 1e6:.2f} MB, "
+              f"{report['time_seconds']:.1f} s (report: {args.out}/compression_report.md)")
+    else:
+        result = evaluate(args.model, args.data, args.reference, args.seq_len, args.max_windows,
+                          progress=not args.no_progress)
+        print(to_table(result))
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`compress ...` / `eval ...` without the `submoe` dispatcher (`python -m offline.cli`, tests):
+    reports a user error as `submoe` does, one line and exit status 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    warnings.showwarning = _show_warning
+    try:
+        return run(argv)
+    except SubMoEError as e:
+        print(f"submoe {argv[0] if argv else ''}: error: {e}", file=sys.stderr)
+        return 2
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"submoe: warning: {message}", file=sys.stderr)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    warnings.showwarning = _show_warning
-    try:
-        if args.command == "compress":
-            options = {k: getattr(args, k) for k in ("rank", "rank_ratio", "adaptive", "intra_rank_ratio",
-                                                     "align_neurons")}
-            report = compress(CompressOptions(
-                model=args.model, out=args.out, method=args.method, num_experts=args.num_experts,
-                calib=args.calib, samples=args.samples, seq_len=args.seq_len, method_options=options,
-                seed=args.seed, device=args.device, force=args.force, output_tokens=args.output_tokens,
-                export=args.export, progress=not args.no_progress, calib_batch=args.calib_batch,
-                activation_memory=args.activation_memory, restart=args.restart))
-            s = report["sizes"]
-            print(f"wrote {args.out}: experts per layer {s['experts_per_layer']}, "
-                  f"{s['source_weight_bytes'] / 1e6:.2f} MB -> {s['weight_bytes'] / 1e6:.2f} MB, "
-                  f"{report['time_seconds']:.1f} s (report: {args.out}/compression_report.md)")
-        elif args.command == "loadtest":
-            from serving.loadtest.cli import options_from, run
-            from serving.loadtest.report import summary_table
-            result = run(options_from(args))
-            print(summary_table(result))
-            print(f"wrote {result['paths']['markdown']}, {result['paths']['json']}, {result['paths']['plot']}")
-        else:
-            result = evaluate(args.model, args.data, args.reference, args.seq_len, args.max_windows,
-                              progress=not args.no_progress)
-            print(to_table(result))
-            if args.json:
-                args.json.write_text(json.dumps(result, indent=2) + "\n")
-    except USER_ERRORS as e:
-        print(f"submoe {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
 
 
 if __name__ == "__main__":

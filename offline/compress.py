@@ -17,7 +17,6 @@ from __future__ import annotations
 import sys
 import time
 
-import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer
 

@@ -14,13 +14,12 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from vllm_submoe.checkpoint_format import layout_for, served_expert_maps
-
-from .source.architecture import SourceArchitecture, layer_prefix
-from .source.checkpoint import LazyCheckpoint, resolve_model_dir
 from vllm_submoe.texts import domain_name, read_texts
 
 from .calibration.windows import token_windows
 from .moe_math import Experts
+from .source.architecture import SourceArchitecture, layer_prefix
+from .source.checkpoint import LazyCheckpoint, resolve_model_dir
 
 
 def load_reference(model_dir: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:

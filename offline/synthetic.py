@@ -1,15 +1,17 @@
 """Random-weight Mixtral checkpoints for tests and speed benchmarks (no hub needed)."""
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from vllm_submoe.checkpoint_format import MIXTRAL
+from vllm_submoe.checkpoint_format import MIXTRAL, layout_for
+from vllm_submoe.families import FAMILIES
 
-from .checkpoint import copy_tokenizer
+from .writing.shards import copy_tokenizer
 
 
 def random_mixtral(out: Path, tokenizer_dir: Path, hidden: int = 64, intermediate: int = 96, layers: int = 2,
@@ -47,26 +49,10 @@ def random_mixtral(out: Path, tokenizer_dir: Path, hidden: int = 64, intermediat
     return out
 
 
-# Tiny settings per architecture: every feature the compressor and the plugin must get right is on
-# (shared experts with their sigmoid gate, dense MLP layers, top-k renormalisation or not, grouped
-# top-k with a routed scaling factor, q/k norms, MLA attention).
-TINY = {
-    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=64, num_key_value_heads=1),
-    "qwen2_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, intermediate_size=96,
-                      shared_expert_intermediate_size=96, norm_topk_prob=False, mlp_only_layers=[1],
-                      num_key_value_heads=1),
-    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, intermediate_size=96,
-                      norm_topk_prob=True, head_dim=32, num_key_value_heads=1),
-    "olmoe": dict(num_experts=8, num_experts_per_tok=2, intermediate_size=64, norm_topk_prob=False,
-                  num_key_value_heads=2),
-    "deepseek_v2": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, intermediate_size=96,
-                        # vLLM's CPU MLA kernel is compiled for DeepSeek's 512 + 64 latent only
-                        n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=None,
-                        qk_nope_head_dim=32, qk_rope_head_dim=64, v_head_dim=32, n_group=4, topk_group=2,
-                        topk_method="group_limited_greedy", routed_scaling_factor=2.0, norm_topk_prob=False,
-                        # with 2 heads, stock vLLM's CPU MLA already differs from transformers (0.04 logprob)
-                        num_attention_heads=4, num_key_value_heads=4),
-}
+# Tiny settings per architecture (each family's `tiny` entry): every feature the compressor and the
+# plugin must get right is on (shared experts with their sigmoid gate, dense MLP layers, top-k
+# renormalisation or not, grouped top-k with a routed scaling factor, q/k norms, MLA attention).
+TINY = {family.model_type: family.tiny for family in FAMILIES}
 
 
 def random_moe(model_type: str, out: Path, tokenizer_dir: Path, layers: int = 3, hidden: int = 64, heads: int = 2,
@@ -82,7 +68,7 @@ def random_moe(model_type: str, out: Path, tokenizer_dir: Path, layers: int = 3,
                      num_attention_heads=heads, max_position_embeddings=1024, rms_norm_eps=1e-5,
                      tie_word_embeddings=False, initializer_range=std, bos_token_id=tok.get("bos_token_id"),
                      eos_token_id=tok.get("eos_token_id"), pad_token_id=tok.get("pad_token_id")),
-              **TINY[model_type], **overrides}
+              **copy.deepcopy(dict(layout_for({"model_type": model_type}).tiny)), **overrides}
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **fields), dtype=torch.float32)
     with torch.no_grad():
@@ -101,7 +87,7 @@ def sharded_random_mixtral(out: Path, tokenizer_dir: Path, layers: int, hidden: 
                            dtype: torch.dtype = torch.bfloat16) -> Path:
     """A large random Mixtral written one decoder layer per shard (hub-style index), holding one
     layer in memory at a time: the scaling benchmark's sources (8 GB and more)."""
-    from .checkpoint import ShardWriter
+    from .writing.shards import ShardWriter
 
     out.mkdir(parents=True, exist_ok=True)
     small = random_mixtral(out / "layout", tokenizer_dir, hidden=hidden, intermediate=8, layers=1, experts=experts,

@@ -11,6 +11,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from vllm_submoe.errors import SubMoEError
+
 DEFAULT_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
                "TOKENIZERS_PARALLELISM": "false"}
 
@@ -32,7 +34,7 @@ def plugins_with_compression_route(current: str | None) -> str:
     return ",".join(names + ["submoe"] * ("submoe" not in names))
 
 
-class ServerError(RuntimeError):
+class ServerError(SubMoEError):
     """`vllm serve` exited or never became ready; carries the tail of its log."""
 
 

@@ -56,7 +56,6 @@ def random_layer(seed=0, n=8, h=16, i=24, t=64, router_gain=1.0):
 def prompts():
     """One 24-token prompt from every held-out domain, as token ids (shipped tokenizer)."""
     from transformers import AutoTokenizer
-
     from vllm_helpers import eval_prompts
     return eval_prompts(AutoTokenizer.from_pretrained(str(SHIPPED)), EVAL)
 

@@ -2,7 +2,7 @@
 experts and dense layers are kept, and vLLM serving the result equals the reference forward.
 
 Fixtures are tiny random models built by transformers from each family's own config class
-(offline.synthetic.TINY: shared experts with a sigmoid gate, dense layers, renormalised or raw
+(each family's `tiny` entry in vllm_submoe.families: shared experts with a sigmoid gate, dense layers, renormalised or raw
 top-k, grouped top-k with a routed scaling factor, MLA attention).
 """
 import json
@@ -10,17 +10,20 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import CALIB, SHIPPED
-from offline.architecture import SourceArchitecture
-from offline.checkpoint import LazyCheckpoint
+from vllm_helpers import assert_matches_reference, assert_same_serving, identity_copy, reference_greedy, vllm_results
+
+from offline.calibration.layers import calibrate_layer
 from offline.cli import main as cli
-from offline.compress import CompressError, CompressOptions, calibrate_layer, compress
+from offline.compress import compress
 from offline.evaluate import load_reference
 from offline.moe_math import Routing
+from offline.options import CompressError, CompressOptions
+from offline.source.architecture import SourceArchitecture, hf_config, routing_of
+from offline.source.checkpoint import LazyCheckpoint
 from offline.synthetic import TINY, random_moe
-from vllm_submoe.checkpoint_format import BLOCK_KEY, CheckpointFormatError, LAYOUTS, layout_for, parse_block
-from vllm_helpers import assert_matches_reference, assert_same_serving, identity_copy, reference_greedy, vllm_results
+from vllm_submoe.checkpoint_format import BLOCK_KEY, LAYOUTS, CheckpointFormatError, layout_for, parse_block
+from vllm_submoe.families import BY_MODEL_TYPE
 
 FAMILIES = sorted(TINY)
 NEW_FAMILIES = [f for f in FAMILIES if f != "mixtral"]  # Mixtral is served end to end in test_vllm_serving
@@ -82,6 +85,68 @@ def test_each_family_routes_as_its_config_says(sources):
     assert routing["qwen3_moe"] == Routing(2, renormalize=True)
     assert routing["qwen2_moe"] == Routing(2, renormalize=False) == routing["olmoe"]
     assert routing["deepseek_v2"] == Routing(2, renormalize=False, num_groups=4, topk_groups=2, scaling=2.0)
+
+
+# Each family's tiny fixture, and variants that flip what its routing and MoE-layer rules read.
+RULE_CASES = [(f, {}) for f in FAMILIES] + [
+    ("mixtral", dict(num_hidden_layers=4)),
+    ("qwen2_moe", dict(norm_topk_prob=True, decoder_sparse_step=2, mlp_only_layers=[], num_hidden_layers=5)),
+    ("qwen3_moe", dict(norm_topk_prob=False, decoder_sparse_step=3, mlp_only_layers=[5], num_hidden_layers=6)),
+    ("olmoe", dict(norm_topk_prob=True)),
+    # (transformers' DeepSeek-V2 ignores norm_topk_prob; the routing renormalises when it is set, as vLLM does)
+    ("deepseek_v2", dict(topk_method="greedy", routed_scaling_factor=1.5)),
+    ("deepseek_v2", dict(first_k_dense_replace=2, n_group=2, topk_group=1, num_hidden_layers=4)),
+]
+
+
+@pytest.mark.parametrize("family, changes", RULE_CASES,
+                         ids=[f"{f}-{'-'.join(c) or 'tiny'}" for f, c in RULE_CASES])
+@torch.no_grad()
+def test_family_rules_are_what_transformers_builds_and_routes(family, changes):
+    """A family entry's MoE-layer rule names the layers transformers builds with routed experts, and its
+    routing rule (offline.moe_math.Routing) picks the experts and weights transformers' router does."""
+    entry = BY_MODEL_TYPE[family]
+    config = {"model_type": family, "vocab_size": 64, "hidden_size": 64, "num_hidden_layers": 3,
+              "num_attention_heads": 2, "max_position_embeddings": 64, **entry.tiny, **changes}
+    cfg = hf_config(config)
+    torch.manual_seed(0)
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    built = [hasattr(layer.mlp, "experts") for layer in model.model.layers]
+    assert entry.moe_layers(config) == built == entry.moe_layers(cfg.to_dict())
+    assert any(built)
+    routing = routing_of(entry, cfg)
+    gate = model.model.layers[built.index(True)].mlp.gate.to_empty(device="cpu")
+    gate.weight.copy_(torch.randn(gate.weight.shape) * 3)
+    tokens = torch.randn(256, cfg.hidden_size)
+    ours_w, ours_ids = routing(tokens @ gate.weight.T)
+    _, hf_w, hf_ids = gate(tokens)
+    dense = lambda w, i: torch.zeros(len(w), entry.num_experts(config)).scatter_(1, i, w.float())  # noqa: E731
+    torch.testing.assert_close(dense(ours_w, ours_ids), dense(hf_w, hf_ids), atol=1e-6, rtol=1e-5)
+
+
+def test_no_model_type_comparison_outside_the_family_table():
+    """A family's knowledge lives in its vllm_submoe.families entry: no code elsewhere branches on a
+    model_type."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    table = root / "vllm_submoe" / "families.py"
+    families = "|".join(BY_MODEL_TYPE)
+    # `model_type ==` / `!=` anything, `model_type in (...literals...)`, `"<family>" ==` / `in`; a lookup in
+    # the table (`model_type not in LAYOUTS`) is not a comparison
+    pattern = re.compile(r"model_type\W*\s*(==|!=|(not\s+)?in\s*[(\[{]\s*[\"'])|(==|!=)\s*\S*model_type\b|"
+                         rf"[\"']({families})[\"']\s*(==|!=|(not\s+)?in\b)")
+    offenders = [f"{path.relative_to(root)}:{n}: {line.strip()}"
+                 for package in ("offline", "vllm_submoe", "serving") for path in sorted((root / package).rglob("*.py"))
+                 if path != table for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not offenders, "model_type comparisons outside vllm_submoe/families.py:\n" + "\n".join(offenders)
+    assert all(pattern.search(line) for line in ('if layout.model_type == "mixtral":', 'if "olmoe" != f.model_type:',
+                                                 'if self.model_type in ("qwen2_moe", "qwen3_moe"):',
+                                                 'if config["model_type"] not in ["a"]:'))
+    assert not pattern.search("if model_type not in LAYOUTS:")
 
 
 def test_grouped_topk_only_picks_experts_of_the_best_groups():

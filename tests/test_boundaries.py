@@ -1,20 +1,142 @@
-"""DESIGN's boundaries: compression runs where vLLM is not installed; the server carries no
-compression code; the plugin package's import is light (register() imports vLLM lazily)."""
+"""The packages' one-way layers (DESIGN): `vllm_submoe` (the plugin and the dependency-light shared
+modules) at the bottom; `offline` (compression: runs where vLLM is not installed) and `serving`
+(the load tester) each on it and never on each other; the `submoe` command above both, importing
+each only when its subcommand runs.
+
+Static: every import statement of every installed module, lazy ones inside functions included,
+checked against the rules (file:line of each breach). Dynamic: what a few entry points really load."""
+from __future__ import annotations
+
+import ast
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("vllm_submoe", "offline", "serving", "submoe")
 
-@pytest.mark.parametrize("module, forbidden", [
-    ("offline.cli", "vllm"),
-    ("vllm_submoe", "vllm"),
-    ("vllm_submoe.checkpoint_format", "torch"),
-    ("vllm_submoe.models.mixtral", "offline"),
-    ("vllm_submoe.metrics", "offline"),
-])
-def test_module_does_not_import(module, forbidden):
-    code = (f"import sys, {module}; bad = [m for m in sys.modules if m == {forbidden!r} or "
-            f"m.startswith({forbidden!r} + '.')]; print(bad); sys.exit(1 if bad else 0)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"importing {module} pulled in {proc.stdout.strip()} {proc.stderr[-500:]}"
+# package -> imports it must not make (a module and its submodules)
+FORBIDDEN = {
+    "vllm_submoe": ("offline", "serving", "submoe"),
+    "offline": ("serving", "submoe", "vllm", "vllm_submoe"),
+    "serving": ("offline", "submoe"),
+    "submoe": (),
+}
+# ... except these: the compressor takes only the plugin package's shared modules (no vLLM, no torch)
+SHARED = ("vllm_submoe.checkpoint_format", "vllm_submoe.errors", "vllm_submoe.families", "vllm_submoe.texts")
+ALLOWED = {"offline": SHARED}
+
+
+def _within(name: str, prefixes) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def _module_name(path: Path) -> tuple[str, bool]:
+    """Dotted name of a source file, and whether it is a package's __init__."""
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    is_init = parts[-1] == "__init__"
+    return ".".join(parts[:-1] if is_init else parts), is_init
+
+
+def imports_of(path: Path) -> list[tuple[int, str]]:
+    """(line, absolute module name) of everything the file imports, relative imports resolved;
+    `from X import a` yields X and X.a (a may be a submodule); `importlib.import_module("X")`
+    and `__import__("X")` with a literal name count too."""
+    name, is_init = _module_name(path)
+    package = name.split(".") if is_init else name.split(".")[:-1]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                if node.level - 1 > len(package) - 1:
+                    raise AssertionError(f"{path.relative_to(ROOT)}:{node.lineno}: relative import beyond the package")
+                base = ".".join(package[:len(package) - (node.level - 1)] + ([node.module] if node.module else []))
+            else:
+                base = node.module
+            found.append((node.lineno, base))
+            found += [(node.lineno, f"{base}.{a.name}") for a in node.names if a.name != "*"]
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+                and isinstance(node.args[0].value, str):
+            func = node.func
+            called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            if called in ("import_module", "__import__"):
+                found.append((node.lineno, node.args[0].value))
+    return found
+
+
+def _allowed_parent(package: str, target: str) -> bool:
+    """`from vllm_submoe import texts` yields `vllm_submoe` itself: fine when every name taken
+    from it is allowed (checked on the X.a entries)."""
+    return any(a.startswith(target + ".") for a in ALLOWED.get(package, ()))
+
+
+def _breaches(package: str) -> list[str]:
+    out = []
+    files = sorted((ROOT / package).rglob("*.py"))
+    assert files, f"no sources under {package}/"
+    for f in files:
+        bad = sorted({(line, target) for line, target in imports_of(f)
+                      if _within(target, FORBIDDEN[package]) and not _within(target, ALLOWED.get(package, ()))
+                      and not _allowed_parent(package, target)})
+        # one entry per breach: `from serving import launcher` names serving, not serving.launcher too
+        out += [f"{f.relative_to(ROOT)}:{line}: {package} imports {target}" for line, target in bad
+                if not any(l == line and target.startswith(t + ".") for l, t in bad)]
+    return out
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_imports_follow_the_layers(package):
+    bad = _breaches(package)
+    assert not bad, "imports across the layers:\n" + "\n".join(bad)
+
+
+def test_import_resolution(tmp_path, monkeypatch):
+    """The checker itself: relative imports stay in their package, `from pkg import mod` is seen."""
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    src = tmp_path / "offline" / "source"
+    src.mkdir(parents=True)
+    (src / "__init__.py").write_text("from .checkpoint import X\nfrom .. import methods\n")
+    (src / "checkpoint.py").write_text(
+        "from ..writing import shards\nfrom . import architecture\nfrom vllm_submoe import texts, endpoint\n"
+        "def f():\n    import serving.launcher\n    importlib.import_module('vllm.config')\n")
+    assert {t for _, t in imports_of(src / "__init__.py")} == {
+        "offline.source.checkpoint", "offline.source.checkpoint.X", "offline", "offline.methods"}
+    assert {t for _, t in imports_of(src / "checkpoint.py")} == {
+        "offline.writing", "offline.writing.shards", "offline.source", "offline.source.architecture",
+        "vllm_submoe", "vllm_submoe.texts", "vllm_submoe.endpoint", "serving.launcher", "vllm.config"}
+    assert _breaches("offline") == ["offline/source/checkpoint.py:3: offline imports vllm_submoe.endpoint",
+                                    "offline/source/checkpoint.py:5: offline imports serving.launcher",
+                                    "offline/source/checkpoint.py:6: offline imports vllm.config"]
+
+
+def _loaded(code: str) -> set[str]:
+    """Top-level names of the modules a fresh interpreter holds after running `code`."""
+    probe = (f"{code}\nimport sys, json\n"
+             "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return set(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+HEAVY = {"torch", "transformers", "openai", "httpx", "prometheus_client"}
+HELP = "from submoe.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit as e:\n    assert e.code == 0, e.code"
+
+
+@pytest.mark.parametrize("code, forbidden", [
+    ("import offline.cli", {"vllm", "serving", "submoe", "openai"}),
+    ("import " + ", ".join(SHARED), {"vllm", "torch", "transformers", "offline", "serving", "submoe"}),
+    ("import submoe.cli", HEAVY | {"offline", "serving", "vllm"}),
+    (HELP.format(argv=["--help"]), HEAVY | {"offline", "serving", "vllm"}),
+    (HELP.format(argv=["compress", "--help"]), {"openai", "httpx", "prometheus_client", "serving", "vllm"}),
+    ("import vllm_submoe.models.classes as m\nfrom vllm_submoe import MODEL_CLASSES\n"
+     "[getattr(m, t.split(':')[1]) for t in MODEL_CLASSES.values()]", {"offline", "serving", "submoe"}),
+], ids=["offline.cli", "vllm_submoe-shared", "submoe.cli", "submoe --help", "submoe compress --help",
+        "plugin model classes"])
+def test_entry_point_loads_only_its_layer(code, forbidden):
+    bad = _loaded(code) & forbidden
+    assert not bad, f"{code!r} loaded {sorted(bad)}"

@@ -4,7 +4,12 @@ import copy
 import pytest
 
 from vllm_submoe.checkpoint_format import (
-    CheckpointFormatError, check_all_present, check_tensor_shape, expected_expert_tensors, layout_for, make_block,
+    CheckpointFormatError,
+    check_all_present,
+    check_tensor_shape,
+    expected_expert_tensors,
+    layout_for,
+    make_block,
     parse_block,
 )
 
@@ -31,11 +36,13 @@ def test_valid_block_parses_with_per_layer_counts():
     (lambda c: c["submoe"].update(format_version=2), "format_version is 2"),
     (lambda c: c["submoe"].update(num_router_experts=0), "num_router_experts must be a positive integer"),
     (lambda c: c["submoe"]["layers"].pop(), r"one entry per decoder layer \(num_hidden_layers=2\), got 1"),
-    (lambda c: c["submoe"]["layers"][1]["expert_map"].pop(), r"layers\[1\]\.expert_map must have one entry per router expert \(8\), got 7"),
+    (lambda c: c["submoe"]["layers"][1]["expert_map"].pop(),
+     r"layers\[1\]\.expert_map must have one entry per router expert \(8\), got 7"),
     (lambda c: c["submoe"]["layers"][0]["expert_map"].__setitem__(5, 4), r"layers\[0\]\.expert_map\[5\] = 4 is outside 0..3"),
     (lambda c: c["submoe"]["layers"][0]["expert_map"].__setitem__(5, -1), r"layers\[0\]\.expert_map\[5\] = -1 is outside"),
     (lambda c: c["submoe"]["layers"][0]["expert_map"].__setitem__(5, "1"), r"expert_map\[5\] = '1'"),
-    (lambda c: c["submoe"]["layers"][1].update(num_experts=4), r"layers\[1\]\.expert_map reaches no router expert to merged expert\(s\) \[3\]"),
+    (lambda c: c["submoe"]["layers"][1].update(num_experts=4),
+     r"layers\[1\]\.expert_map reaches no router expert to merged expert\(s\) \[3\]"),
     (lambda c: c["submoe"]["layers"][0].update(num_experts=9), r"layers\[0\]\.num_experts must be an integer in 1..8"),
     (lambda c: c.update(num_local_experts=8), "`num_local_experts` is 8 but the largest per-layer expert count"),
     (lambda c: c.update(num_experts_per_tok=9), r"`num_experts_per_tok` must be an integer in 1..8"),
@@ -96,3 +103,29 @@ def test_the_expert_count_key_follows_the_config():
     assert QWEN3_MOE.num_experts_key({"num_experts": 8}) == "num_experts"
     assert QWEN3_MOE.num_experts_key({"num_local_experts": 8}) == "num_local_experts"
     assert QWEN3_MOE.num_experts({"num_local_experts": 8}) == 8
+
+
+def test_the_family_table_is_the_layouts():
+    """One entry per family (vllm_submoe.families); checkpoint_format's names are that table."""
+    from vllm_submoe import MODEL_CLASSES
+    from vllm_submoe.checkpoint_format import LAYOUTS, MIXTRAL, MoELayout
+    from vllm_submoe.families import BY_PLUGIN, FAMILIES, Family
+    assert MoELayout is Family and LAYOUTS == {f.model_type: f for f in FAMILIES} and LAYOUTS["mixtral"] is MIXTRAL
+    assert len(BY_PLUGIN) == len(FAMILIES) == len({f.source_architecture for f in FAMILIES})
+    assert MODEL_CLASSES == {f.plugin_architecture: f"vllm_submoe.models.classes:{f.plugin_architecture}"
+                             for f in FAMILIES}
+    assert layout_for(DEEPSEEK) is LAYOUTS["deepseek_v2"]
+
+
+@pytest.mark.parametrize("config, moe", [
+    ({"model_type": "mixtral", "num_hidden_layers": 3, "decoder_sparse_step": 2}, [True, True, True]),
+    ({"model_type": "qwen2_moe", "num_hidden_layers": 4, "decoder_sparse_step": 2}, [False, True, False, True]),
+    ({"model_type": "qwen3_moe", "num_hidden_layers": 3, "decoder_sparse_step": None, "mlp_only_layers": [0]},
+     [False, True, True]),
+    ({"model_type": "olmoe", "num_hidden_layers": 2, "first_k_dense_replace": 1}, [True, True]),
+    ({"model_type": "deepseek_v2", "num_hidden_layers": 5, "first_k_dense_replace": 1, "moe_layer_freq": 2},
+     [False, False, True, False, True]),
+    ({"model_type": "deepseek_v2", "num_hidden_layers": 2}, [True, True]),
+])
+def test_moe_layer_rules_read_only_their_familys_fields(config, moe):
+    assert layout_for(config).moe_layers(config) == moe

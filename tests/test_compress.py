@@ -5,14 +5,14 @@ import sys
 
 import pytest
 import torch
+from conftest import CALIB, EVAL, ROOT, tree_digest, write_config
 from safetensors import safe_open
 
-from conftest import CALIB, EVAL, ROOT, tree_digest, write_config
-from offline.source.checkpoint import LazyCheckpoint
 from offline.cli import main as cli
 from offline.evaluate import evaluate, load_reference
-from offline.source.architecture import SourceArchitecture
 from offline.moe_math import moe_forward
+from offline.source.architecture import SourceArchitecture
+from offline.source.checkpoint import LazyCheckpoint
 from vllm_submoe.checkpoint_format import expected_expert_tensors, layout_for, parse_block
 
 
@@ -92,7 +92,8 @@ def _compress_args(src, out, *extra):
     (lambda a: a.__setitem__(a.index("--num-experts") + 1, "8"), "--num-experts must be between 1 and 7"),
     (lambda a: a.__setitem__(a.index("--num-experts") + 1, "4,4,4"), "lists 3 counts but the model has 2 layers"),
     (lambda a: a.__setitem__(a.index("--model") + 1, "/nonexistent/model"), "is not a directory"),
-    (lambda a: a.__setitem__(a.index("--calib") + 1, "/nonexistent/calib.jsonl"), "data file /nonexistent/calib.jsonl does not exist"),
+    (lambda a: a.__setitem__(a.index("--calib") + 1, "/nonexistent/calib.jsonl"),
+     "data file /nonexistent/calib.jsonl does not exist"),
     (lambda a: a.remove("--calib") or a.remove(CALIB[0]), "no calibration data: pass --calib"),
     (lambda a: a.append("--rank-ratio") or a.append("0"), "--rank-ratio must be in"),
     (lambda a: a.__setitem__(a.index("submoe"), "reap") or a.append("--align-neurons"),
@@ -215,10 +216,11 @@ def test_a_partial_run_with_other_settings_is_not_resumed(random_source, tmp_pat
 def test_batched_and_spilled_calibration_gives_the_same_checkpoint(random_source, tmp_path):
     """Windows one at a time with activations in files: the statistics, hence the merge, are the
     all-at-once in-RAM ones (sampled tokens kept in the same order)."""
-    from offline.calibration.layers import calibrated_layers
-    from offline.options import CompressOptions
-    from offline.calibration.windows import calibration_windows
     from transformers import AutoTokenizer
+
+    from offline.calibration.layers import calibrated_layers
+    from offline.calibration.windows import calibration_windows
+    from offline.options import CompressOptions
     opts = CompressOptions(model=str(random_source), out=tmp_path / "x", method="submoe", num_experts=4,
                            calib=CALIB[:2], samples=8, seq_len=64, progress=False)
     windows, _ = calibration_windows(AutoTokenizer.from_pretrained(str(random_source)), opts.calib, 8, 64, 0)
@@ -241,11 +243,12 @@ def test_streaming_holds_one_layer_and_builds_it_without_copies(tmp_path):
     import weakref
 
     from conftest import SHIPPED
-    from offline.calibration.windows import calibration_windows
+    from transformers import AutoTokenizer
+
     from offline.calibration.layers import calibrated_layers, in_groups
+    from offline.calibration.windows import calibration_windows
     from offline.options import CompressOptions
     from offline.synthetic import random_mixtral
-    from transformers import AutoTokenizer
     src = random_mixtral(tmp_path / "src", SHIPPED, layers=4)
     opts = CompressOptions(model=str(src), out=tmp_path / "x", method="submoe", num_experts=4,
                            calib=CALIB[:1], samples=4, seq_len=32, progress=False)
@@ -279,11 +282,11 @@ def test_stages_on_layers_calibrated_once_write_what_a_streamed_run_writes(rando
     no resume state, and (twice into one --out) writes the streamed run's checkpoint."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from quality import compress_calibrated
+    from transformers import AutoTokenizer
 
     from offline.calibration.layers import calibrated_layers
     from offline.calibration.windows import calibration_windows
     from offline.options import CompressOptions
-    from transformers import AutoTokenizer
     opts = CompressOptions(model=str(random_source), out=tmp_path / "out", method="submoe", num_experts=4,
                            calib=CALIB[:2], samples=8, seq_len=64, progress=False, force=True)
     windows, info = calibration_windows(AutoTokenizer.from_pretrained(str(random_source)), opts.calib, 8, 64, 0)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import CALIB, ROOT  # noqa: E402
+from conftest import CALIB, ROOT
 
 GOLDEN = Path(__file__).parent / "data" / "golden_checkpoints.json"
 MODELS = {"upcycled": ROOT / "models" / "tiny-mixtral-8e", "from-scratch": ROOT / "models" / "tiny-mixtral-8e-scratch"}

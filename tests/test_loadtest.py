@@ -1,9 +1,9 @@
 """The load tester's parts without a server: timings on a scripted clock, statistics on
 recorded traces, the drivers' scheduling, the report writer, and the server-side probes."""
 import asyncio
-import re
 import json
 import math
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import numpy as np
 import openai
 import pytest
-
 from conftest import EVAL, SHIPPED
+
 from serving.launcher import VLLMServer, plugins_with_compression_route
 from serving.loadtest import probes, report
 from serving.loadtest.records import RequestRecord, growth, percentiles, summarize
@@ -284,13 +284,23 @@ def test_loadtest_refuses_bad_options_before_starting_anything(tmp_path, change,
     assert not (tmp_path / "out").exists()
 
 
-def test_loadtest_keeps_earlier_results_unless_forced(tmp_path):
-    from offline.cli import main
+def test_loadtest_keeps_earlier_results_unless_forced(tmp_path, capsys):
+    from submoe.cli import main
     out = tmp_path / "lt"
     out.mkdir()
     (out / "loadtest.json").write_text("{}")
-    code = main(["loadtest", "http://127.0.0.1:9", "--out", str(out), "--no-progress"])
+    code = main(["loadtest", "http://127.0.0.1:9", "--data", *EVAL, "--out", str(out), "--no-progress"])
     assert code == 2 and (out / "loadtest.json").read_text() == "{}"
+    assert capsys.readouterr().err.startswith(f"submoe loadtest: error: {out} already holds load-test results")
+
+
+def test_loadtest_needs_data_files(capsys):
+    """No default data: an installed package has no repository beside it to take data/eval from."""
+    from submoe.cli import main
+    with pytest.raises(SystemExit) as exit_:
+        main(["loadtest", "http://127.0.0.1:9"])
+    assert exit_.value.code == 2
+    assert "submoe loadtest: error: the following arguments are required: --data" in capsys.readouterr().err
 
 
 def test_loadtest_checks_every_deployment_before_measuring_the_first(tmp_path):

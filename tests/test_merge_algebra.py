@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 import torch
-
-from offline.methods.clustering import kmeans_clusters
 from conftest import random_layer as _layer
+
 from offline.methods import METHODS, make_method, reduce_layer
 from offline.methods.base import clusters_to_map
+from offline.methods.clustering import kmeans_clusters
 from offline.methods.merging import merge_weights
 from offline.methods.submoe import subspace_merge
 from offline.moe_math import Experts

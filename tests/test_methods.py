@@ -3,16 +3,14 @@ import warnings
 
 import pytest
 import torch
-
 from conftest import random_layer
-from offline.methods.alignment import align_to, neuron_features, neuron_permutation
+
 from offline.methods import METHODS, CalibrationWarning, Grouping, MethodError, make_method, reduce_layer, reduce_layers
-from offline.methods.base import WeightMerge
+from offline.methods.alignment import align_to, neuron_features, neuron_permutation
 from offline.methods.merging import least_squares_down, merge_weights, weighted_average
 from offline.methods.reap import reap_scores
 from offline.methods.submoe import whitened_low_rank
 from offline.moe_math import Experts, all_expert_outputs, expert_forward, expert_hidden
-
 
 
 def _weighted_target(experts, stats, members):

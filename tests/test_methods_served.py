@@ -9,17 +9,17 @@ import json
 
 import pytest
 import torch
+from conftest import CALIB, SHIPPED
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
-
-from conftest import CALIB, SHIPPED
-from offline.source.checkpoint import LazyCheckpoint
-from offline.writing.shards import copy_tokenizer
-from offline.compress import compress
-from offline.options import CompressOptions
-from offline.evaluate import load_reference
-from offline.synthetic import random_mixtral
 from vllm_helpers import assert_matches_reference, reference_greedy, vllm_results
+
+from offline.compress import compress
+from offline.evaluate import load_reference
+from offline.options import CompressOptions
+from offline.source.checkpoint import LazyCheckpoint
+from offline.synthetic import random_mixtral
+from offline.writing.shards import copy_tokenizer
 from vllm_submoe.checkpoint_format import BLOCK_KEY, make_block, parse_block
 
 pytestmark = pytest.mark.vllm

@@ -4,11 +4,10 @@ import math
 import sys
 
 import pytest
-
 from conftest import ROOT, SHIPPED
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import quality  # noqa: E402
+import quality
 
 
 def test_scoring_the_source_against_itself_is_exact():

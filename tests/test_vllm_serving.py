@@ -10,14 +10,14 @@ import urllib.request
 
 import openai
 import pytest
-
 from conftest import CALIB, SHIPPED
-from offline.compress import CompressOptions, compress
+from vllm_helpers import assert_matches_reference, assert_same_serving, identity_copy, reference_greedy, run_vllm, vllm_results
+
+from offline.compress import compress
 from offline.evaluate import load_reference
+from offline.options import CompressOptions
 from serving.launcher import ServerError, VLLMServer
 from serving.scrape import compression_gauges, metric_samples
-from vllm_helpers import assert_matches_reference, assert_same_serving, identity_copy, reference_greedy, run_vllm, \
-    vllm_results
 
 pytestmark = pytest.mark.vllm
 MAX_TOKENS = 12
@@ -119,16 +119,41 @@ def test_launcher_reports_a_failed_start_and_leaves_nothing_running(tmp_path):
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
 
 
-def test_plugin_registration_is_idempotent():
+def test_plugin_registration_is_idempotent(monkeypatch):
+    """The entry point is `register`; a first call registers each plugin class exactly once, a second
+    registers nothing; the targets resolve to the classes generated from the family table. (No engine.)"""
     import importlib.metadata as md
+    from types import SimpleNamespace
 
     import vllm_submoe
+    from vllm_submoe.families import FAMILIES
     (entry,) = [e for e in md.entry_points(group="vllm.general_plugins") if e.name == "submoe"]
     assert entry.load() is vllm_submoe.register
     from vllm import ModelRegistry
+    plugin_archs = {f.plugin_architecture for f in FAMILIES}
+    assert set(vllm_submoe.MODEL_CLASSES) == plugin_archs
+    # start from a registry without the plugin's classes (vLLM may have loaded the plugin already)
+    monkeypatch.setattr(ModelRegistry, "models", {k: v for k, v in ModelRegistry.models.items()
+                                                  if k not in plugin_archs})
+    calls = []
+    register_model = ModelRegistry.register_model
+    monkeypatch.setattr(ModelRegistry, "register_model",
+                        lambda arch, cls: (calls.append((arch, cls)), register_model(arch, cls))[-1])
     vllm_submoe.register()
+    assert sorted(arch for arch, _ in calls) == sorted(plugin_archs)  # each exactly once
+    assert dict(calls) == vllm_submoe.MODEL_CLASSES
+    calls.clear()
     vllm_submoe.register()
-    assert "SubMoEMixtralForCausalLM" in ModelRegistry.get_supported_archs()
+    assert calls == []
+    assert plugin_archs <= set(ModelRegistry.get_supported_archs())
+    import vllm_submoe.models.classes as generated
+    from vllm_submoe.models.remapped_moe import SubMoEModel
+    config = SimpleNamespace(model_impl="auto", convert_type="none", runner_type="generate")
+    for family in FAMILIES:
+        cls, arch = ModelRegistry.resolve_model_cls([family.plugin_architecture], model_config=config)
+        assert arch == family.plugin_architecture and cls is getattr(generated, arch)
+        assert issubclass(cls, SubMoEModel) and cls.__mro__[2].__name__ == family.source_architecture
+        assert cls.arch_module.__name__ == f"vllm.model_executor.models.{family.vllm_module}"
     (stat,) = [e for e in md.entry_points(group="vllm.stat_logger_plugins") if e.name == "submoe"]
     from vllm.v1.metrics.loggers import StatLoggerBase
     assert issubclass(stat.load(), StatLoggerBase)
@@ -192,8 +217,9 @@ def test_grafana_dashboard_queries_only_metrics_the_server_exports(server, clien
 
 def test_loadtest_short_real_run_against_a_url_and_a_launched_directory(server, tmp_path):
     """`submoe loadtest`: the compressed module server by URL, the shipped model launched for the run."""
-    from serving.loadtest.cli import LoadTestOptions, run
     from conftest import EVAL
+
+    from serving.loadtest.cli import LoadTestOptions, run
     opts = LoadTestOptions(targets=[server.base_url, str(SHIPPED)], labels=["compressed", "original"], data=EVAL,
                            out=tmp_path / "lt", concurrency=[1, 4], requests=8, rate=4.0, rate_requests=8,
                            max_tokens=6, prompt_length=120, quality_prompts=4, api_key=API_KEY,

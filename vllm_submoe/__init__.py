@@ -7,11 +7,12 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .checkpoint_format import LAYOUTS
+from .families import FAMILIES
 
-# architecture name in config.json -> "module:class" (imported by vLLM only when used)
-MODEL_CLASSES = {layout.plugin_architecture: f"vllm_submoe.models.{layout.model_type}:{layout.plugin_architecture}"
-                 for layout in LAYOUTS.values()}
+# architecture name in config.json -> "module:class" (vLLM imports it only when used; the class is
+# generated from the family's entry by vllm_submoe.models.classes)
+MODEL_CLASSES = {family.plugin_architecture: f"vllm_submoe.models.classes:{family.plugin_architecture}"
+                 for family in FAMILIES}
 
 
 def register() -> None:

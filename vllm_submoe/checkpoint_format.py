@@ -18,74 +18,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from .errors import SubMoEError
+from .families import BY_MODEL_TYPE, DEEPSEEK_V2, MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE, Family  # noqa: F401
+
 FORMAT_VERSION = 1
 BLOCK_KEY = "submoe"
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(SubMoEError):
     """A `submoe` block or expert tensor that does not follow format v1."""
 
 
-@dataclass(frozen=True)
-class MoELayout:
-    """Where an architecture keeps its MoE: config fields and checkpoint tensor names."""
-
-    model_type: str
-    source_architecture: str
-    plugin_architecture: str
-    num_experts_field: str
-    intermediate_field: str
-    moe_prefix: str = "mlp"  # module under model.layers.{l}
-    router_name: str = "gate"
-    expert_names: tuple[str, str, str] = ("gate_proj", "down_proj", "up_proj")  # W_G, W_D, W_U
-    top_k_field: str = "num_experts_per_tok"
-    num_experts_alias: str | None = None  # the same count under another name (transformers 5 renamed some)
-
-    def num_experts_key(self, config: Mapping[str, Any]) -> str:
-        """The config.json key holding the expert count (hub configs and transformers 5 differ)."""
-        return self.num_experts_alias if self.num_experts_alias in config and self.num_experts_field not in config \
-            else self.num_experts_field
-
-    def num_experts(self, config: Mapping[str, Any]) -> Any:
-        return config.get(self.num_experts_key(config))
-
-    def router_tensor(self, layer: int) -> str:
-        return f"model.layers.{layer}.{self.moe_prefix}.{self.router_name}.weight"
-
-    def expert_tensor(self, layer: int, expert: int, which: str) -> str:
-        """`which` is one of 'gate', 'down', 'up'."""
-        name = dict(zip(("gate", "down", "up"), self.expert_names))[which]
-        return f"model.layers.{layer}.{self.moe_prefix}.experts.{expert}.{name}.weight"
-
-    def is_expert_tensor(self, name: str) -> bool:
-        return f".{self.moe_prefix}.experts." in name
-
-    def expert_shapes(self, hidden: int, intermediate: int) -> dict[str, tuple[int, int]]:
-        return {"gate": (intermediate, hidden), "up": (intermediate, hidden), "down": (hidden, intermediate)}
-
-    def moe_layers(self, config: Mapping[str, Any]) -> list[bool]:
-        """Which decoder layers have routed experts, decided as the source architecture decides."""
-        n = config["num_hidden_layers"]
-        if self.model_type in ("qwen2_moe", "qwen3_moe"):
-            step, only_mlp = config.get("decoder_sparse_step", 1) or 1, set(config.get("mlp_only_layers") or [])
-            return [l not in only_mlp and (l + 1) % step == 0 for l in range(n)]
-        if self.model_type == "deepseek_v2":
-            first, freq = config.get("first_k_dense_replace", 0), config.get("moe_layer_freq", 1)
-            return [l >= first and l % freq == 0 for l in range(n)]
-        return [True] * n
-
-
-MIXTRAL = MoELayout("mixtral", "MixtralForCausalLM", "SubMoEMixtralForCausalLM", "num_local_experts",
-                    "intermediate_size", moe_prefix="block_sparse_moe", expert_names=("w1", "w2", "w3"))
-QWEN2_MOE = MoELayout("qwen2_moe", "Qwen2MoeForCausalLM", "SubMoEQwen2MoeForCausalLM", "num_experts",
-                      "moe_intermediate_size", num_experts_alias="num_local_experts")
-QWEN3_MOE = MoELayout("qwen3_moe", "Qwen3MoeForCausalLM", "SubMoEQwen3MoeForCausalLM", "num_experts",
-                      "moe_intermediate_size", num_experts_alias="num_local_experts")
-OLMOE = MoELayout("olmoe", "OlmoeForCausalLM", "SubMoEOlmoeForCausalLM", "num_experts", "intermediate_size",
-                  num_experts_alias="num_local_experts")
-DEEPSEEK_V2 = MoELayout("deepseek_v2", "DeepseekV2ForCausalLM", "SubMoEDeepseekV2ForCausalLM", "n_routed_experts",
-                        "moe_intermediate_size")
-LAYOUTS = {layout.model_type: layout for layout in (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, DEEPSEEK_V2)}
+# Where each architecture keeps its MoE (config fields, tensor names, routing, MoE layers): one
+# `Family` entry per architecture in vllm_submoe.families; the names below are kept for their users.
+MoELayout = Family
+LAYOUTS = BY_MODEL_TYPE
 
 
 def supported_architectures() -> str:

@@ -15,7 +15,7 @@ from transformers import AutoConfig, PreTrainedConfig
 
 from vllm_submoe.checkpoint_format import BLOCK_KEY, MoELayout, layout_for
 
-from .moe_math import Experts, Routing
+from ..moe_math import Experts, Routing
 
 
 def layer_prefix(layer: int) -> str:
@@ -32,20 +32,11 @@ def hf_config(config: dict) -> PreTrainedConfig:
 
 
 def routing_of(layout: MoELayout, cfg: PreTrainedConfig) -> Routing:
-    """The source's routing: softmax over N logits, top-k, then what each architecture adds.
-
-    Mixtral always renormalises the k weights; Qwen-MoE and OLMoE follow `norm_topk_prob`
-    (Qwen3-MoE's default True, Qwen1.5/2-MoE's and OLMoE's False); DeepSeek-V2 may limit the
-    choice to the best `topk_group` of `n_group` expert groups and scales by
-    `routed_scaling_factor` (renormalising when `norm_topk_prob`, as vLLM does)."""
-    top_k = getattr(cfg, layout.top_k_field)
-    if layout.model_type == "mixtral":
-        return Routing(top_k)
-    if layout.model_type == "deepseek_v2":
-        grouped = cfg.topk_method == "group_limited_greedy"
-        return Routing(top_k, renormalize=bool(cfg.norm_topk_prob), num_groups=cfg.n_group if grouped else 1,
-                       topk_groups=cfg.topk_group if grouped else 1, scaling=float(cfg.routed_scaling_factor))
-    return Routing(top_k, renormalize=bool(cfg.norm_topk_prob))
+    """The source's routing: softmax over N logits, top-k, then what the family's routing rule adds
+    (vllm_submoe.families): Mixtral always renormalises the k weights; Qwen-MoE and OLMoE follow
+    `norm_topk_prob`; DeepSeek-V2 may limit the choice to the best `topk_group` of `n_group` expert
+    groups and scales by `routed_scaling_factor` (renormalising when `norm_topk_prob`, as vLLM does)."""
+    return Routing(**layout.routing_settings(lambda field: getattr(cfg, field, None)))
 
 
 @dataclass
@@ -63,8 +54,7 @@ class SourceArchitecture:
         return cls(layout, cfg, routing_of(layout, cfg))
 
     def _modeling(self, suffix: str):
-        module = importlib.import_module(f"transformers.models.{self.layout.model_type}.modeling_{self.layout.model_type}")
-        return getattr(module, self.layout.source_architecture.removesuffix("ForCausalLM") + suffix)
+        return getattr(importlib.import_module(self.layout.transformers_module), self.layout.transformers_class(suffix))
 
     @property
     def num_experts(self) -> int:

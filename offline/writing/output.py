@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from vllm_submoe.checkpoint_format import merged_count
 
 from ..calibration.layers import CalibratedLayer

@@ -1,6 +1,6 @@
 """`submoe loadtest`: drive the same seeded workload against each deployment in turn.
 
-    submoe loadtest models/tiny-mixtral-8e demo-out/tiny-mixtral-submoe-4e \\
+    submoe loadtest models/tiny-mixtral-8e demo-out/tiny-mixtral-submoe-4e --data data/eval/*.jsonl \\
         --labels original,compressed --concurrency 1,4,16,64 --rate 4 --out loadtest-out
 
 A deployment is a model directory (served with `vllm serve` on 127.0.0.1 for the run, then
@@ -19,6 +19,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from vllm_submoe.errors import SubMoEError
+
 from ..client import client_for, served_model
 from ..launcher import VLLMServer, bearer
 from ..scrape import compression_description, compression_gauges, engine_counters, metric_samples
@@ -27,13 +29,10 @@ from .records import after_warmup, growth, summarize
 from .runner import async_client, closed_loop, open_loop, stream_completion
 from .workload import held_out_prompts, poisson_arrivals
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
 MAX_PROMPTS = 512  # distinct prompts; a longer run (a soak) cycles through them again
 
 
-class LoadTestError(ValueError):
+class LoadTestError(SubMoEError):
     """A load test that cannot run as asked (bad deployment, labels or options)."""
 
 
@@ -233,8 +232,9 @@ def _ints(text: str) -> list[int]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("targets", nargs="+", metavar="DEPLOYMENT", help="model directory or http(s):// URL, one or more")
     p.add_argument("--labels", help="comma-separated names, one per deployment (default: directory names)")
-    p.add_argument("--data", nargs="+", default=sorted(str(f) for f in (ROOT / "data" / "eval").glob("*.jsonl")),
-                   metavar="FILE", help="held-out .jsonl/.txt files the prompts are cut from (default data/eval)")
+    p.add_argument("--data", nargs="+", required=True, metavar="FILE",
+                   help="held-out .jsonl/.txt files (or hf:DATASET[:CONFIG[:SPLIT]]) the prompts are cut from, "
+                        "e.g. --data data/eval/*.jsonl")
     p.add_argument("--concurrency", type=_ints, default=[1, 4, 16, 64], help="closed-loop levels (default 1,4,16,64)")
     p.add_argument("--requests", type=int, help="requests per level (default max(16, 4 x concurrency))")
     p.add_argument("--rate", type=float, help="also an open-loop Poisson run at this many requests/s")
@@ -264,3 +264,15 @@ def options_from(args: argparse.Namespace) -> LoadTestOptions:
         soak_requests=args.soak_requests, soak_concurrency=args.soak_concurrency, api_key=args.api_key,
         serve_args=args.serve_arg, host=args.host, seed=args.seed, force=args.force,
         progress=not args.no_progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`submoe loadtest ARGS` (argv: what follows `loadtest`). A user error is raised as a
+    `SubMoEError` (a `LoadTestError`, `ServerError`, `DataError`, ...) for `submoe`'s one handler."""
+    p = argparse.ArgumentParser(prog="submoe loadtest", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    result = run(options_from(p.parse_args(argv)))
+    print(report.summary_table(result))
+    print(f"wrote {result['paths']['markdown']}, {result['paths']['json']}, {result['paths']['plot']}")
+    return 0

@@ -1,25 +1,31 @@
 """`make demo`: compress the shipped tiny MoE 8->4 with Sub-MoE, serve both models with
 `vllm serve`, talk to them with the openai client, print one side-by-side table.
 
-    python -m serving.demo [--out demo-out] [--num-experts 4]
+    python scripts/demo.py [--out demo-out] [--num-experts 4]
+
+It drives the compressor (`offline`) and the load tester's server tools (`serving`) from above
+both, so it lives with the repository's scripts, not in either package.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
-from offline.compress import CompressOptions, compress
-from offline.evaluate import evaluate
-from offline.data import read_texts
-
-from .client import client_for, served_model, timed_completion
-from .launcher import VLLMServer
-from .scrape import compression_gauges
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from offline.compress import compress
+from offline.evaluate import evaluate
+from offline.options import CompressOptions
+from serving.client import client_for, served_model, timed_completion
+from serving.launcher import VLLMServer
+from serving.scrape import compression_gauges
+from vllm_submoe.texts import read_texts
+
 SHIPPED = ROOT / "models" / "tiny-mixtral-8e"
 
 
