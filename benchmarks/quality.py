@@ -149,7 +149,8 @@ def compress_calibrated(opts: CompressOptions, layers: list, calib_info: dict) -
     t0 = time.time()
     source = LazyCheckpoint(opts.model)
     arch = SourceArchitecture.of(source.config)
-    budgets, method = layer_budgets(opts, source.config, arch), make_method(opts.method, **opts.method_options)
+    method = make_method(opts.method, **opts.method_options)
+    budgets = layer_budgets(opts, source.config, arch, drops=method.drops_experts)
     with resumable_output_dir(opts.out, True, opts.fingerprint(), restart=True, protect=source.dir) as work:
         out = CompressedOutput(work.dir, source, arch, opts)
         for group in in_groups(layers, method.joint_layers):

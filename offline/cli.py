@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="submoe: Sub-MoE†, whitened low-rank truncation of each merged matrix (written dense)")
     m.add_argument("--align-neurons", action="store_true",
                    help="weight-merging methods: permutation-align intermediate neurons before merging")
+    m.add_argument("--substitute-pruned", action="store_true",
+                   help="reap, freq-prune: serve a pruned expert's tokens by the kept expert with the most similar "
+                        "outputs (its router row stays) instead of dropping its logit from the top-k (as published)")
     c.add_argument("--export", choices=("remap", "vanilla"), default="remap",
                    help="remap: N-row router + remap tables (vLLM plugin, per-layer counts); vanilla: N'-row "
                         "router, a stock Mixtral any loader reads (router rows of each group's dominant expert)")
@@ -95,7 +98,7 @@ def run(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.command == "compress":
         options = {k: getattr(args, k) for k in ("rank", "rank_ratio", "adaptive", "intra_rank_ratio",
-                                                 "align_neurons")}
+                                                 "align_neurons", "substitute_pruned")}
         report = compress(CompressOptions(
             model=args.model, out=args.out, method=args.method, num_experts=args.num_experts,
             calib=args.calib, samples=args.samples, seq_len=args.seq_len, method_options=options,

@@ -38,8 +38,8 @@ def compress(opts: CompressOptions) -> dict:
     t0 = time.time()
     source = LazyCheckpoint(opts.model)
     arch = SourceArchitecture.of(source.config)
-    budgets = layer_budgets(opts, source.config, arch)
     method = make_method(opts.method, **opts.method_options)
+    budgets = layer_budgets(opts, source.config, arch, drops=method.drops_experts)
     if not source.has_tokenizer():
         raise CompressError(f"{source.dir} has no tokenizer.json / tokenizer_config.json: calibration text "
                             f"cannot be tokenized, and the output could not be served")

@@ -3,17 +3,19 @@
 The torch reference forward of a merged checkpoint is transformers' model of the source
 architecture with N router experts whose expert i holds merged expert expert_map[i]: the
 source's own routing over the N logits, then each chosen router expert computes with its
-merged expert, which is exactly the remapped forward.
+merged expert, which is exactly the remapped forward. A dropped router expert (format 2) has its
+logit set to -inf inside the router, before the routing, as the plugin does.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from vllm_submoe.checkpoint_format import layout_for, served_expert_maps
+from vllm_submoe.checkpoint_format import dropped_experts, layout_for, merged_count, served_expert_maps
 from vllm_submoe.texts import domain_name, read_texts
 
 from .calibration.windows import token_windows
@@ -36,8 +38,8 @@ def load_reference(model_dir: str, dtype: torch.dtype = torch.float32) -> PreTra
     for l, m in enumerate(maps):
         expanded = None
         if m is not None:
-            merged = arch.read_experts(ckpt, l, max(m) + 1)
-            idx = torch.tensor(m)
+            merged = arch.read_experts(ckpt, l, merged_count(m))
+            idx = torch.tensor([e or 0 for e in m])  # a dropped expert is never routed to: any slot will do
             expanded = Experts.fused(merged.fused_gate_up()[idx], merged.down[idx])
         tensors = {n: ckpt.get(n) for n in arch.non_expert_names(names, l)}
         for k, v in arch.hf_layer_state(l, tensors, expanded).items():
@@ -48,7 +50,31 @@ def load_reference(model_dir: str, dtype: torch.dtype = torch.float32) -> PreTra
     if arch.config.tie_word_embeddings:
         model.tie_weights()
     model.model.rotary_emb = arch.rotary_embedding()  # its buffers are not in the checkpoint
+    for l, m in enumerate(maps):
+        if dropped_experts(m):
+            mask_router_logits(getattr(model.model.layers[l].mlp, arch.layout.router_name), dropped_experts(m))
     return model.eval()
+
+
+def mask_router_logits(router: torch.nn.Module, dropped: list[int]) -> None:
+    """Make a transformers router module compute the dropped experts' logits as -inf, before its
+    softmax and top-k. Every supported family's router computes its logits with one
+    `F.linear(hidden, weight)` inside its forward: that call is wrapped while the forward runs."""
+    mask = torch.zeros(router.weight.shape[0], dtype=torch.bool)
+    mask[dropped] = True
+    forward = router.forward
+
+    def masked_forward(*args, **kwargs):
+        linear = F.linear
+
+        def masked_linear(x, weight, bias=None):
+            return linear(x, weight, bias).masked_fill(mask.to(x.device), float("-inf"))
+        F.linear = masked_linear
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            F.linear = linear
+    router.forward = masked_forward
 
 
 @torch.no_grad()

@@ -43,9 +43,11 @@ class CompressOptions:
                 if k not in ("force", "progress", "restart", "device", "calib_batch", "activation_memory")}
 
 
-def layer_budgets(opts: CompressOptions, config: dict, arch: SourceArchitecture) -> list[int | None]:
+def layer_budgets(opts: CompressOptions, config: dict, arch: SourceArchitecture,
+                  drops: bool = False) -> list[int | None]:
     """The target expert count of every decoder layer (None: no routed experts there), or one
-    clear error for settings that cannot work on this source."""
+    clear error for settings that cannot work on this source. `drops`: the method drops router
+    experts (pruning as published), which needs top_k live ones and plain top-k routing."""
     if BLOCK_KEY in config:
         raise CompressError(f"{opts.model} is already a compressed checkpoint (config.json has a `{BLOCK_KEY}` "
                             f"block): compress the source model instead")
@@ -64,6 +66,8 @@ def layer_budgets(opts: CompressOptions, config: dict, arch: SourceArchitecture)
         raise CompressError(f"--num-experts must be between 1 and {n - 1} (the source has {n} experts per layer), "
                             f"got {opts.num_experts}")
     _check_export(opts, arch, {c for c in counts if c is not None})
+    if drops and opts.export == "remap":
+        _check_drops(arch, {c for c in counts if c is not None})
     if opts.output_tokens < 1:
         raise CompressError(f"--output-tokens must be at least 1, got {opts.output_tokens}")
     if opts.calib_batch < 1 or opts.activation_memory < 0:
@@ -88,3 +92,13 @@ def _check_export(opts: CompressOptions, arch: SourceArchitecture, moe_counts: s
     if arch.routing.num_groups > 1:
         raise CompressError("--export vanilla cannot keep grouped top-k routing (n_group expert groups over fewer "
                             "router rows): use --export remap, which routes over the source's groups")
+
+
+def _check_drops(arch: SourceArchitecture, moe_counts: set[int]) -> None:
+    if min(moe_counts) < arch.routing.top_k:
+        raise CompressError(f"pruning keeps {min(moe_counts)} experts in a layer but every token routes to "
+                            f"top_k={arch.routing.top_k}: keep at least {arch.routing.top_k}, or pass "
+                            f"--substitute-pruned to serve pruned experts' tokens by the most similar kept ones")
+    if arch.routing.num_groups > 1:
+        raise CompressError("dropping router experts would unbalance grouped top-k routing (n_group expert "
+                            "groups): pass --substitute-pruned, which keeps every router row")

@@ -1,4 +1,4 @@
-"""Format v1 validation: each malformed `submoe` block or tensor gets one error naming it."""
+"""Format validation (versions 1 and 2): each malformed `submoe` block or tensor gets one error naming it."""
 import copy
 
 import pytest
@@ -33,7 +33,12 @@ def test_valid_block_parses_with_per_layer_counts():
 
 @pytest.mark.parametrize("mutate, message", [
     (lambda c: c.pop("submoe"), "block is missing"),
-    (lambda c: c["submoe"].update(format_version=2), "format_version is 2"),
+    (lambda c: c["submoe"].update(format_version=99), "format_version is 99; this vllm-submoe reads versions 1, 2"),
+    (lambda c: c["submoe"].update(format_version="2"), "format_version is '2'"),
+    (lambda c: c["submoe"]["layers"][0]["expert_map"].__setitem__(5, 1.0),
+     r"layers\[0\]\.expert_map\[5\] = 1.0 is not an integer"),
+    (lambda c: c["submoe"]["layers"][0]["expert_map"].__setitem__(5, None),
+     r"layers\[0\]\.expert_map\[5\] is null \(a dropped router expert\), which format version 1 cannot say"),
     (lambda c: c["submoe"].update(num_router_experts=0), "num_router_experts must be a positive integer"),
     (lambda c: c["submoe"]["layers"].pop(), r"one entry per decoder layer \(num_hidden_layers=2\), got 1"),
     (lambda c: c["submoe"]["layers"][1]["expert_map"].pop(),
@@ -54,6 +59,44 @@ def test_valid_block_parses_with_per_layer_counts():
 def test_bad_blocks_give_one_clear_error(mutate, message):
     with pytest.raises(CheckpointFormatError, match=message):
         parse_block(_with(mutate))
+
+
+PRUNED = {**BASE, "submoe": make_block("reap", {"architecture": "MixtralForCausalLM", "num_experts": 8}, 8,
+                                       [[0, None, 1, 2, 3, None, None, None], [None, 0, 1, None, 2, None, None, None]])}
+
+
+def test_dropped_router_experts_need_format_2_and_parse():
+    assert PRUNED["submoe"]["format_version"] == 2 and BASE["submoe"]["format_version"] == 1
+    block = parse_block(PRUNED)
+    assert block.experts_per_layer == (4, 3)
+    assert block.expert_maps[1] == (None, 0, 1, None, 2, None, None, None)
+    expected = expected_expert_tensors(PRUNED, block)
+    assert expected[layout_for(PRUNED).router_tensor(0)] == (8, 64)  # the router keeps all N rows
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c: c["submoe"]["layers"][1].update(expert_map=[None, 0, None, None, None, None, None, None], num_experts=1),
+     r"layers\[1\] drops 7 of 8 router experts, leaving 1, fewer than the 2 each token routes to"),
+    (lambda c: c["submoe"]["layers"][0]["expert_map"].__setitem__(1, -1), r"expert_map\[1\] = -1 is outside 0..3"),
+    (lambda c: c["submoe"]["layers"][0]["expert_map"].__setitem__(1, "null"), r"expert_map\[1\] = 'null' is not an integer"),
+    (lambda c: c["submoe"]["layers"][0]["expert_map"].__setitem__(0, None),
+     r"layers\[0\]\.expert_map reaches no router expert to merged expert\(s\) \[0\]"),
+])
+def test_malformed_drops_give_one_clear_error(mutate, message):
+    config = copy.deepcopy(PRUNED)
+    mutate(config)
+    with pytest.raises(CheckpointFormatError, match=message):
+        parse_block(config)
+
+
+def test_drops_are_refused_with_grouped_routing():
+    config = {**copy.deepcopy(DEEPSEEK), "topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1}
+    parse_block(config)
+    config["submoe"] = make_block("reap", {"num_experts": 4}, 4, [None, [0, 1, 2, None], [0, None, 1, None]])
+    with pytest.raises(CheckpointFormatError, match="grouped top-k.*--substitute-pruned"):
+        parse_block(config)
+    config.update(topk_method="greedy")
+    assert parse_block(config).experts_per_layer == (0, 3, 2)
 
 
 def test_expected_tensors_cover_every_merged_expert_and_router():

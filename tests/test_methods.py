@@ -213,11 +213,11 @@ def test_expert_never_routed_and_clusters_of_one(method):
     with warnings.catch_warnings():
         warnings.simplefilter("error", CalibrationWarning)
         r = reduce_layer(make_method(method), experts, stats, 7, seed=0)
-    assert len(r.experts) == 7 and sorted(set(r.expert_map)) == list(range(7))
+    assert len(r.experts) == 7 and sorted(set(r.expert_map) - {None}) == list(range(7))
     assert all(torch.isfinite(m).all() for m in r.experts.matrices().values())
-    if method in ("freq-prune", "reap"):  # the one expert dropped is one never routed
+    if method in ("freq-prune", "reap"):  # the one expert dropped is one never routed, and its logit leaves the top-k
         dropped = set(range(8)) - {c.kept for c in r.merges}
-        assert len(dropped) == 1 and dropped < {2, 6}
+        assert len(dropped) == 1 and dropped < {2, 6} and r.expert_map.index(None) in dropped
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -230,3 +230,30 @@ def test_non_finite_weights_or_calibration_are_refused_with_a_clear_message(meth
     stats.router_logits[5, 1] = float("inf")
     with pytest.raises(MethodError, match="router_logits of the calibration statistics has NaN or inf"):
         reduce_layer(make_method(method), experts, stats, 4, seed=0)
+
+
+@pytest.mark.parametrize("method", ["freq-prune", "reap"])
+def test_pruning_drops_router_experts_or_substitutes_them_when_asked(method):
+    """As published, a pruned expert's logit leaves the top-k: the served output is the kept experts'
+    under a softmax over the kept logits only (what an N'-row router computes). With
+    substitute_pruned, every router expert is served by a kept one instead."""
+    experts, stats = random_layer(seed=15, t=300)
+    dropped = reduce_layer(make_method(method), experts, stats, 4, seed=0)
+    kept = [c.kept for c in dropped.merges]
+    assert sorted(i for i, e in enumerate(dropped.expert_map) if e is None) == sorted(set(range(8)) - set(kept))
+    assert [dropped.expert_map[k] for k in kept] == list(range(4))
+    # the dropped map's served output, token by token, is the N'-row router's over the kept experts
+    probs = torch.softmax(stats.router_logits[:, kept].double(), -1)
+    w, j = probs.topk(2, dim=-1)
+    w = w / w.sum(-1, keepdim=True)
+    e = dropped.experts
+    by_rows = torch.stack([sum(w[t, s] * expert_forward(stats.tokens[t:t + 1], e.gate[j[t, s]], e.up[j[t, s]],
+                                                         e.down[j[t, s]])[0].double() for s in range(2))
+                           for t in range(len(stats.tokens))])
+    source = torch.einsum("tn,ntd->td", stats.gate_weights().double(), stats.outputs.double())
+    err = ((by_rows - source).norm() / source.norm()).item()
+    from offline.methods.output_error import output_error
+    assert output_error(stats, dropped) == pytest.approx(err, rel=1e-4)
+    substituted = reduce_layer(make_method(method, substitute_pruned=True), experts, stats, 4, seed=0)
+    assert None not in substituted.expert_map and sorted(c.kept for c in substituted.merges) == sorted(kept)
+    assert make_method(method).drops_experts and not make_method(method, substitute_pruned=True).drops_experts

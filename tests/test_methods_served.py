@@ -1,9 +1,11 @@
 """Every method's checkpoint, served by vLLM, equals the reference forward.
 
-One engine for all methods: a random 12-layer Mixtral is compressed once per method (and
+One engine for all methods: a random 13-layer Mixtral is compressed once per method (and
 variant), and layer l of the served "mosaic" checkpoint is taken from the l-th method's output,
-with that method's remap table and its own expert count. A second engine serves a `--export
-vanilla` checkpoint as a stock Mixtral, compared with stock transformers.
+with that method's remap table and its own expert count (pruning layers drop router experts:
+format 2). Two more engines serve REAP's `--export vanilla` checkpoint as a stock Mixtral
+(compared with stock transformers) and the same pruning with dropped router experts through the
+plugin (compared with the stock one: the same function).
 """
 import json
 
@@ -20,14 +22,14 @@ from offline.options import CompressOptions
 from offline.source.checkpoint import LazyCheckpoint
 from offline.synthetic import random_mixtral
 from offline.writing.shards import copy_tokenizer
-from vllm_submoe.checkpoint_format import BLOCK_KEY, make_block, parse_block
+from vllm_submoe.checkpoint_format import BLOCK_KEY, dropped_experts, make_block, merged_count, parse_block
 
 pytestmark = pytest.mark.vllm
 # (method, options, experts in its layer)
 CONFIGS = [("submoe", {}, 4), ("submoe", {"rank_ratio": 0.5}, 5), ("submoe", {"intra_rank_ratio": 0.5}, 3),
            ("submoe", {"adaptive": True}, 4), ("output-lsq", {}, 4), ("mergemoe", {}, 6), ("hc-smoe", {}, 3),
            ("m-smoe", {"align_neurons": True}, 4), ("reap", {}, 5), ("freq-prune", {}, 2), ("average", {}, 4),
-           ("random", {}, 7)]
+           ("random", {}, 7), ("reap", {"substitute_pruned": True}, 3)]
 
 
 def _compress(src, out, method, options, n, export="remap"):
@@ -56,12 +58,14 @@ def mosaic(source, tmp_path_factory):
     dst.mkdir()
     save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((root / "layer0-submoe" / "config.json").read_text())
-    config["num_local_experts"] = max(max(m) + 1 for m in maps)
+    config["num_local_experts"] = max(merged_count(m) for m in maps)
     config[BLOCK_KEY] = make_block(method="mosaic", num_router_experts=8, expert_maps=maps,
                                    source=config[BLOCK_KEY]["source"], weight_bytes=(dst / "model.safetensors").stat().st_size)
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     copy_tokenizer(source, dst)
-    assert [max(m) + 1 for m in maps] == [n for _, _, n in CONFIGS]
+    assert [merged_count(m) for m in maps] == [n for _, _, n in CONFIGS]
+    assert [bool(dropped_experts(m)) for m in maps] == [m in ("reap", "freq-prune") and not o for m, o, _ in CONFIGS]
+    assert config[BLOCK_KEY]["format_version"] == 2
     return dst
 
 
@@ -72,11 +76,15 @@ def test_every_methods_checkpoint_served_by_vllm_equals_the_reference(mosaic, pr
         assert_matches_reference(g, reference_greedy(ref, p, len(g["token_ids"])))
 
 
-def test_vanilla_export_served_by_stock_vllm_equals_stock_transformers(source, prompts, tmp_path):
-    out = tmp_path / "reap-vanilla"
-    _compress(source, out, "reap", {}, 4, export="vanilla")
-    assert json.loads((out / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
-    stock = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
-    got = vllm_results(out, prompts, tmp_path / "run")
-    for p, g in zip(prompts, got):
-        assert_matches_reference(g, reference_greedy(stock, p, len(g["token_ids"])))
+def test_pruning_served_with_dropped_router_experts_equals_its_stock_vanilla_export(source, prompts, tmp_path):
+    vanilla, dropped = tmp_path / "reap-vanilla", tmp_path / "reap-dropped"
+    _compress(source, vanilla, "reap", {}, 4, export="vanilla")
+    _compress(source, dropped, "reap", {}, 4)
+    assert json.loads((vanilla / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
+    assert all(len(dropped_experts(m)) == 4 for m in parse_block(json.loads((dropped / "config.json").read_text()))
+               .expert_maps)
+    stock = AutoModelForCausalLM.from_pretrained(str(vanilla), dtype=torch.float32).eval()
+    got = vllm_results([vanilla, dropped], prompts, tmp_path / "run")
+    for p, v, d in zip(prompts, got[str(vanilla)], got[str(dropped)]):
+        assert_matches_reference(v, reference_greedy(stock, p, len(v["token_ids"])))
+        assert_matches_reference(d, reference_greedy(stock, p, len(d["token_ids"])))

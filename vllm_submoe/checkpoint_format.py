@@ -1,4 +1,4 @@
-"""Checkpoint format v1: the `submoe` block in config.json and the expert tensors' names.
+"""Checkpoint format (versions 1 and 2): the `submoe` block in config.json and the expert tensors' names.
 
 Shared by the offline compressor (writes) and the vLLM plugin (reads, validates). Imports
 neither side, nor vLLM, nor torch: it must stay importable everywhere.
@@ -10,6 +10,11 @@ neither side, nor vLLM, nor torch: it must stay importable everywhere.
 
 `expert_map[l][i]` is the merged expert that serves router expert i in layer l. A layer without
 routed experts (DeepSeek's first dense layers, Qwen-MoE's `mlp_only_layers`) has `null`.
+
+Version 2 adds dropped router experts: `expert_map[l][i] = null` removes router expert i's logit
+before the top-k, exactly as a pruned N'-row router would (REAP and frequency pruning as
+published). A layer keeps at least top_k live router experts. Writers use version 1 when nothing
+is dropped, so older readers keep reading what they can serve; readers accept both.
 """
 from __future__ import annotations
 
@@ -21,7 +26,8 @@ from typing import Any, Iterable, Mapping
 from .errors import SubMoEError
 from .families import BY_MODEL_TYPE, DEEPSEEK_V2, MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE, Family  # noqa: F401
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this code reads and writes
+READABLE_VERSIONS = (1, 2)  # 2 adds dropped router experts (null in expert_map); 1 is still read
 BLOCK_KEY = "submoe"
 
 
@@ -62,20 +68,26 @@ class SubMoEBlock:
         return tuple(merged_count(m) for m in self.expert_maps)
 
 
-def merged_count(expert_map: Iterable[int] | None) -> int:
+def merged_count(expert_map: Iterable[int | None] | None) -> int:
     """Experts a layer serves under its map (0 for a layer without routed experts)."""
-    return 0 if expert_map is None else max(expert_map) + 1
+    return 0 if expert_map is None else max(e for e in expert_map if e is not None) + 1
+
+
+def dropped_experts(expert_map: Iterable[int | None] | None) -> list[int]:
+    """Router experts a layer drops (null in its map): their logits leave the top-k."""
+    return [] if expert_map is None else [i for i, e in enumerate(expert_map) if e is None]
 
 
 def make_block(method: str, source: Mapping[str, Any], num_router_experts: int,
                expert_maps: Iterable[Iterable[int]], **extra: Any) -> dict[str, Any]:
-    maps = [None if m is None else [int(i) for i in m] for m in expert_maps]
+    maps = [None if m is None else [None if i is None else int(i) for i in m] for m in expert_maps]
     return {
-        "format_version": FORMAT_VERSION,
+        # the oldest version that can say it, so older readers keep reading what they can serve
+        "format_version": 2 if any(dropped_experts(m) for m in maps) else 1,
         "method": method,
         "source": dict(source),
         "num_router_experts": int(num_router_experts),
-        "layers": [None if m is None else {"num_experts": max(m) + 1, "expert_map": m} for m in maps],
+        "layers": [None if m is None else {"num_experts": merged_count(m), "expert_map": m} for m in maps],
         **extra,
     }
 
@@ -93,10 +105,10 @@ def parse_block(config: Mapping[str, Any]) -> SubMoEBlock:
             f"{where} block is missing: this checkpoint was not written by `submoe compress` "
             f"(serve it with its source architecture instead)")
     version = block.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS or not _int(version):
         raise CheckpointFormatError(
-            f"{where}.format_version is {version!r}; this vllm-submoe reads version {FORMAT_VERSION}: "
-            f"upgrade vllm-submoe or re-export the checkpoint")
+            f"{where}.format_version is {version!r}; this vllm-submoe reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}: upgrade vllm-submoe or re-export the checkpoint")
     n_router = block.get("num_router_experts")
     if not _int(n_router) or n_router < 1:
         raise CheckpointFormatError(f"{where}.num_router_experts must be a positive integer, got {n_router!r}")
@@ -118,24 +130,7 @@ def parse_block(config: Mapping[str, Any]) -> SubMoEBlock:
                 "has an expert map but the architecture has a dense MLP there"
             raise CheckpointFormatError(f"{lw} {what} (see {layout.model_type}'s config): the block does not "
                                         f"belong to this config")
-        n = layer.get("num_experts") if isinstance(layer, Mapping) else None
-        m = layer.get("expert_map") if isinstance(layer, Mapping) else None
-        if not _int(n) or not 1 <= n <= n_router:
-            raise CheckpointFormatError(f"{lw}.num_experts must be an integer in 1..{n_router}, got {n!r}")
-        if not isinstance(m, list) or len(m) != n_router:
-            got = len(m) if isinstance(m, list) else repr(m)
-            raise CheckpointFormatError(f"{lw}.expert_map must have one entry per router expert "
-                                        f"({n_router}), got {got}")
-        bad = [(i, e) for i, e in enumerate(m) if not _int(e) or not 0 <= e < n]
-        if bad:
-            i, e = bad[0]
-            raise CheckpointFormatError(f"{lw}.expert_map[{i}] = {e!r} is outside 0..{n - 1} "
-                                        f"(num_experts={n}): the map would index a missing expert")
-        unreached = sorted(set(range(n)) - set(m))
-        if unreached:
-            raise CheckpointFormatError(f"{lw}.expert_map reaches no router expert to merged expert(s) "
-                                        f"{unreached}: drop them or fix the map")
-        maps.append(tuple(m))
+        maps.append(_layer_map(layer, lw, n_router, version))
     declared, largest = layout.num_experts(config), max(merged_count(m) for m in maps)
     if declared != largest:
         raise CheckpointFormatError(
@@ -145,12 +140,59 @@ def parse_block(config: Mapping[str, Any]) -> SubMoEBlock:
     if not _int(top_k) or not 1 <= top_k <= n_router:
         raise CheckpointFormatError(f"config.json `{layout.top_k_field}` must be an integer in 1..{n_router} "
                                     f"(num_router_experts), got {top_k!r}")
+    _check_drops(maps, config, layout, top_k, where)
     return SubMoEBlock(method=str(block.get("method", "unknown")), num_router_experts=n_router,
                        expert_maps=tuple(maps), raw=block)
 
 
-def served_expert_maps(config: Mapping[str, Any]) -> list[list[int] | None]:
-    """Per-layer router expert -> served expert: the validated maps of a compressed
+def _layer_map(layer: Any, lw: str, n_router: int, version: int) -> tuple[int | None, ...]:
+    """One layer's validated map; version 2 allows null (a dropped router expert)."""
+    n = layer.get("num_experts") if isinstance(layer, Mapping) else None
+    m = layer.get("expert_map") if isinstance(layer, Mapping) else None
+    if not _int(n) or not 1 <= n <= n_router:
+        raise CheckpointFormatError(f"{lw}.num_experts must be an integer in 1..{n_router}, got {n!r}")
+    if not isinstance(m, list) or len(m) != n_router:
+        got = len(m) if isinstance(m, list) else repr(m)
+        raise CheckpointFormatError(f"{lw}.expert_map must have one entry per router expert ({n_router}), got {got}")
+    for i, e in enumerate(m):
+        if e is None and version >= 2:
+            continue
+        if e is None:
+            raise CheckpointFormatError(f"{lw}.expert_map[{i}] is null (a dropped router expert), which format "
+                                        f"version {version} cannot say: set format_version to 2")
+        if not _int(e):
+            raise CheckpointFormatError(f"{lw}.expert_map[{i}] = {e!r} is not an integer: ids are merged-expert "
+                                        f"indices 0..{n - 1}" + (", or null for a dropped router expert" if version >= 2
+                                                                 else ""))
+        if not 0 <= e < n:
+            raise CheckpointFormatError(f"{lw}.expert_map[{i}] = {e!r} is outside 0..{n - 1} "
+                                        f"(num_experts={n}): the map would index a missing expert")
+    unreached = sorted(set(range(n)) - set(m))
+    if unreached:
+        raise CheckpointFormatError(f"{lw}.expert_map reaches no router expert to merged expert(s) "
+                                    f"{unreached}: drop them or fix the map")
+    return tuple(m)
+
+
+def _check_drops(maps: list, config: Mapping[str, Any], layout: Family, top_k: int, where: str) -> None:
+    """A layer keeps at least top_k live router experts; drops need plain (not grouped) top-k."""
+    for l, m in enumerate(maps):
+        dropped = dropped_experts(m)
+        if not dropped:
+            continue
+        live = len(m) - len(dropped)
+        if live < top_k:
+            raise CheckpointFormatError(f"{where}.layers[{l}] drops {len(dropped)} of {len(m)} router experts, "
+                                        f"leaving {live}, fewer than the {top_k} each token routes to "
+                                        f"(`{layout.top_k_field}`): keep at least {top_k}")
+        if layout.routing.settings(config.get)["num_groups"] > 1:
+            raise CheckpointFormatError(f"{where}.layers[{l}] drops router experts, but {layout.model_type} routes "
+                                        f"with grouped top-k, whose expert groups a drop would unbalance: "
+                                        f"substitute pruned experts instead (submoe compress --substitute-pruned)")
+
+
+def served_expert_maps(config: Mapping[str, Any]) -> list[list[int | None] | None]:
+    """Per-layer router expert -> served expert (None: dropped): the validated maps of a compressed
     checkpoint, the identity for a source model; None for a layer without routed experts."""
     if BLOCK_KEY in config:
         return [None if m is None else list(m) for m in parse_block(config).expert_maps]

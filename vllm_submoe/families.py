@@ -49,7 +49,7 @@ class RoutingRule:
         return dict(renormalize=renormalize,
                     num_groups=get(self.grouped.num_groups_field) if grouped else 1,
                     topk_groups=get(self.grouped.topk_groups_field) if grouped else 1,
-                    scaling=float(get(self.scaling_field)) if self.scaling_field else 1.0)
+                    scaling=float(get(self.scaling_field) or 1.0) if self.scaling_field else 1.0)  # absent: 1
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ class Grouping:
     clusters: list[list[int]]
     centres: list[int] | None = None  # per cluster, the member standing for it (None: the most frequent one)
     scores: torch.Tensor | None = None  # [N] per router expert, for methods that rank experts (pruning)
+    dropped: list[int] = field(default_factory=list)  # router experts whose logits leave the top-k (pruning)
     chosen_by: str | None = None  # a method that tries several groupings: the winner's name
     held_out_errors: dict[str, float] | None = None  # ... and each candidate's held-out output error
 
@@ -69,7 +70,7 @@ class Merge:
 @dataclass
 class LayerResult:
     experts: Experts  # [N', ...] merged experts
-    expert_map: list[int]  # router expert -> merged expert
+    expert_map: list[int | None]  # router expert -> merged expert (None: dropped)
     clusters: list[list[int]]
     representatives: list[int]  # router row kept per merged expert (vanilla export)
     merges: list[Merge] = field(default_factory=list)
@@ -83,6 +84,7 @@ class Method(ABC):
     description: ClassVar[str]
     joint_layers: int = 1  # layers grouped jointly (Sub-MoE's adaptive variant: 2)
     align_neurons: bool = False  # permute members' neurons to the centre's before merging
+    drops_experts: bool = False  # some router experts' logits leave the top-k (format v2)
 
     def settings(self) -> dict:
         return {}
@@ -127,7 +129,7 @@ def reduce_layer(method: Method, experts: Experts, stats: LayerStats, num_out: i
         out.gate[j], out.up[j], out.down[j] = m.expert.gate[0], m.expert.up[0], m.expert.down[0]  # no second copy
         merges.append(m)
     check_finite(out.matrices(), "the merged experts")
-    return LayerResult(out, clusters_to_map(grouping.clusters, len(experts)), grouping.clusters,
+    return LayerResult(out, clusters_to_map(grouping.clusters, len(experts), grouping.dropped), grouping.clusters,
                        list(grouping.centres), merges, grouping)
 
 
@@ -158,13 +160,17 @@ def dominant(frequency: torch.Tensor, members: list[int]) -> int:
     return max(members, key=lambda i: (frequency[i].item(), -i))
 
 
-def clusters_to_map(clusters: list[list[int]], num_experts: int) -> list[int]:
-    expert_map = [-1] * num_experts
+def clusters_to_map(clusters: list[list[int]], num_experts: int, dropped: list[int] = ()) -> list[int | None]:
+    """Router expert -> its cluster's index, None for a dropped one; every other must be in a cluster."""
+    expert_map: list[int | None] = [-1] * num_experts
+    for i in dropped:
+        expert_map[i] = None
     for j, members in enumerate(clusters):
         for i in members:
             expert_map[i] = j
     if -1 in expert_map:
-        raise MethodError(f"grouping left router expert(s) {[i for i, j in enumerate(expert_map) if j < 0]} unassigned")
+        raise MethodError(f"grouping left router expert(s) {[i for i, j in enumerate(expert_map) if j == -1]} "
+                          f"unassigned")
     return expert_map
 
 

@@ -35,15 +35,28 @@ class RandomMerge(Average):
 
 
 class Pruning(Method):
-    """Keep N' experts unchanged, chosen by `scores` (computed once per layer). In the remap format
-    every router expert needs a target, so a dropped expert is served by the kept expert whose
-    outputs are most similar to its own; `--export vanilla` instead drops its router row (true pruning)."""
+    """Keep N' experts unchanged, chosen by `scores` (computed once per layer), and drop the others
+    as the authors publish it: a dropped expert's router logit leaves the top-k (format v2; an
+    N'-row router with `--export vanilla`). `substitute` instead sends a pruned expert's tokens to
+    the kept expert whose outputs are most similar to its own (its router row stays)."""
+
+    def __init__(self, substitute_pruned: bool = False):
+        self.substitute_pruned = substitute_pruned
+        self.drops_experts = not substitute_pruned
+
+    def settings(self) -> dict:
+        return {"pruned_experts": "substituted by the most similar kept expert" if self.substitute_pruned
+                else "dropped from the router's top-k"}
 
     def scores(self, stats: LayerStats) -> torch.Tensor:
         raise NotImplementedError
 
     def group(self, stats: LayerStats, num_out: int, seed: int, experts: Experts) -> Grouping:
         scores = self.scores(stats)
+        if not self.substitute_pruned:
+            kept = torch.argsort(scores, descending=True, stable=True)[:num_out].tolist()
+            return Grouping([[i] for i in kept], centres=kept, scores=scores,
+                            dropped=sorted(set(range(len(scores))) - set(kept)))
         clusters = assign_to_centres(scores, cosine_similarity(stats.outputs), num_out)
         return Grouping(clusters, centres=[max(c, key=lambda i: (scores[i].item(), -i)) for c in clusters],
                         scores=scores)
@@ -54,7 +67,7 @@ class Pruning(Method):
 
 class FrequencyPrune(Pruning):
     name = "freq-prune"
-    description = "keep the most frequently routed experts; dropped ones reroute to the most similar kept one"
+    description = "keep the most frequently routed experts, drop the others from the router's top-k"
 
     def scores(self, stats: LayerStats) -> torch.Tensor:
         return stats.frequency

@@ -20,7 +20,10 @@ def output_error(stats: LayerStats, result: LayerResult, export: str = "remap") 
     source = torch.einsum("tn,ntd->td", g, stats.outputs)
     merged = all_expert_outputs(stats.tokens, result.experts)  # [N', T, H]
     if export == "remap":
-        served = torch.einsum("tn,ntd->td", g, merged[torch.tensor(result.expert_map)])
+        dropped = torch.tensor([e is None for e in result.expert_map])
+        if dropped.any():  # the served router never picks a dropped expert: its logit is -inf
+            g = gate_weights(stats.routing, stats.router_logits.masked_fill(dropped, float("-inf"))).to(g.dtype)
+        served = torch.einsum("tn,ntd->td", g, merged[torch.tensor([e or 0 for e in result.expert_map])])
     else:
         kept = gate_weights(stats.routing, stats.router_logits[:, result.representatives]).to(merged.dtype)
         served = torch.einsum("tn,ntd->td", kept, merged)

@@ -25,7 +25,7 @@ def reap_scores(stats: LayerStats) -> torch.Tensor:
 
 class REAP(Pruning):
     name = "reap"
-    description = "keep the experts with the highest mean routed gate weight x output norm (REAP)"
+    description = "keep the experts with the highest mean routed gate weight x output norm, drop the others (REAP)"
 
     def scores(self, stats: LayerStats) -> torch.Tensor:
         return reap_scores(stats)

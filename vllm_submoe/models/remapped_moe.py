@@ -28,7 +28,7 @@ from vllm.model_executor.layers.fused_moe.router.router_factory import create_fu
 from vllm.model_executor.models.utils import extract_layer_index
 
 from ..checkpoint_format import CheckpointFormatError, SubMoEBlock, check_all_present, check_tensor_shape, \
-    expected_expert_tensors, layout_for, parse_block
+    expected_expert_tensors, layout_for, merged_count, parse_block
 
 
 class RemappedRouter(FusedMoERouter):
@@ -36,13 +36,18 @@ class RemappedRouter(FusedMoERouter):
 
     Two chosen router experts that map to one merged expert both stay in the top-k list: the
     fused kernels accept duplicate ids and add their weights, which is exactly the merged forward.
+    A dropped router expert (None in the map) has its logit set to -inf first, so the source
+    routing runs over the live experts only, as a pruned N'-row router does.
     """
 
-    def __init__(self, source_router: FusedMoERouter, expert_map: list[int]):
+    def __init__(self, source_router: FusedMoERouter, expert_map: list[int | None]):
         super().__init__(eplb_state=None)
         self.source_router = source_router
-        # Built under vLLM's device context at model construction, so it lives on the model's device.
-        self.expert_map = torch.tensor(expert_map, dtype=torch.int32)
+        # Built under vLLM's device context at model construction, so they live on the model's device.
+        # A dropped expert is never chosen (at least top_k live ones remain); its id 0 only keeps the
+        # table a valid index for kernels that do not bounds-check.
+        self.expert_map = torch.tensor([0 if e is None else e for e in expert_map], dtype=torch.int32)
+        self.dropped = torch.tensor([e is None for e in expert_map]) if None in expert_map else None
 
     def set_capture_fn(self, capture_fn) -> None:
         self.source_router.set_capture_fn(capture_fn)
@@ -55,6 +60,8 @@ class RemappedRouter(FusedMoERouter):
     def _select_experts(self, hidden_states: torch.Tensor, router_logits: torch.Tensor,
                         topk_indices_dtype: torch.dtype | None = None, *,
                         input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.dropped is not None:
+            router_logits = router_logits.masked_fill(self.dropped, float("-inf"))
         weights, ids = self.source_router.select_experts(hidden_states, router_logits, topk_indices_dtype,
                                                          input_ids=input_ids)
         return weights, self.expert_map[ids.long()].to(ids.dtype)
@@ -89,7 +96,7 @@ def remapped_fused_moe(block: SubMoEBlock, built: set[int]):
             # as FusedMoEFactory does: scaled by the router unless the runner scales the output
             routed_scaling_factor=1.0 if apply_routed_scale_to_output else routed_scaling_factor)
         built.add(layer)
-        return FusedMoEFactory(num_experts=max(expert_map) + 1, top_k=top_k, prefix=prefix, renormalize=renormalize,
+        return FusedMoEFactory(num_experts=merged_count(expert_map), top_k=top_k, prefix=prefix, renormalize=renormalize,
                                scoring_func=scoring_func, routed_scaling_factor=routed_scaling_factor,
                                apply_routed_scale_to_output=apply_routed_scale_to_output,
                                router=RemappedRouter(source_router, list(expert_map)), **kwargs)
