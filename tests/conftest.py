@@ -32,24 +32,26 @@ def write_config(path: Path, **changes) -> None:
     (path / "config.json").write_text(json.dumps(config, indent=2))
 
 
+def sample_stats(experts, tokens, logits):
+    """Calibration statistics of a layer whose calibration tokens are exactly `tokens` (Mixtral top-2)."""
+    from offline.calibration.stats import LayerStats
+    from offline.moe_math import Routing
+    return LayerStats.from_sample(tokens, experts, logits, Routing(2), samples=64)
+
+
 def random_layer(seed=0, n=8, h=16, i=24, t=64, router_gain=1.0):
     """One random MoE layer's experts and the calibration statistics a router over them gives: logits
-    from a random router on random tokens, frequency counted from those logits' top-2, as
-    calibration measures them (so frequency, gate weights and logits agree)."""
+    from a random router on random tokens, frequency and every other statistic accumulated from
+    those tokens as calibration does (so frequency, gate weights and logits agree)."""
     import torch
 
-    from offline.calibration.stats import LayerStats
-    from offline.moe_math import Experts, Routing, all_expert_outputs
+    from offline.moe_math import Experts
     g = torch.Generator().manual_seed(seed)
     experts = Experts(torch.randn(n, i, h, generator=g), torch.randn(n, i, h, generator=g),
                       torch.randn(n, h, i, generator=g))
     tokens = torch.randn(t, h, generator=g)
     logits = tokens @ (torch.randn(n, h, generator=g) * router_gain / h ** 0.5).T
-    _, ids = Routing(2)(logits)
-    counts = torch.bincount(ids.flatten(), minlength=n).double()
-    stats = LayerStats(frequency=counts / counts.sum(), tokens=tokens, outputs=all_expert_outputs(tokens, experts),
-                       router_logits=logits, top_k=2, samples=64)
-    return experts, stats
+    return experts, sample_stats(experts, tokens, logits)
 
 
 @pytest.fixture(scope="session")

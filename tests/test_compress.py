@@ -231,8 +231,36 @@ def test_batched_and_spilled_calibration_gives_the_same_checkpoint(random_source
     assert spilled[0].activations.on_disk and (tmp_path / "x-1.f32").stat().st_size == 8 * 64 * 64 * 4
     for a, b in zip(whole, spilled):
         torch.testing.assert_close(a.stats.frequency, b.stats.frequency, atol=0, rtol=0)
-        for field in ("tokens", "outputs", "router_logits"):
+        for field in ("tokens", "outputs", "router_logits", "mean_outputs", "saliency"):
             torch.testing.assert_close(getattr(a.stats, field), getattr(b.stats, field), atol=1e-5, rtol=1e-5)
+        for field in ("output_gram", "logit_gram"):
+            g = getattr(a.stats, field)
+            torch.testing.assert_close(g, getattr(b.stats, field), atol=1e-6 * g.abs().max().item(), rtol=1e-5)
+
+
+def test_published_statistics_cover_every_calibration_token_not_the_sample(random_source, tmp_path):
+    """Frequency, REAP saliency, mean outputs and the two Gram matrices are accumulated over all
+    calibration tokens: the size of the per-token sample does not move them, and they equal a
+    brute-force pass over every token of the layer."""
+    from transformers import AutoTokenizer
+
+    from offline.calibration.layers import calibrated_layers
+    from offline.calibration.stats import LayerStats
+    from offline.calibration.windows import calibration_windows
+    from offline.options import CompressOptions
+    opts = CompressOptions(model=str(random_source), out=tmp_path / "x", method="reap", num_experts=4,
+                           calib=CALIB[:2], samples=8, seq_len=64, progress=False, output_tokens=7)
+    windows, _ = calibration_windows(AutoTokenizer.from_pretrained(str(random_source)), opts.calib, 8, 64, 0)
+    ckpt = LazyCheckpoint(random_source)
+    small = next(calibrated_layers(ckpt, windows, opts))
+    opts.output_tokens = windows.numel()  # the "sample" is then every token, in some order
+    every = next(calibrated_layers(ckpt, windows, opts))
+    brute = LayerStats.from_sample(every.stats.tokens, every.experts, every.stats.router_logits, every.stats.routing)
+    assert small.stats.tokens.shape[0] == 7
+    for field in ("frequency", "mean_outputs", "saliency", "output_gram", "logit_gram"):
+        a, b, c = (getattr(s, field).double() for s in (small.stats, every.stats, brute))
+        torch.testing.assert_close(a, b, atol=0, rtol=0)  # the same accumulation, whatever the sample
+        torch.testing.assert_close(a, c, atol=1e-5 * c.abs().max().item(), rtol=1e-4)
 
 
 def test_streaming_holds_one_layer_and_builds_it_without_copies(tmp_path):

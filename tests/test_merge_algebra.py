@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import random_layer as _layer
+from conftest import sample_stats
 
 from offline.methods import METHODS, make_method, reduce_layer
 from offline.methods.base import clusters_to_map
@@ -68,16 +69,16 @@ def test_expert_features_keep_the_geometry_of_the_normalised_outputs():
     """k-means runs on N x N coordinates instead of the [N, T*H] outputs: every pairwise distance
     (hence every centroid distance) and every cosine must be those of the flattened unit outputs,
     an all-zero expert included, and the planted groups must come out the same."""
-    from offline.methods.clustering import cosine_similarity, output_features
+    from offline.methods.clustering import cosine_from_gram, gram, output_features
     g = torch.Generator().manual_seed(0)
     base = torch.randn(3, 300, 16, generator=g)
     outputs = torch.cat([base + 0.05 * torch.randn(3, 300, 16, generator=g) for _ in range(2)] + [torch.zeros(1, 300, 16)])
     unit = torch.nn.functional.normalize(outputs.reshape(len(outputs), -1).double(), dim=1)
-    x = torch.from_numpy(output_features(outputs))
+    x = torch.from_numpy(output_features(gram(outputs)))
     assert x.shape == (7, 7)
     torch.testing.assert_close(torch.cdist(x, x), torch.cdist(unit, unit), atol=1e-10, rtol=0)
-    torch.testing.assert_close(cosine_similarity(outputs, chunk_tokens=7), unit @ unit.T, atol=1e-12, rtol=0)
-    groups = sorted(sorted(c) for c in kmeans_clusters(output_features(outputs), 4, seed=0))
+    torch.testing.assert_close(cosine_from_gram(gram(outputs, chunk_tokens=7)), unit @ unit.T, atol=1e-12, rtol=0)
+    groups = sorted(sorted(c) for c in kmeans_clusters(output_features(gram(outputs)), 4, seed=0))
     assert groups == sorted(sorted(c) for c in kmeans_clusters(unit.numpy(), 4, seed=0)) == [[0, 3], [1, 4], [2, 5], [6]]
 
 
@@ -112,8 +113,7 @@ def test_submoe_layer_merge_is_weighted_average_of_its_clusters():
 def test_identical_experts_still_fill_the_budget():
     experts, stats = _layer(seed=2)
     same = Experts(*(m[:1].expand_as(m).clone() for m in experts.matrices().values()))
-    from offline.moe_math import all_expert_outputs
-    stats.outputs = all_expert_outputs(stats.tokens, same)
+    stats = sample_stats(same, stats.tokens, stats.router_logits)
     for method in [m for m in METHODS if m not in ("freq-prune", "reap")]:
         r = reduce_layer(make_method(method), same, stats, 3, seed=0)
         assert len(r.experts) == 3 and sorted(set(r.expert_map)) == [0, 1, 2]

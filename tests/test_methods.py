@@ -3,14 +3,14 @@ import warnings
 
 import pytest
 import torch
-from conftest import random_layer
+from conftest import random_layer, sample_stats
 
 from offline.methods import METHODS, CalibrationWarning, Grouping, MethodError, make_method, reduce_layer, reduce_layers
 from offline.methods.alignment import align_to, neuron_features, neuron_permutation
 from offline.methods.merging import least_squares_down, merge_weights, weighted_average
 from offline.methods.reap import reap_scores
 from offline.methods.submoe import whitened_low_rank
-from offline.moe_math import Experts, all_expert_outputs, expert_forward, expert_hidden
+from offline.moe_math import Experts, expert_forward, expert_hidden
 
 
 def _weighted_target(experts, stats, members):
@@ -84,7 +84,7 @@ def test_output_based_grouping_recovers_planted_pairs(method):
     g = torch.Generator().manual_seed(1)
     pairs = Experts(*(torch.cat([m[:4], m[:4] + 0.01 * torch.randn(m[:4].shape, generator=g)])
                       for m in experts.matrices().values()))
-    stats.outputs = all_expert_outputs(stats.tokens, pairs)
+    stats = sample_stats(pairs, stats.tokens, stats.router_logits)
     r = reduce_layer(make_method(method), pairs, stats, 4, seed=0)
     assert r.clusters == [[0, 4], [1, 5], [2, 6], [3, 7]]
 
@@ -149,7 +149,7 @@ def test_aligned_merge_of_permuted_copies_is_the_original_expert():
     perms = [torch.randperm(24, generator=g) for _ in range(8)]
     copies = Experts(torch.stack([experts.gate[0][p] for p in perms]), torch.stack([experts.up[0][p] for p in perms]),
                      torch.stack([experts.down[0][:, p] for p in perms]))
-    stats.outputs = all_expert_outputs(stats.tokens, copies)
+    stats = sample_stats(copies, stats.tokens, stats.router_logits)
     plain = reduce_layer(make_method("average"), copies, stats, 2, seed=0)
     aligned = reduce_layer(make_method("average", align_neurons=True), copies, stats, 2, seed=0)
     for r in (plain, aligned):
@@ -206,10 +206,10 @@ def test_random_merge_is_seeded_and_balanced():
 def test_expert_never_routed_and_clusters_of_one(method):
     """Frequency 0 for two experts (never in any top-k), and a budget leaving singleton clusters."""
     experts, stats = random_layer(seed=13, t=128)
-    stats.router_logits[:, [2, 6]] = -1e4
-    freq = torch.bincount(stats.router_logits.topk(2, -1).indices.flatten(), minlength=8).double()
-    stats.frequency = freq / freq.sum()
-    assert stats.frequency[2] == 0 and stats.frequency[6] == 0
+    logits = stats.router_logits.clone()
+    logits[:, [2, 6]] = -1e4
+    stats = sample_stats(experts, stats.tokens, logits)
+    assert stats.frequency[2] == 0 and stats.frequency[6] == 0 and stats.saliency[2] == 0
     with warnings.catch_warnings():
         warnings.simplefilter("error", CalibrationWarning)
         r = reduce_layer(make_method(method), experts, stats, 7, seed=0)

@@ -18,7 +18,7 @@ from ..options import CompressError, CompressOptions
 from ..source.architecture import Rotary, SourceArchitecture, attention_half
 from ..source.checkpoint import LazyCheckpoint
 from .activations import Activations
-from .stats import LayerStats
+from .stats import Accumulator, LayerStats
 
 
 @dataclass
@@ -47,11 +47,12 @@ def calibrate_batches(layer, source: Activations, target: Activations, rotary: R
     """Run the calibration windows through one source layer, `batch` windows at a time, from `source`
     into `target` (the next layer's input): routing frequency over all tokens, every expert's output
     on the sampled tokens (in `sample`'s order, whatever the batching). A layer without routed
-    experts (router None) only moves the activations on."""
+    experts (router None) only moves the activations on. The statistics methods publish are
+    accumulated over every token (`Accumulator`)."""
     windows, length, hidden = source.shape
-    counts = torch.zeros(router.shape[0] if router is not None else 0, dtype=torch.float64)
-    tokens = torch.empty(len(sample), hidden)
-    logits_s = torch.empty(len(sample), counts.numel())
+    n = router.shape[0] if router is not None else 0
+    acc = Accumulator(n, hidden)
+    tokens, logits_s = torch.empty(len(sample), hidden), torch.empty(len(sample), n)
     sample = sample.cpu()
     for start in range(0, windows, batch):
         stop = min(start + batch, windows)
@@ -63,17 +64,15 @@ def calibrate_batches(layer, source: Activations, target: Activations, rotary: R
         flat = moe_in.reshape(-1, hidden)
         logits = flat @ router.T
         _check_finite(logits, "router logits", layer)
-        _, ids = routing(logits)
-        counts += torch.bincount(ids.flatten().cpu(), minlength=counts.numel()).double()
+        acc.add(flat, logits, routing, experts)
         here = torch.nonzero((sample >= start * length) & (sample < stop * length)).flatten()
         rows = (sample[here] - start * length).to(flat.device)
         tokens[here], logits_s[here] = flat[rows].cpu(), logits[rows].cpu()
     if router is None:
         return None
-    stats = LayerStats(frequency=counts / counts.sum(), tokens=tokens,
-                       outputs=all_expert_outputs(tokens.to(device), experts).cpu(), router_logits=logits_s,
-                       samples=windows, routing=routing)
+    stats = acc.stats(tokens, all_expert_outputs(tokens.to(device), experts).cpu(), logits_s, routing, windows)
     _check_finite(stats.outputs, "expert outputs", layer)
+    _check_finite(stats.output_gram, "expert outputs", layer)
     _check_finite(stats.tokens, "MoE inputs", layer)
     return stats
 

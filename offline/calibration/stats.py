@@ -1,22 +1,30 @@
-"""What calibration measures on one MoE layer: the statistics every method works from."""
+"""What calibration measures on one MoE layer: the statistics every method works from.
+
+Two kinds. Statistics a method publishes are accumulated over *every* calibration token as the
+layer streams past: routing frequency, REAP's saliency, each expert's mean output (HC-SMoE), and
+two N x N Gram matrices, of the experts' outputs (output similarity: Sub-MoE's grouping) and of
+the router logits (M-SMoE's). A seeded token sample keeps per-token MoE inputs, router logits and
+every expert's output, for what needs them token by token (least squares, held-out errors).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
-from ..moe_math import Routing, as_routing
+from ..moe_math import Experts, Routing, all_expert_outputs, as_routing
 
 
 @dataclass
 class LayerStats:
-    """Routing frequency over all calibration tokens; MoE inputs, router logits and every expert's
-    output on a seeded token sample."""
-
-    frequency: torch.Tensor  # [N] share of top-k selections per router expert (sums to 1)
+    frequency: torch.Tensor  # [N] share of top-k selections per router expert (sums to 1), all tokens
     tokens: torch.Tensor  # [T, H] sampled MoE inputs
     outputs: torch.Tensor  # [N, T, H] every expert's output on those tokens
     router_logits: torch.Tensor  # [T, N] on the sampled tokens
+    mean_outputs: torch.Tensor | None = None  # [N, H] each expert's mean output over all tokens
+    output_gram: torch.Tensor | None = None  # [N, N] Σ_t <E_i(x_t), E_j(x_t)> over all tokens
+    logit_gram: torch.Tensor | None = None  # [N, N] Σ_t l_ti l_tj over all tokens
+    saliency: torch.Tensor | None = None  # [N] REAP: mean over routed tokens of p_j(x) ‖E_j(x)‖
     top_k: int = 2
     samples: int = 0  # calibration windows behind the figures (MergeMoE's collapse threshold)
     routing: Routing | None = None  # the source architecture's routing; None: Mixtral's with top_k
@@ -30,12 +38,63 @@ class LayerStats:
         return gate_weights(self.routing, self.router_logits)
 
     def subset(self, rows: torch.Tensor) -> "LayerStats":
-        """The same layer's statistics on a subset of the sampled tokens (frequency stays the full figure)."""
+        """The same layer's statistics with a subset of the sampled tokens (all-token figures unchanged)."""
         return LayerStats(self.frequency, self.tokens[rows], self.outputs[:, rows], self.router_logits[rows],
-                          self.top_k, self.samples, self.routing)
+                          self.mean_outputs, self.output_gram, self.logit_gram, self.saliency, self.top_k,
+                          self.samples, self.routing)
+
+    @classmethod
+    def from_sample(cls, tokens: torch.Tensor, experts: Experts, router_logits: torch.Tensor, routing: Routing,
+                    samples: int = 0) -> "LayerStats":
+        """Statistics of a layer whose calibration tokens are exactly `tokens` (tests, small runs)."""
+        acc = Accumulator(router_logits.shape[1], tokens.shape[1])
+        acc.add(tokens, router_logits, routing, experts)
+        return acc.stats(tokens, all_expert_outputs(tokens, experts), router_logits, routing, samples)
 
 
 def gate_weights(routing: Routing, router_logits: torch.Tensor) -> torch.Tensor:
     """[T, N] routing weight of each of the N logits' experts per token (0 outside its top-k)."""
     w, ids = routing(router_logits)
     return torch.zeros(router_logits.shape, dtype=w.dtype).scatter_(1, ids, w)
+
+
+class Accumulator:
+    """The all-token statistics of one layer, summed batch by batch (float64; nothing per token kept)."""
+
+    def __init__(self, num_experts: int, hidden: int, chunk_tokens: int = 256):
+        n, f64 = num_experts, torch.float64
+        self.chunk = chunk_tokens
+        self.selections = torch.zeros(n, dtype=f64)
+        self.output_sum, self.output_gram = torch.zeros(n, hidden, dtype=f64), torch.zeros(n, n, dtype=f64)
+        self.logit_gram = torch.zeros(n, n, dtype=f64)
+        self.saliency_sum, self.routed = torch.zeros(n, dtype=f64), torch.zeros(n, dtype=f64)
+        self.count = 0
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor, logits: torch.Tensor, routing: Routing, experts: Experts) -> torch.Tensor:
+        """Add a batch of MoE inputs x [T, H] with their router logits [T, N]; returns the top-k ids."""
+        _, ids = routing(logits)
+        self.selections += torch.bincount(ids.flatten().cpu(), minlength=len(self.selections)).double()
+        lg = logits.double()
+        self.logit_gram += (lg.T @ lg).cpu()
+        probs = torch.softmax(lg, dim=-1)  # REAP's gate: the raw softmax over all experts
+        routed = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, ids, True)
+        for start in range(0, len(x), self.chunk):  # every expert on a chunk of tokens at a time
+            rows = slice(start, start + self.chunk)
+            y = all_expert_outputs(x[rows], experts).double()  # [N, c, H]
+            self.output_sum += y.sum(1).cpu()
+            flat = y.reshape(len(y), -1)
+            self.output_gram += (flat @ flat.T).cpu()
+            norms = torch.linalg.vector_norm(y, dim=-1).T  # [c, N]
+            self.saliency_sum += (probs[rows] * norms * routed[rows]).sum(0).cpu()
+        self.routed += routed.sum(0).double().cpu()
+        self.count += len(x)
+        return ids
+
+    def stats(self, tokens: torch.Tensor, outputs: torch.Tensor, router_logits: torch.Tensor, routing: Routing,
+              samples: int) -> LayerStats:
+        return LayerStats(frequency=self.selections / self.selections.sum(), tokens=tokens, outputs=outputs,
+                          router_logits=router_logits, mean_outputs=(self.output_sum / max(self.count, 1)).float(),
+                          output_gram=self.output_gram, logit_gram=self.logit_gram,
+                          saliency=torch.where(self.routed > 0, self.saliency_sum / self.routed.clamp_min(1), 0.0),
+                          samples=samples, routing=routing)

@@ -6,7 +6,7 @@ import torch
 from ..calibration.stats import LayerStats
 from ..moe_math import Experts
 from .base import Grouping, Merge, Method, WeightMerge
-from .clustering import assign_to_centres, cosine_similarity, kmeans_clusters, output_features
+from .clustering import assign_to_centres, cosine_from_gram, kmeans_clusters, output_features
 from .merging import uniform_average
 
 
@@ -17,7 +17,7 @@ class Average(WeightMerge):
     description = "k-means on expert outputs; uniform average of each group"
 
     def group(self, stats: LayerStats, num_out: int, seed: int, experts: Experts) -> Grouping:
-        return Grouping(kmeans_clusters(output_features(stats.outputs), num_out, seed))
+        return Grouping(kmeans_clusters(output_features(stats.output_gram), num_out, seed))
 
     def merge(self, experts: Experts, members: list[int], centre: int, stats: LayerStats) -> Merge:
         return uniform_average(experts, members)
@@ -57,7 +57,7 @@ class Pruning(Method):
             kept = torch.argsort(scores, descending=True, stable=True)[:num_out].tolist()
             return Grouping([[i] for i in kept], centres=kept, scores=scores,
                             dropped=sorted(set(range(len(scores))) - set(kept)))
-        clusters = assign_to_centres(scores, cosine_similarity(stats.outputs), num_out)
+        clusters = assign_to_centres(scores, cosine_from_gram(stats.output_gram), num_out)
         return Grouping(clusters, centres=[max(c, key=lambda i: (scores[i].item(), -i)) for c in clusters],
                         scores=scores)
 

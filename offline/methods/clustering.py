@@ -9,24 +9,30 @@ from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 
 
-def cosine_similarity(outputs: torch.Tensor, chunk_tokens: int = 256) -> torch.Tensor:
-    """[N, N] float64 cosine similarity of the experts' flattened outputs [N, T, H], accumulated
-    over token chunks: no float64 copy of the outputs (8 GiB for 128 experts x 2048 tokens x 4096)."""
+def gram(outputs: torch.Tensor, chunk_tokens: int = 256) -> torch.Tensor:
+    """[N, N] float64 Gram matrix of the experts' flattened outputs [N, T, H], accumulated over
+    token chunks: no float64 copy of the outputs."""
     n = outputs.shape[0]
-    gram = torch.zeros(n, n, dtype=torch.float64)
+    g = torch.zeros(n, n, dtype=torch.float64)
     for chunk in outputs.split(chunk_tokens, dim=1):
         flat = chunk.reshape(n, -1).double()
-        gram += flat @ flat.T
-    norms = gram.diagonal().sqrt().clamp_min(1e-12)  # an all-zero output stays the zero vector
-    return gram / norms[:, None] / norms[None, :]
+        g += flat @ flat.T
+    return g
 
 
-def output_features(outputs: torch.Tensor) -> np.ndarray:
-    """One point per expert whose Euclidean geometry is that of its unit-normalised flattened outputs,
-    so k-means on them clusters by cosine similarity. N points span at most N dimensions: the
-    coordinates come from the N x N similarity matrix (G = Q Λ Qᵀ, X = Q Λ^½, hence X Xᵀ = G),
-    which keeps every distance and centroid while k-means works on [N, N], not [N, T*H]."""
-    eigvals, eigvecs = torch.linalg.eigh(cosine_similarity(outputs))
+def cosine_from_gram(g: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of the vectors behind a Gram matrix (an all-zero vector stays the zero vector)."""
+    norms = g.diagonal().sqrt().clamp_min(1e-12)
+    return g / norms[:, None] / norms[None, :]
+
+
+def output_features(output_gram: torch.Tensor) -> np.ndarray:
+    """One point per expert whose Euclidean geometry is that of its unit-normalised flattened
+    outputs, so k-means on them clusters by cosine similarity. N points span at most N dimensions:
+    the coordinates come from the N x N similarity matrix (G = Q Λ Qᵀ, X = Q Λ^½, hence X Xᵀ = G),
+    which keeps every distance and centroid. The Gram matrix is accumulated over all calibration
+    tokens while they stream past, so no expert's outputs need be kept."""
+    eigvals, eigvecs = torch.linalg.eigh(cosine_from_gram(output_gram))
     return (eigvecs * eigvals.clamp_min(0).sqrt()).numpy()
 
 

@@ -7,7 +7,8 @@ HC-SMoE, as in `grouping_mixtral.py::group_experts_by_clustering_output` and
 (unnormalised), Euclidean distance, average linkage, cut at exactly N' clusters.
 
 M-SMoE, as in `group_experts_globally_from_dominant_experts`: the most frequently routed experts
-are the centres, similarity is the cosine of two experts' router-logit columns over the tokens,
+are the centres, similarity is the cosine of two experts' router-logit columns over all calibration
+tokens (from the logits' Gram matrix, accumulated while calibration streams the layer),
 and the remaining experts, most frequent first, join their most similar centre. Deliberate
 difference: M-SMoE picks centres globally across layers (a per-layer budget from one global
 frequency threshold); here the budget per layer is the user's `--num-experts`.
@@ -20,7 +21,7 @@ from scipy.cluster.hierarchy import cut_tree, linkage
 from ..calibration.stats import LayerStats
 from ..moe_math import Experts
 from .base import Grouping, Merge, WeightMerge
-from .clustering import assign_to_centres
+from .clustering import assign_to_centres, cosine_from_gram
 from .merging import frequency_weighted
 
 
@@ -33,13 +34,13 @@ def average_linkage_clusters(features: torch.Tensor, k: int) -> list[list[int]]:
 
 
 def mean_output_clusters(stats: LayerStats, k: int) -> list[list[int]]:
-    """HC-SMoE's grouping: average linkage on each expert's mean output."""
-    return average_linkage_clusters(stats.outputs.mean(dim=1), k)
+    """HC-SMoE's grouping: average linkage on each expert's mean output over all calibration tokens."""
+    return average_linkage_clusters(stats.mean_outputs, k)
 
 
 def router_centres(stats: LayerStats, k: int) -> list[list[int]]:
     """M-SMoE's grouping: the k most frequent experts are centres, the rest join by router-logit similarity."""
-    return assign_to_centres(stats.frequency, router_logit_similarity(stats.router_logits), k)
+    return assign_to_centres(stats.frequency, cosine_from_gram(stats.logit_gram), k)
 
 
 class HCSMoE(WeightMerge):
@@ -51,12 +52,6 @@ class HCSMoE(WeightMerge):
 
     def merge(self, experts: Experts, members: list[int], centre: int, stats: LayerStats) -> Merge:
         return frequency_weighted(experts, members, stats)
-
-
-def router_logit_similarity(router_logits: torch.Tensor) -> torch.Tensor:
-    """[N, N] cosine similarity of the experts' router-logit columns over the tokens."""
-    cols = torch.nn.functional.normalize(router_logits.double().T, dim=1)
-    return cols @ cols.T
 
 
 class MSMoE(HCSMoE):

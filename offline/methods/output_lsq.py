@@ -36,7 +36,7 @@ def split_stats(stats: LayerStats, every: int = 5) -> tuple[LayerStats, LayerSta
 
 def candidate_groupings(stats: LayerStats, num_out: int, seed: int) -> dict[str, list[list[int]]]:
     """The three published groupings: Sub-MoE's, HC-SMoE's and M-SMoE's."""
-    return {"output-kmeans": kmeans_clusters(output_features(stats.outputs), num_out, seed),
+    return {"output-kmeans": kmeans_clusters(output_features(stats.output_gram), num_out, seed),
             "output-hierarchical": mean_output_clusters(stats, num_out),
             "router-logit-centres": router_centres(stats, num_out)}
 

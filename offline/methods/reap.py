@@ -3,8 +3,9 @@
 Saliency of expert j = mean over the tokens routed to j of g_j(x) · ‖E_j(x)‖₂, with g_j the
 router's softmax probability. As in the reference (`pruning_metrics.py`), g_j is the raw softmax
 over all experts when the architecture does not renormalise its top-k (Mixtral's config has no
-`norm_topk_prob`); the N' highest-scoring experts are kept. Deliberate difference: the mean runs
-over the sampled calibration tokens (`--output-tokens`), where the reference uses every token.
+`norm_topk_prob`); the mean runs over every calibration token routed to j, as in the reference
+(accumulated while calibration streams the layer). The N' highest-scoring experts are kept and
+the others dropped from the router's top-k.
 """
 from __future__ import annotations
 
@@ -15,12 +16,9 @@ from .baselines import Pruning
 
 
 def reap_scores(stats: LayerStats) -> torch.Tensor:
-    """[N] REAP saliency; 0 for an expert calibration never routed to."""
-    probs = torch.softmax(stats.router_logits.double(), dim=-1)  # [T, N]
-    routed = stats.gate_weights() > 0  # [T, N] in the token's top-k
-    norms = torch.linalg.vector_norm(stats.outputs.double(), dim=-1).T  # [T, N]
-    count = routed.sum(0)
-    return torch.where(count > 0, (probs * norms * routed).sum(0) / count.clamp_min(1), torch.zeros_like(probs[0]))
+    """[N] REAP saliency over all calibration tokens (accumulated in calibration); 0 for an expert
+    calibration never routed to."""
+    return stats.saliency
 
 
 class REAP(Pruning):

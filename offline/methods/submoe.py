@@ -67,11 +67,11 @@ class SubMoE(WeightMerge):
         return out
 
     def group(self, stats: LayerStats, num_out: int, seed: int, experts: Experts) -> Grouping:
-        return Grouping(kmeans_clusters(output_features(stats.outputs), num_out, seed))
+        return Grouping(kmeans_clusters(output_features(stats.output_gram), num_out, seed))
 
     def group_jointly(self, stats: list[LayerStats], num_out: int, seed: int) -> Grouping:
         """Adaptive: one k-means over the layers' concatenated output features."""
-        joint = np.concatenate([output_features(s.outputs) for s in stats], axis=1) / np.sqrt(len(stats))
+        joint = np.concatenate([output_features(s.output_gram) for s in stats], axis=1) / np.sqrt(len(stats))
         return Grouping(kmeans_clusters(joint, num_out, seed))
 
     def rank_for(self, n_out: int, n_in_total: int) -> int | None:
