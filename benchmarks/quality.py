@@ -45,7 +45,10 @@ from offline.writing.report import rss_bytes
 from offline.writing.workdir import resumable_output_dir
 from vllm_submoe.texts import domain_name, read_texts
 
-MODELS = {"upcycled": ROOT / "models" / "tiny-mixtral-8e", "from-scratch": ROOT / "models" / "tiny-mixtral-8e-scratch"}
+MODELS = {"upcycled": ROOT / "models" / "tiny-mixtral-8e", "from-scratch": ROOT / "models" / "tiny-mixtral-8e-scratch",
+          "fine-grained": ROOT / "models" / "tiny-qwen2-moe-64e"}
+# Experts kept, as fractions of the source's: 8->6, 8->4 on the 8-expert models; 64->48, 32, 16 on the fine-grained one.
+FRACTIONS = {"fine-grained": [0.75, 0.5, 0.25]}
 CALIB = sorted(str(p) for p in (ROOT / "data" / "calib").glob("*.jsonl"))
 EVAL = sorted(str(p) for p in (ROOT / "data" / "eval").glob("*.jsonl"))
 MAIN_METHODS = ["submoe", "output-lsq", "mergemoe", "hc-smoe", "m-smoe", "reap", "freq-prune", "average", "random"]
@@ -66,7 +69,7 @@ class Settings:
     prompts_per_domain: int = 2
     prompt_len: int = 32
     new_tokens: int = 32
-    targets: list[int] = field(default_factory=lambda: [6, 4])
+    fractions: list[float] = field(default_factory=lambda: [0.75, 0.5])  # unless FRACTIONS names the model
     methods: list[str] = field(default_factory=lambda: list(MAIN_METHODS))
     variants: list = field(default_factory=lambda: list(VARIANTS))
     ablation_samples: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128])
@@ -216,14 +219,17 @@ def run(s: Settings, out_dir: Path) -> dict:
         tmp = Path(td)
         for name, model_dir in s.models.items():
             ev, cal = Evaluator(model_dir, s), Calibrations(model_dir, s)
-            plan = [(m, {}, n) for n in s.targets for m in s.methods] + [(m, o, min(s.targets)) for m, o in s.variants]
+            targets = targets_of(name, model_dir, s)
+            half = targets[min(range(len(targets)), key=lambda i: abs(targets[i] / source_experts(model_dir) - 0.5))]
+            plan = [(m, {}, n) for n in targets for m in s.methods] + [(m, o, half) for m, o in s.variants]
             runs = []
             for seed in s.seeds:
                 for m, o, n in tqdm(plan, desc=f"{name} seed {seed}", unit="run"):
                     runs.append(run_one(model_dir, cal, ev, tmp, m, o, n, seed, CALIB, s.samples, s))
-            entry = {"original": ev.original(), "runs": runs, "summary": summarise(runs)}
+            entry = {"original": ev.original(), "source_experts": source_experts(model_dir), "targets": targets,
+                     "runs": runs, "summary": summarise(runs)}
             if name == ablation_model(s):
-                entry["ablations"] = ablations(model_dir, cal, ev, tmp, s)
+                entry["ablations"] = ablations(model_dir, cal, ev, tmp, half, s)
                 entry["cost"] = [cost_run(model_dir, m, s, tmp) for m in tqdm(s.cost_methods, desc="cost", unit="method")]
             entry["seconds"], entry["torch_threads"] = round(time.time() - t_start), torch.get_num_threads()
             results["models"][name] = entry
@@ -231,13 +237,23 @@ def run(s: Settings, out_dir: Path) -> dict:
     return results
 
 
+def source_experts(model_dir: Path) -> int:
+    from vllm_submoe.checkpoint_format import layout_for
+    config = json.loads((model_dir / "config.json").read_text())
+    return layout_for(config).num_experts(config)
+
+
+def targets_of(name: str, model_dir: Path, s: Settings) -> list[int]:
+    n = source_experts(model_dir)
+    return [max(1, round(f * n)) for f in FRACTIONS.get(name, s.fractions) if round(f * n) < n]
+
+
 def ablation_model(s: Settings) -> str:
     """Ablations and cost run on one model: the shipped one when it is in the run."""
     return "upcycled" if "upcycled" in s.models else next(iter(s.models))
 
 
-def ablations(model_dir: Path, cal: Calibrations, ev: Evaluator, tmp: Path, s: Settings) -> dict:
-    n = min(s.targets)
+def ablations(model_dir: Path, cal: Calibrations, ev: Evaluator, tmp: Path, n: int, s: Settings) -> dict:
     out: dict[str, list] = {"samples": [], "domain_mismatch": [], "rank": []}
     for seed in s.ablation_seeds:
         for samples in tqdm(s.ablation_samples, desc="ablation: samples", unit="size"):
@@ -260,25 +276,26 @@ def fmt(row: dict, f: str, digits: int = 3) -> str:
 
 def main_table(results: dict) -> str:
     models = list(results["models"])
-    targets = results["settings"]["targets"]
-    head = "| method |" + "".join(f" {m} 8→{n} KL | {m} 8→{n} retention (worst) |" for m in models for n in targets)
-    lines = [head, "|---|" + "---:|---:|" * len(models) * len(targets)]
+    cols = [(m, results["models"][m]["source_experts"], n) for m in models for n in results["models"][m]["targets"]]
+    head = "| method |" + "".join(f" {m} {src}→{n} KL | {m} {src}→{n} retention (worst) |" for m, src, n in cols)
+    lines = [head, "|---|" + "---:|---:|" * len(cols)]
     labels = list(dict.fromkeys(r["label"] for m in models for r in results["models"][m]["summary"]))
     for lab in labels:
         cells = []
         for m in models:
             rows = {r["num_experts"]: r for r in results["models"][m]["summary"] if r["label"] == lab}
-            for n in targets:
+            for n in results["models"][m]["targets"]:
                 r = rows.get(n)
                 cells += ["", ""] if r is None else [fmt(r, "kl"), f"{r['retention_mean']:.3f} ({r['retention_worst']:.3f})"]
         lines.append(f"| {lab} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def detail_table(summary: list[dict], original: dict) -> str:
+def detail_table(summary: list[dict], original: dict, source_experts: int) -> str:
     lines = ["| method | experts | KL | top-1 | ppl retention mean | worst (domain) | greedy first divergence | mean ppl |",
              "|---|---:|---:|---:|---:|---:|---:|---:|",
-             f"| original | 8 | 0 | 1 | 1 | 1 | {original['greedy_first_divergence']:.0f} | {original['perplexity_mean']:.2f} |"]
+             f"| original | {source_experts} | 0 | 1 | 1 | 1 | {original['greedy_first_divergence']:.0f} | "
+             f"{original['perplexity_mean']:.2f} |"]
     for r in sorted(summary, key=lambda r: (-r["num_experts"], r["kl"])):
         lines.append(f"| {r['label']} | {r['num_experts']} | {fmt(r, 'kl')} | {fmt(r, 'top1_agreement')} | "
                      f"{fmt(r, 'retention_mean')} | {r['retention_worst']:.3f} ({r['worst_domain']}) | "
@@ -296,7 +313,7 @@ def to_markdown(results: dict) -> str:
              f"KL = mean KL(original ‖ compressed) per token; retention = original / compressed perplexity.", "",
              "## Main table", "", main_table(results)]
     for name, m in results["models"].items():
-        parts += ["", f"## {name}", "", detail_table(m["summary"], m["original"])]
+        parts += ["", f"## {name}", "", detail_table(m["summary"], m["original"], m["source_experts"])]
         if "ablations" in m:
             a = m["ablations"]
             parts += ["", "### Ablation: calibration samples (8→4)", "", "| method | samples | KL | retention | warnings |",
@@ -325,16 +342,19 @@ def plot(results: dict, out_dir: Path, stem: str) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models, targets = list(results["models"]), results["settings"]["targets"]
-    fig, axes = plt.subplots(len(models), len(targets), figsize=(6 * len(targets), 3.6 * len(models)), squeeze=False)
+    models = list(results["models"])
+    width = max(len(results["models"][m]["targets"]) for m in models)
+    fig, axes = plt.subplots(len(models), width, figsize=(6 * width, 3.6 * len(models)), squeeze=False)
     for i, m in enumerate(models):
-        for j, n in enumerate(targets):
+        for ax in axes[i][len(results["models"][m]["targets"]):]:
+            ax.axis("off")
+        for j, n in enumerate(results["models"][m]["targets"]):
             rows = sorted((r for r in results["models"][m]["summary"] if r["num_experts"] == n), key=lambda r: r["kl"])
             ax = axes[i][j]
             ax.barh([r["label"] for r in rows], [r["kl"] for r in rows], xerr=[r["kl_std"] for r in rows],
                     color=["tab:green" if r["method"] == "output-lsq" else "tab:blue" for r in rows])
             ax.invert_yaxis()
-            ax.set_title(f"{m}: 8→{n} experts")
+            ax.set_title(f"{m}: {results['models'][m]['source_experts']}→{n} experts")
             ax.set_xlabel("KL(original ‖ compressed), lower is better")
     fig.tight_layout()
     paths = [out_dir / f"{stem}.png"]
@@ -367,7 +387,7 @@ def plot(results: dict, out_dir: Path, stem: str) -> list[Path]:
 
 def quick_settings(models: dict[str, Path]) -> Settings:
     return Settings(models=models, seeds=[0], samples=8, seq_len=64, output_tokens=512, eval_windows=2,
-                    prompts_per_domain=1, prompt_len=16, new_tokens=8, targets=[4],
+                    prompts_per_domain=1, prompt_len=16, new_tokens=8, fractions=[0.5],
                     variants=[("submoe", {"adaptive": True}), ("submoe", {"intra_rank_ratio": 0.5}),
                               ("hc-smoe", {"align_neurons": True})],
                     ablation_samples=[4, 8], ablation_sample_methods=["mergemoe"], ablation_ranks=[0.5],
@@ -396,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     earlier = args.out / f"{stem}.json"
     if args.update and earlier.is_file():
         kept = json.loads(earlier.read_text())["models"]
+        for n, entry in kept.items():  # results from before per-model targets: 8 experts, 8->6 and 8->4
+            entry.setdefault("source_experts", 8)
+            entry.setdefault("targets", sorted({r["num_experts"] for r in entry["runs"]}, reverse=True))
         results["models"] = {n: results["models"].get(n) or kept[n] for n in MODELS if n in kept or n in results["models"]}
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / f"{stem}.md").write_text(to_markdown(results))
