@@ -40,7 +40,7 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
-# Rebuild corpus, tokenizer and the shipped models from Debian packages (about two hours, 2 cores).
+# Rebuild corpus, tokenizer and the three shipped models from Debian packages (about three hours, 2 cores).
 corpus:
 	apt-get install -y -q libpython3.11-stdlib python3-doc fortunes-de fortunes-es fortunes-it fortunes-ru fortunes-pl fortunes-cs
 	$(PYTHON) scripts/build_corpus.py --out build/corpus --data data
@@ -55,6 +55,11 @@ model: $(STAMP) corpus
 	$(PY) scripts/train_tiny_moe.py --corpus build/corpus --tokenizer build/tokenizer --data data \
 	    --out models/tiny-mixtral-8e-scratch --from-scratch --moe-steps 1200 --balance-steps 200 --balance-coef 0.1
 	$(PY) scripts/model_card.py models/tiny-mixtral-8e-scratch
+	# The fine-grained stand-in: 64 small experts top-8 and a shared expert (Qwen2-MoE), from scratch.
+	$(PY) scripts/train_tiny_moe.py --corpus build/corpus --tokenizer build/tokenizer --data data \
+	    --out models/tiny-qwen2-moe-64e --family qwen2_moe --experts 64 --top-k 8 --expert-intermediate 48 \
+	    --shared-intermediate 384 --aux-loss-coef 0 --moe-balance-coef 0.02 --moe-steps 700 --balance-steps 150
+	$(PY) scripts/model_card.py models/tiny-qwen2-moe-64e
 
 # Rank every method on both stand-in models (benchmarks/results/quality.*; about 40 minutes on 2 cores).
 quality: $(STAMP)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 def card(model_dir: Path) -> str:
     f = json.loads((model_dir / "figures.json").read_text())
+    if f["kind"] == "fine-grained":
+        return fine_grained_card(model_dir, f)
     cfg = json.loads((model_dir / "config.json").read_text())
     t = f["train"]
     tokens = t["batch"] * t["seq_len"]
@@ -74,6 +76,72 @@ def card(model_dir: Path) -> str:
                   "|---" * (cfg["num_local_experts"] + 1) + "|"]
         for dom, d in f["eval"].items():
             lines.append(f"| {dom} | " + " | ".join(f"{x:.3f}" for x in d["routing_frequency"][l]) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def fine_grained_card(model_dir: Path, f: dict) -> str:
+    """The card of the fine-grained stand-in: 64 experts are too many for one column each, so the load
+    table has a row per expert, and per-domain routing is summarised by how concentrated it is."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    t = f["train"]
+    n, k = cfg["num_experts"], cfg["num_experts_per_tok"]
+    tokens = t["batch"] * t["seq_len"]
+    steps = t["moe_steps"] + t.get("balance_steps", 0)
+    load = f["calibration_mix_expert_load"]
+    lines = [
+        f"# {model_dir.name}",
+        "",
+        f"A fine-grained Qwen2-MoE-architecture MoE trained by this project on 2 CPU cores, from scratch (as OLMoE, "
+        f"DeepSeek-MoE and Qwen3-MoE were): the quality benchmark's third stand-in. {n} small routed experts, "
+        f"top-{k}, plus one shared expert behind its sigmoid gate (Qwen1.5-MoE's design). "
+        f"{f['parameters'] / 1e6:.1f}M parameters, stored in bfloat16.",
+        "",
+        f"- architecture: hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, {cfg['num_attention_heads']} "
+        f"heads ({cfg['num_key_value_heads']} KV heads, head dim {cfg['hidden_size'] // cfg['num_attention_heads']}), "
+        f"{n} routed experts of intermediate {cfg['moe_intermediate_size']}, top-{k} (not renormalised), a shared "
+        f"expert of intermediate {cfg['shared_expert_intermediate_size']}; the active expert width per token "
+        f"({k} x {cfg['moe_intermediate_size']} + {cfg['shared_expert_intermediate_size']} = "
+        f"{k * cfg['moe_intermediate_size'] + cfg['shared_expert_intermediate_size']}) and the routed experts' total "
+        f"({n} x {cfg['moe_intermediate_size']} = {n * cfg['moe_intermediate_size']}) match the 8-expert models' "
+        f"(2 x 384 and 8 x 384); vocab {cfg['vocab_size']}, the same tokenizer",
+        f"- made from scratch: {t['moe_steps']} steps with a per-layer load-balancing loss (coefficient "
+        f"{t.get('moe_balance_coef')}), then {t.get('balance_steps', 0)} steps with it at {t['balance_coef']} and "
+        f"learning rate 3e-4; transformers' own loss is off (it concatenates all layers' router logits)",
+        f"- {tokens} tokens a step (batch {t['batch']} x {t['seq_len']}), AdamW, cosine schedule, seed {t['seed']}, "
+        f"{t['threads']} threads: {steps * tokens / 1e6:.1f}M tokens in {f['train_seconds'] / 60:.0f} minutes on this "
+        f"machine (shared with other work while it ran). Routed experts are computed densely in training (the same "
+        f"function and gradients, faster on a CPU for many small experts)",
+        "- corpus: the same as the 8-expert models' (`scripts/build_corpus.py`)",
+        "",
+        "Rebuild: `make model` (deterministic).",
+        "",
+        "## Held-out perplexity per domain (`data/eval/`)",
+        "",
+        "| domain | perplexity | unigram perplexity |",
+        "|---|---:|---:|",
+    ]
+    for dom, d in f["eval"].items():
+        lines.append(f"| {dom} | {d['perplexity']:.1f} | {d['unigram_perplexity']:.1f} |")
+    lines += ["", f"## Expert load on the calibration mix (share of top-{k} selections; balanced = {1 / n:.4f})", "",
+              "| layer | min | median | max | experts below a quarter of balanced |", "|---:|---:|---:|---:|---:|"]
+    for l, row in enumerate(load):
+        srt = sorted(row)
+        lines.append(f"| {l} | {srt[0]:.4f} | {srt[len(srt) // 2]:.4f} | {srt[-1]:.4f} | "
+                     f"{sum(x < 0.25 / n for x in row)} |")
+    lines += ["", "Per expert:", "", "| expert | " + " | ".join(f"layer {l}" for l in range(len(load))) + " |",
+              "|---:" * (len(load) + 1) + "|"]
+    for e in range(n):
+        lines.append(f"| {e} | " + " | ".join(f"{row[e]:.4f}" for row in load) + " |")
+    lines += ["", "## Routing per domain (experts specialise)", "",
+              f"Share of each domain's top-{k} selections taken by its {k} most used experts (uniform routing: "
+              f"{k / n:.3f}), and those experts.", ""]
+    for l in range(len(load)):
+        lines += [f"Layer {l}:", "", "| domain | top-8 share | its top-8 experts |", "|---|---:|---|"]
+        for dom, d in f["eval"].items():
+            row = d["routing_frequency"][l]
+            top = sorted(range(n), key=lambda e: -row[e])[:k]
+            lines.append(f"| {dom} | {sum(row[e] for e in top):.3f} | {', '.join(map(str, sorted(top)))} |")
         lines.append("")
     return "\n".join(lines)
 
