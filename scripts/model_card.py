@@ -9,6 +9,13 @@ import sys
 from pathlib import Path
 
 
+def perplexity_table(f: dict) -> list[str]:
+    """Held-out perplexity per domain against the unigram model's, from figures.json."""
+    return ["## Held-out perplexity per domain (`data/eval/`)", "", "| domain | perplexity | unigram perplexity |",
+            "|---|---:|---:|", *(f"| {dom} | {d['perplexity']:.1f} | {d['unigram_perplexity']:.1f} |"
+                                for dom, d in f["eval"].items())]
+
+
 def card(model_dir: Path) -> str:
     f = json.loads((model_dir / "figures.json").read_text())
     if f["kind"] == "fine-grained":
@@ -50,13 +57,8 @@ def card(model_dir: Path) -> str:
         "",
         "Rebuild (corpus, tokenizer, both models; deterministic): `make model`.",
         "",
-        "## Held-out perplexity per domain (`data/eval/`)",
-        "",
-        "| domain | perplexity | unigram perplexity |",
-        "|---|---:|---:|",
+        *perplexity_table(f),
     ]
-    for dom, d in f["eval"].items():
-        lines.append(f"| {dom} | {d['perplexity']:.1f} | {d['unigram_perplexity']:.1f} |")
     n_layers = len(f["calibration_mix_expert_load"])
     lines += ["", "## Expert load on the calibration mix (share of top-2 selections; balanced = 0.125)", "",
               "| layer | " + " | ".join(f"e{i}" for i in range(cfg["num_local_experts"])) + " | min |",
@@ -116,13 +118,8 @@ def fine_grained_card(model_dir: Path, f: dict) -> str:
         "",
         "Rebuild: `make model` (deterministic).",
         "",
-        "## Held-out perplexity per domain (`data/eval/`)",
-        "",
-        "| domain | perplexity | unigram perplexity |",
-        "|---|---:|---:|",
+        *perplexity_table(f),
     ]
-    for dom, d in f["eval"].items():
-        lines.append(f"| {dom} | {d['perplexity']:.1f} | {d['unigram_perplexity']:.1f} |")
     lines += ["", f"## Expert load on the calibration mix (share of top-{k} selections; balanced = {1 / n:.4f})", "",
               "| layer | min | median | max | experts below a quarter of balanced |", "|---:|---:|---:|---:|---:|"]
     for l, row in enumerate(load):
