@@ -98,7 +98,8 @@ class Evaluator:
                                   for p in EVAL])
         self.new_tokens = s.new_tokens
         ref = load_reference(str(model_dir))
-        self.ref_logp = {d: next_token_logprobs(ref, w) for d, w in self.windows.items()}
+        with SharedExpertShare(ref) as self.shared_share:
+            self.ref_logp = {d: next_token_logprobs(ref, w) for d, w in self.windows.items()}
         self.ref_greedy = greedy_continuations(ref, self.prompts, self.new_tokens)
 
     def score(self, model_dir: Path) -> dict:
@@ -124,6 +125,36 @@ class Evaluator:
         return {"kl": 0.0, "top1_agreement": 1.0, "perplexity_mean": statistics.fmean(ppl), "retention_mean": 1.0,
                 "retention_worst": 1.0, "greedy_first_divergence": float(self.new_tokens), "greedy_identical": 1.0,
                 "domains": {d: {"perplexity": p} for d, p in zip(self.windows, ppl)}}
+
+
+class SharedExpertShare:
+    """Per MoE layer, the shared expert's share of the MoE block's output energy, E|shared|^2 / E|out|^2
+    over every evaluated token: the part of each layer no routed-expert merge can touch (0 without one)."""
+
+    def __init__(self, model):
+        self.blocks = [l.mlp for l in model.model.layers if hasattr(l.mlp, "gate")]  # the layers that route
+        self.shared = [0.0] * len(self.blocks)
+        self.total = [0.0] * len(self.blocks)
+
+    def __enter__(self):
+        self.hooks = [b.register_forward_hook(self._hook(i)) for i, b in enumerate(self.blocks)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.hooks:
+            h.remove()
+
+    def _hook(self, i: int):
+        def hook(block, args, out):
+            x, y = args[0], out[0] if isinstance(out, tuple) else out
+            if getattr(block, "shared_expert", None) is not None:
+                shared = block.shared_expert(x) * torch.sigmoid(block.shared_expert_gate(x))
+                self.shared[i] += shared.float().pow(2).sum().item()
+            self.total[i] += y.float().pow(2).sum().item()
+        return hook
+
+    def per_layer(self) -> list[float]:
+        return [s / t for s, t in zip(self.shared, self.total)]
 
 
 class Calibrations:
@@ -176,7 +207,10 @@ def run_one(model_dir: Path, cal: Calibrations, ev: Evaluator, tmp: Path, method
     figures.update(method=method, label=label(method, options), options=options, num_experts=n, seed=seed,
                    samples=samples, calib=[domain_name(p) for p in sources], merge_seconds=merge_seconds,
                    weight_bytes=report["sizes"]["weight_bytes"], warnings=sorted({str(w.message) for w in caught}),
-                   moe_output_error=statistics.fmean(l["moe_output_relative_error"] for l in report["layers"]))
+                   moe_output_error=statistics.fmean(l["moe_output_relative_error"] for l in report["layers"]),
+                   # The grouping's shape per MoE layer: why a method ranks as it does at 64 experts and at 8.
+                   cluster_sizes=[sorted((len(c) for c in l["clusters"]), reverse=True) for l in report["layers"]],
+                   dropped=[sum(i is None for i in l["expert_map"]) for l in report["layers"]])
     return figures
 
 
@@ -197,16 +231,16 @@ def summarise(runs: list[dict], keys=("label", "num_experts")) -> list[dict]:
     return rows
 
 
-def cost_run(model_dir: Path, method: str, s: Settings, tmp: Path) -> dict:
+def cost_run(model_dir: Path, method: str, n: int, s: Settings, tmp: Path) -> dict:
     """A real `submoe compress` in a fresh process: wall time and peak resident memory as a user sees them."""
     out = tmp / f"cost-{method}"
     cmd = [sys.executable, "-m", "submoe", "compress", "--model", str(model_dir), "--out", str(out), "--method",
-           method, "--num-experts", "4", "--samples", str(s.samples), "--seq-len", str(s.seq_len), "--calib", *CALIB,
+           method, "--num-experts", str(n), "--samples", str(s.samples), "--seq-len", str(s.seq_len), "--calib", *CALIB,
            "--no-progress", "--force"]
     t0 = time.time()
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
     report = json.loads((out / "compression_report.json").read_text())
-    return {"method": method, "wall_seconds": time.time() - t0, "compress_seconds": report["time_seconds"],
+    return {"method": method, "num_experts": n, "wall_seconds": time.time() - t0, "compress_seconds": report["time_seconds"],
             "peak_rss_bytes": report["peak_rss_bytes"]}
 
 
@@ -227,10 +261,11 @@ def run(s: Settings, out_dir: Path) -> dict:
                 for m, o, n in tqdm(plan, desc=f"{name} seed {seed}", unit="run"):
                     runs.append(run_one(model_dir, cal, ev, tmp, m, o, n, seed, CALIB, s.samples, s))
             entry = {"original": ev.original(), "source_experts": source_experts(model_dir), "targets": targets,
+                     "shared_expert_output_share": ev.shared_share.per_layer(),
                      "runs": runs, "summary": summarise(runs)}
             if name == ablation_model(s):
                 entry["ablations"] = ablations(model_dir, cal, ev, tmp, half, s)
-                entry["cost"] = [cost_run(model_dir, m, s, tmp) for m in tqdm(s.cost_methods, desc="cost", unit="method")]
+                entry["cost"] = [cost_run(model_dir, m, half, s, tmp) for m in tqdm(s.cost_methods, desc="cost", unit="method")]
             entry["seconds"], entry["torch_threads"] = round(time.time() - t_start), torch.get_num_threads()
             results["models"][name] = entry
             t_start = time.time()
@@ -315,20 +350,21 @@ def to_markdown(results: dict) -> str:
     for name, m in results["models"].items():
         parts += ["", f"## {name}", "", detail_table(m["summary"], m["original"], m["source_experts"])]
         if "ablations" in m:
-            a = m["ablations"]
-            parts += ["", "### Ablation: calibration samples (8→4)", "", "| method | samples | KL | retention | warnings |",
+            a, ratio = m["ablations"], f"{m['source_experts']}→{m['ablations']['samples'][0]['num_experts']}"
+            parts += ["", f"### Ablation: calibration samples ({ratio})", "", "| method | samples | KL | retention | warnings |",
                       "|---|---:|---:|---:|---|"]
             parts += [f"| {r['label']} | {r['samples']} | {r['kl']:.4f} | {r['retention_mean']:.3f} | "
                       f"{'collapse warning' if r['warnings'] else ''} |" for r in a["samples"]]
-            parts += ["", "### Ablation: calibrated on one domain only (8→4), evaluated on all", "",
+            parts += ["", f"### Ablation: calibrated on one domain only ({ratio}), evaluated on all", "",
                       "| method | calibration | KL mean | KL on own domain | worst retention (domain) |",
                       "|---|---|---:|---:|---|"]
             parts += [f"| {r['label']} | {r['calib'][0]} | {r['kl']:.4f} | {r['domains'][r['calib'][0]]['kl']:.4f} | "
                       f"{r['retention_worst']:.3f} ({r['worst_domain']}) |" for r in a["domain_mismatch"]]
-            parts += ["", "### Ablation: Sub-MoE rank (8→4)", "", "| rank ratio | KL | retention |", "|---:|---:|---:|"]
+            parts += ["", f"### Ablation: Sub-MoE rank ({ratio})", "", "| rank ratio | KL | retention |", "|---:|---:|---:|"]
             parts += [f"| {r['options']['rank_ratio']} | {r['kl']:.4f} | {r['retention_mean']:.3f} |" for r in a["rank"]]
         if "cost" in m:
-            parts += ["", "### Cost of `submoe compress` 8→4 (fresh process, calibration included)", "",
+            ratio = f"{m['source_experts']}→{m['cost'][0].get('num_experts', 4)}"
+            parts += ["", f"### Cost of `submoe compress` {ratio} (fresh process, calibration included)", "",
                       "| method | wall s | compress s | peak RSS MiB |", "|---|---:|---:|---:|"]
             parts += [f"| {c['method']} | {c['wall_seconds']:.1f} | {c['compress_seconds']:.1f} | "
                       f"{c['peak_rss_bytes'] / 2**20:.0f} |" for c in m["cost"]]
@@ -361,23 +397,25 @@ def plot(results: dict, out_dir: Path, stem: str) -> list[Path]:
     fig.savefig(paths[0], dpi=110)
     plt.close(fig)
 
-    a = results["models"][models[0]].get("ablations")
-    if a:
+    with_ablations = [m for m in models if "ablations" in results["models"][m]]
+    if with_ablations:
+        m = results["models"][with_ablations[0]]
+        a, ratio = m["ablations"], f"{m['source_experts']}→{m['ablations']['samples'][0]['num_experts']}"
         fig, axes = plt.subplots(1, 3, figsize=(16, 4))
         for meth in dict.fromkeys(r["label"] for r in a["samples"]):
             rs = [r for r in a["samples"] if r["label"] == meth]
             axes[0].plot([r["samples"] for r in rs], [r["kl"] for r in rs], marker="o", label=meth)
         axes[0].set(xscale="log", xlabel="calibration samples (windows of 256 tokens)", ylabel="KL",
-                    title="calibration size (8→4)")
+                    title=f"calibration size ({ratio})")
         axes[0].legend()
         for meth in dict.fromkeys(r["label"] for r in a["domain_mismatch"]):
             rs = [r for r in a["domain_mismatch"] if r["label"] == meth]
             axes[1].bar([f"{r['calib'][0]}\n{meth}" for r in rs], [r["kl"] for r in rs], label=meth)
         axes[1].tick_params(axis="x", labelsize=6)
-        axes[1].set(ylabel="KL (all domains)", title="calibrated on one domain (8→4)")
+        axes[1].set(ylabel="KL (all domains)", title=f"calibrated on one domain ({ratio})")
         rs = a["rank"]
         axes[2].plot([r["options"]["rank_ratio"] for r in rs], [r["kl"] for r in rs], marker="o")
-        axes[2].set(xlabel="Sub-MoE rank ratio", ylabel="KL", title="Sub-MoE rank (8→4)")
+        axes[2].set(xlabel="Sub-MoE rank ratio", ylabel="KL", title=f"Sub-MoE rank ({ratio})")
         fig.tight_layout()
         paths.append(out_dir / f"{stem}_ablations.png")
         fig.savefig(paths[1], dpi=110)
