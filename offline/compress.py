@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 
 from tqdm import tqdm
 from transformers import AutoTokenizer
@@ -79,7 +80,8 @@ def reduce_group(group: list[CalibratedLayer], method: Method, budgets: list[int
     if group[0].experts is None:
         return [(None, None, 0.0)]
     t0 = time.time()
-    results = reduce_layers(method, [(c.experts.to("cpu"), c.stats) for c in group],
+    on_cpu = [c.experts.to("cpu") for c in group]  # methods run on the CPU; their outputs come from these experts
+    results = reduce_layers(method, [(e, replace(c.stats, experts=e)) for e, c in zip(on_cpu, group)],
                             [budgets[c.index] for c in group], opts.seed)
     seconds = (time.time() - t0) / len(group)
     return [(r, output_error(c.stats, r, opts.export), seconds) for c, r in zip(group, results)]

@@ -43,6 +43,10 @@ class Experts:
         """[E, 2I, H]: W_G rows then W_U rows (no copy when the experts were read fused)."""
         return self.gate_up if self.gate_up is not None else torch.cat([self.gate, self.up], dim=1)
 
+    def expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Expert e's (W_G, W_U, W_D) in float32: experts held in their stored dtype are upcast one at a time."""
+        return self.gate[e].float(), self.up[e].float(), self.down[e].float()
+
     def matrices(self) -> dict[str, torch.Tensor]:
         return {"gate": self.gate, "up": self.up, "down": self.down}
 
@@ -65,10 +69,19 @@ def expert_forward(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: 
     return expert_hidden(x, gate, up) @ down.T
 
 
-def all_expert_outputs(x: torch.Tensor, experts: Experts) -> torch.Tensor:
-    """Every expert applied to every token: [E, T, H]."""
-    return torch.stack([expert_forward(x, experts.gate[e], experts.up[e], experts.down[e])
-                        for e in range(len(experts))])
+def all_expert_outputs(x: torch.Tensor, experts: Experts, members: list[int] | None = None) -> torch.Tensor:
+    """Every expert (or those in `members`) applied to every token: [E, T, H] float32."""
+    return torch.stack([expert_forward(x, *experts.expert(e)) for e in (range(len(experts)) if members is None else members)])
+
+
+def weighted_expert_sum(x: torch.Tensor, weights: torch.Tensor, experts: Experts) -> torch.Tensor:
+    """Σ_e weights[:, e] · E_e(x) for tokens x [T, H] and weights [T, E]: a routed MoE output, float32.
+    Each expert runs only on the tokens it weighs, one at a time: nothing of size E x T x H exists."""
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in torch.nonzero((weights != 0).any(0)).flatten().tolist():
+        rows = torch.nonzero(weights[:, e]).flatten()
+        out.index_add_(0, rows, expert_forward(x[rows], *experts.expert(e)) * weights[rows, e, None])
+    return out
 
 
 @dataclass(frozen=True)

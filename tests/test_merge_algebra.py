@@ -69,16 +69,17 @@ def test_expert_features_keep_the_geometry_of_the_normalised_outputs():
     """k-means runs on N x N coordinates instead of the [N, T*H] outputs: every pairwise distance
     (hence every centroid distance) and every cosine must be those of the flattened unit outputs,
     an all-zero expert included, and the planted groups must come out the same."""
-    from offline.methods.clustering import cosine_from_gram, gram, output_features
+    from offline.methods.clustering import cosine_from_gram, output_features
     g = torch.Generator().manual_seed(0)
     base = torch.randn(3, 300, 16, generator=g)
     outputs = torch.cat([base + 0.05 * torch.randn(3, 300, 16, generator=g) for _ in range(2)] + [torch.zeros(1, 300, 16)])
-    unit = torch.nn.functional.normalize(outputs.reshape(len(outputs), -1).double(), dim=1)
-    x = torch.from_numpy(output_features(gram(outputs)))
+    flat = outputs.reshape(len(outputs), -1).double()
+    unit, gram = torch.nn.functional.normalize(flat, dim=1), flat @ flat.T
+    x = torch.from_numpy(output_features(gram))
     assert x.shape == (7, 7)
     torch.testing.assert_close(torch.cdist(x, x), torch.cdist(unit, unit), atol=1e-10, rtol=0)
-    torch.testing.assert_close(cosine_from_gram(gram(outputs, chunk_tokens=7)), unit @ unit.T, atol=1e-12, rtol=0)
-    groups = sorted(sorted(c) for c in kmeans_clusters(output_features(gram(outputs)), 4, seed=0))
+    torch.testing.assert_close(cosine_from_gram(gram), unit @ unit.T, atol=1e-12, rtol=0)
+    groups = sorted(sorted(c) for c in kmeans_clusters(output_features(gram), 4, seed=0))
     assert groups == sorted(sorted(c) for c in kmeans_clusters(unit.numpy(), 4, seed=0)) == [[0, 3], [1, 4], [2, 5], [6]]
 
 

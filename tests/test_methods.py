@@ -15,7 +15,7 @@ from offline.moe_math import Experts, expert_forward, expert_hidden
 
 def _weighted_target(experts, stats, members):
     w = merge_weights(stats.frequency, members).float()
-    return torch.einsum("k,ktd->td", w, stats.outputs[members])
+    return torch.einsum("k,ktd->td", w, stats.expert_outputs(members))
 
 
 def test_mergemoe_down_projection_solves_its_least_squares():
@@ -65,10 +65,10 @@ def test_reap_keeps_the_highest_scoring_experts_and_its_score_is_the_papers():
     experts, stats = random_layer(seed=4, t=128)
     probs = torch.softmax(stats.router_logits.double(), -1)
     top2 = stats.router_logits.topk(2, dim=-1).indices
-    brute = []
+    brute, outputs = [], stats.expert_outputs(range(8))
     for j in range(8):
         rows = [t for t in range(128) if j in top2[t].tolist()]
-        brute.append(sum(probs[t, j] * stats.outputs[j, t].double().norm() for t in rows) / max(1, len(rows)))
+        brute.append(sum(probs[t, j] * outputs[j, t].double().norm() for t in rows) / max(1, len(rows)))
     scores = reap_scores(stats)
     torch.testing.assert_close(scores, torch.stack([torch.as_tensor(b, dtype=torch.float64) for b in brute]))
     r = reduce_layer(make_method("reap"), experts, stats, 3, seed=0)
@@ -98,7 +98,7 @@ def _served_error_by_loop(stats, result) -> float:
         w, ids = p.topk(2)
         w = w / w.sum()
         x = stats.tokens[t:t + 1]
-        src = sum(wi * stats.outputs[i, t].double() for wi, i in zip(w, ids.tolist()))
+        src = sum(wi * expert_forward(x, *stats.experts.expert(i))[0].double() for wi, i in zip(w, ids.tolist()))
         e = result.experts
         served = sum(wi * expert_forward(x, e.gate[j], e.up[j], e.down[j])[0].double()
                      for wi, j in zip(w, [result.expert_map[i] for i in ids.tolist()]))
@@ -140,7 +140,7 @@ def test_neuron_alignment_recovers_a_permutation_and_preserves_the_function():
     aligned = align_to(experts, [0, 3, 5], centre=3)
     for e in range(8):
         torch.testing.assert_close(expert_forward(stats.tokens, aligned.gate[e], aligned.up[e], aligned.down[e]),
-                                   stats.outputs[e], atol=1e-4, rtol=1e-4)
+                                   stats.expert_outputs([e])[0], atol=1e-4, rtol=1e-4)
 
 
 def test_aligned_merge_of_permuted_copies_is_the_original_expert():
@@ -155,8 +155,9 @@ def test_aligned_merge_of_permuted_copies_is_the_original_expert():
     for r in (plain, aligned):
         assert len(r.experts) == 2
     out = lambda r: expert_forward(stats.tokens, r.experts.gate[0], r.experts.up[0], r.experts.down[0])  # noqa: E731
-    torch.testing.assert_close(out(aligned), stats.outputs[0], atol=1e-4, rtol=1e-4)
-    assert (out(plain) - stats.outputs[0]).norm() > 0.5 * stats.outputs[0].norm()
+    original = stats.expert_outputs([0])[0]
+    torch.testing.assert_close(out(aligned), original, atol=1e-4, rtol=1e-4)
+    assert (out(plain) - original).norm() > 0.5 * original.norm()
 
 
 def test_whitened_low_rank_is_exact_at_full_rank_and_beats_plain_svd_on_its_inputs():
@@ -250,7 +251,7 @@ def test_pruning_drops_router_experts_or_substitutes_them_when_asked(method):
     by_rows = torch.stack([sum(w[t, s] * expert_forward(stats.tokens[t:t + 1], e.gate[j[t, s]], e.up[j[t, s]],
                                                          e.down[j[t, s]])[0].double() for s in range(2))
                            for t in range(len(stats.tokens))])
-    source = torch.einsum("tn,ntd->td", stats.gate_weights().double(), stats.outputs.double())
+    source = torch.einsum("tn,ntd->td", stats.gate_weights().double(), stats.expert_outputs(range(8)).double())
     err = ((by_rows - source).norm() / source.norm()).item()
     from offline.methods.output_error import output_error
     assert output_error(stats, dropped) == pytest.approx(err, rel=1e-4)

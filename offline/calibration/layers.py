@@ -13,12 +13,12 @@ from typing import Iterable, Iterator
 
 import torch
 
-from ..moe_math import Experts, Routing, all_expert_outputs, all_finite
+from ..moe_math import Experts, Routing, all_finite, weighted_expert_sum
 from ..options import CompressError, CompressOptions
 from ..source.architecture import Rotary, SourceArchitecture, attention_half
 from ..source.checkpoint import LazyCheckpoint
 from .activations import Activations
-from .stats import Accumulator, LayerStats
+from .stats import Accumulator, LayerStats, gate_weights
 
 
 @dataclass
@@ -45,8 +45,8 @@ def calibrate_batches(layer, source: Activations, target: Activations, rotary: R
                       experts: Experts | None, routing: Routing, sample: torch.Tensor, batch: int,
                       device: torch.device | str = "cpu") -> LayerStats | None:
     """Run the calibration windows through one source layer, `batch` windows at a time, from `source`
-    into `target` (the next layer's input): routing frequency over all tokens, every expert's output
-    on the sampled tokens (in `sample`'s order, whatever the batching). A layer without routed
+    into `target` (the next layer's input): routing frequency over all tokens; MoE inputs, router
+    logits and the routed output on the sampled tokens (in `sample`'s order, whatever the batching). A layer without routed
     experts (router None) only moves the activations on. The statistics methods publish are
     accumulated over every token (`Accumulator`)."""
     windows, length, hidden = source.shape
@@ -70,8 +70,9 @@ def calibrate_batches(layer, source: Activations, target: Activations, rotary: R
         tokens[here], logits_s[here] = flat[rows].cpu(), logits[rows].cpu()
     if router is None:
         return None
-    stats = acc.stats(tokens, all_expert_outputs(tokens.to(device), experts).cpu(), logits_s, routing, windows)
-    _check_finite(stats.outputs, "expert outputs", layer)
+    routed = weighted_expert_sum(tokens.to(device), gate_weights(routing, logits_s).to(device), experts).cpu()
+    stats = acc.stats(tokens, experts, logits_s, routing, windows, moe_output=routed)
+    _check_finite(stats.moe_output, "expert outputs", layer)
     _check_finite(stats.output_gram, "expert outputs", layer)
     _check_finite(stats.tokens, "MoE inputs", layer)
     return stats

@@ -4,23 +4,26 @@ Two kinds. Statistics a method publishes are accumulated over *every* calibratio
 layer streams past: routing frequency, REAP's saliency, each expert's mean output (HC-SMoE), and
 two N x N Gram matrices, of the experts' outputs (output similarity: Sub-MoE's grouping) and of
 the router logits (M-SMoE's). A seeded token sample keeps per-token MoE inputs, router logits and
-every expert's output, for what needs them token by token (least squares, held-out errors).
+the source's routed output, for what needs them token by token (least squares, held-out errors);
+an expert's outputs on the sample are recomputed from the source experts when a method asks for
+them, so no [N, T, H] tensor of every expert's outputs is ever held (15 GB at DeepSeek-V3's shape).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from ..moe_math import Experts, Routing, all_expert_outputs, as_routing
+from ..moe_math import Experts, Routing, all_expert_outputs, as_routing, weighted_expert_sum
 
 
 @dataclass
 class LayerStats:
     frequency: torch.Tensor  # [N] share of top-k selections per router expert (sums to 1), all tokens
     tokens: torch.Tensor  # [T, H] sampled MoE inputs
-    outputs: torch.Tensor  # [N, T, H] every expert's output on those tokens
     router_logits: torch.Tensor  # [T, N] on the sampled tokens
+    experts: Experts  # the source experts, for their outputs on the sample (`expert_outputs`)
+    moe_output: torch.Tensor | None = None  # [T, H] the source's routed output Σ_n g_tn E_n(x_t) on the sample
     mean_outputs: torch.Tensor | None = None  # [N, H] each expert's mean output over all tokens
     output_gram: torch.Tensor | None = None  # [N, N] Σ_t <E_i(x_t), E_j(x_t)> over all tokens
     logit_gram: torch.Tensor | None = None  # [N, N] Σ_t l_ti l_tj over all tokens
@@ -32,16 +35,21 @@ class LayerStats:
     def __post_init__(self):
         self.routing = as_routing(self.routing or self.top_k)
         self.top_k = self.routing.top_k
+        if self.moe_output is None:
+            self.moe_output = weighted_expert_sum(self.tokens, self.gate_weights(), self.experts)
 
     def gate_weights(self) -> torch.Tensor:
         """[T, N] the source routing weight of every expert on every sampled token (0 if not in its top-k)."""
         return gate_weights(self.routing, self.router_logits)
 
+    def expert_outputs(self, members: list[int]) -> torch.Tensor:
+        """[k, T, H] float32: the members' outputs on the sampled tokens, computed now."""
+        return all_expert_outputs(self.tokens, self.experts, members)
+
     def subset(self, rows: torch.Tensor) -> "LayerStats":
         """The same layer's statistics with a subset of the sampled tokens (all-token figures unchanged)."""
-        return LayerStats(self.frequency, self.tokens[rows], self.outputs[:, rows], self.router_logits[rows],
-                          self.mean_outputs, self.output_gram, self.logit_gram, self.saliency, self.top_k,
-                          self.samples, self.routing)
+        return replace(self, tokens=self.tokens[rows], router_logits=self.router_logits[rows],
+                       moe_output=self.moe_output[rows])
 
     @classmethod
     def from_sample(cls, tokens: torch.Tensor, experts: Experts, router_logits: torch.Tensor, routing: Routing,
@@ -49,7 +57,7 @@ class LayerStats:
         """Statistics of a layer whose calibration tokens are exactly `tokens` (tests, small runs)."""
         acc = Accumulator(router_logits.shape[1], tokens.shape[1])
         acc.add(tokens, router_logits, routing, experts)
-        return acc.stats(tokens, all_expert_outputs(tokens, experts), router_logits, routing, samples)
+        return acc.stats(tokens, experts, router_logits, routing, samples)
 
 
 def gate_weights(routing: Routing, router_logits: torch.Tensor) -> torch.Tensor:
@@ -61,9 +69,11 @@ def gate_weights(routing: Routing, router_logits: torch.Tensor) -> torch.Tensor:
 class Accumulator:
     """The all-token statistics of one layer, summed batch by batch (float64; nothing per token kept)."""
 
-    def __init__(self, num_experts: int, hidden: int, chunk_tokens: int = 256):
+    def __init__(self, num_experts: int, hidden: int, chunk_bytes: int = 512 << 20):
         n, f64 = num_experts, torch.float64
-        self.chunk = chunk_tokens
+        # Every expert's float64 outputs on a chunk of tokens at a time: 256 tokens, fewer at large shapes
+        # (a DeepSeek-V3 layer's 256 experts x hidden 7168 take 14 MiB per token).
+        self.chunk = max(1, min(256, chunk_bytes // (8 * max(1, n) * hidden)))
         self.selections = torch.zeros(n, dtype=f64)
         self.output_sum, self.output_gram = torch.zeros(n, hidden, dtype=f64), torch.zeros(n, n, dtype=f64)
         self.logit_gram = torch.zeros(n, n, dtype=f64)
@@ -91,10 +101,11 @@ class Accumulator:
         self.count += len(x)
         return ids
 
-    def stats(self, tokens: torch.Tensor, outputs: torch.Tensor, router_logits: torch.Tensor, routing: Routing,
-              samples: int) -> LayerStats:
-        return LayerStats(frequency=self.selections / self.selections.sum(), tokens=tokens, outputs=outputs,
-                          router_logits=router_logits, mean_outputs=(self.output_sum / max(self.count, 1)).float(),
+    def stats(self, tokens: torch.Tensor, experts: Experts, router_logits: torch.Tensor, routing: Routing,
+              samples: int, moe_output: torch.Tensor | None = None) -> LayerStats:
+        return LayerStats(frequency=self.selections / self.selections.sum(), tokens=tokens, experts=experts,
+                          router_logits=router_logits, moe_output=moe_output,
+                          mean_outputs=(self.output_sum / max(self.count, 1)).float(),
                           output_gram=self.output_gram, logit_gram=self.logit_gram,
                           saliency=torch.where(self.routed > 0, self.saliency_sum / self.routed.clamp_min(1), 0.0),
                           samples=samples, routing=routing)

@@ -115,7 +115,7 @@ def reduce_layer(method: Method, experts: Experts, stats: LayerStats, num_out: i
                  grouping: Grouping | None = None) -> LayerResult:
     """Group (unless `grouping` is given) and merge one layer's experts."""
     check_finite(experts.matrices(), "the source experts")
-    check_finite({"tokens": stats.tokens, "outputs": stats.outputs, "router_logits": stats.router_logits},
+    check_finite({"tokens": stats.tokens, "moe_output": stats.moe_output, "router_logits": stats.router_logits},
                  "the calibration statistics")
     grouping = canonical(grouping or method.group(stats, num_out, seed, experts), stats.frequency)
     out, merges = Experts.empty(len(grouping.clusters), experts), []

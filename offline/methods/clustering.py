@@ -9,17 +9,6 @@ from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 
 
-def gram(outputs: torch.Tensor, chunk_tokens: int = 256) -> torch.Tensor:
-    """[N, N] float64 Gram matrix of the experts' flattened outputs [N, T, H], accumulated over
-    token chunks: no float64 copy of the outputs."""
-    n = outputs.shape[0]
-    g = torch.zeros(n, n, dtype=torch.float64)
-    for chunk in outputs.split(chunk_tokens, dim=1):
-        flat = chunk.reshape(n, -1).double()
-        g += flat @ flat.T
-    return g
-
-
 def cosine_from_gram(g: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of the vectors behind a Gram matrix (an all-zero vector stays the zero vector)."""
     norms = g.diagonal().sqrt().clamp_min(1e-12)

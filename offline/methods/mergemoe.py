@@ -62,7 +62,7 @@ class MergeMoE(WeightMerge):
             return avg
         x = stats.tokens.to(avg.expert.gate.dtype)
         w = merge_weights(stats.frequency, members)
-        target = torch.einsum("k,ktd->td", w.to(stats.outputs.dtype), stats.outputs[members])
+        target = torch.einsum("k,ktd->td", w.float(), stats.expert_outputs(members))
         under = warn_if_underdetermined(self.name, stats, len(x), avg.expert.gate.shape[1])
         down = least_squares_down(expert_hidden(x, avg.expert.gate[0], avg.expert.up[0]), target)
         return with_down(avg, down, least_squares_tokens=len(x), underdetermined=under)
