@@ -28,7 +28,7 @@ class CalibratedLayer:
 
     index: int
     tensors: dict[str, torch.Tensor]  # non-expert tensors as stored
-    experts: Experts | None  # float32
+    experts: Experts | None  # in the stored dtype: methods upcast one expert or one cluster at a time
     router: torch.Tensor | None  # [N, H] float32
     stats: LayerStats | None
     activations: Activations | None = None  # the calibration hidden states after this layer
@@ -113,7 +113,7 @@ def calibrated_layers(ckpt: LazyCheckpoint, windows: torch.Tensor, opts: Compres
         if l < start:
             continue
         tensors = {n: ckpt.get(n).clone() for n in arch.non_expert_names(names, l)}  # owned: see release()
-        experts = arch.read_experts(ckpt, l, arch.num_experts, torch.float32, dev) if is_moe else None
+        experts = arch.read_experts(ckpt, l, arch.num_experts, device=dev) if is_moe else None  # as stored
         router = tensors[arch.layout.router_tensor(l)].to(dev, torch.float32) if is_moe else None
         ckpt.release()
         layer = arch.build_layer(l, tensors, experts).to(dev)  # only this layer is on the device

@@ -18,7 +18,7 @@ import torch
 from ..calibration.stats import LayerStats
 from ..moe_math import Experts, expert_hidden
 from .base import Grouping, Merge, WeightMerge
-from .clustering import assign_to_centres
+from .clustering import assign_to_centres, cosine_from_gram
 from .merging import frequency_weighted, least_squares_down, merge_weights, with_down
 
 PAPER_MIN_SAMPLES = 36
@@ -28,11 +28,15 @@ class CalibrationWarning(UserWarning):
     """Calibration too small for a least-squares method to be trusted."""
 
 
-def weight_similarity(experts: Experts) -> torch.Tensor:
-    """[N, N] cosine similarity of the experts' flattened [W_U ‖ W_G]."""
-    flat = torch.cat([experts.up.flatten(1), experts.gate.flatten(1)], dim=1).double()
-    flat = torch.nn.functional.normalize(flat, dim=1)
-    return flat @ flat.T
+def weight_similarity(experts: Experts, chunk: int = 1 << 16) -> torch.Tensor:
+    """[N, N] cosine similarity of the experts' flattened [W_U ‖ W_G], from their Gram matrix summed
+    over column chunks: no float64 copy of the layer (4x a bf16 layer)."""
+    g = torch.zeros(len(experts), len(experts), dtype=torch.float64)
+    for m in (experts.up.flatten(1), experts.gate.flatten(1)):
+        for cols in m.split(chunk, dim=1):
+            c = cols.double()
+            g += c @ c.T
+    return cosine_from_gram(g)
 
 
 def warn_if_underdetermined(method: str, stats: LayerStats, tokens: int, intermediate: int) -> bool:

@@ -16,8 +16,8 @@ def merge_weights(frequency: torch.Tensor, members: list[int]) -> torch.Tensor:
 
 
 def weighted_sum(mats: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Σ_k w_k mats[k] for mats [k, out, in], in the matrices' dtype."""
-    return torch.einsum("k,kij->ij", weights.to(mats.dtype), mats)
+    """Σ_k w_k mats[k] for mats [k, out, in] (one cluster, as stored), in float32."""
+    return torch.einsum("k,kij->ij", weights.float(), mats.float())
 
 
 def weighted_average(experts: Experts, members: list[int], weights: torch.Tensor) -> Experts:

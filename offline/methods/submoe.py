@@ -86,7 +86,7 @@ class SubMoE(WeightMerge):
         w = merge_weights(stats.frequency, members)
         merged, ranks, errors = {}, {}, {}
         for which, mats in experts.matrices().items():
-            sub = mats[members]
+            sub = mats[members].float()  # one cluster upcast, not the layer
             full = min(sub.shape[1], len(members) * sub.shape[2])
             rank = self.rank_for(sub.shape[1], len(members) * sub.shape[2])
             if rank is None or rank >= full:

@@ -15,7 +15,7 @@ from transformers import AutoConfig, PreTrainedConfig
 
 from vllm_submoe.checkpoint_format import BLOCK_KEY, MoELayout, layout_for
 
-from ..moe_math import Experts, Routing
+from ..moe_math import Experts, Routing, weighted_expert_sum
 
 
 def layer_prefix(layer: int) -> str:
@@ -105,14 +105,17 @@ class SourceArchitecture:
 
     def build_layer(self, layer: int, tensors: dict[str, torch.Tensor], experts: Experts | None,
                     dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-        """transformers' decoder layer holding the given tensors (and `len(experts)` experts)."""
+        """transformers' decoder layer holding the given tensors in `dtype`, and `experts` as they are
+        (any dtype: `StreamedExperts` upcasts one expert at a time, never the whole stack)."""
         cfg = self.config
         if experts is not None and len(experts) != self.num_experts:
             fields = cfg.to_dict()
             cfg = hf_config({**fields, self.layout.num_experts_key(fields): len(experts)})
         with torch.device("meta"):  # no random init to allocate and overwrite: the tensors are adopted as they are
             module = self._modeling("DecoderLayer")(cfg, layer)
-        state = self.hf_layer_state(layer, tensors, experts)
+        if experts is not None:
+            module.mlp.experts = StreamedExperts(experts)
+        state = self.hf_layer_state(layer, tensors, None)
         module.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
         return module.eval()
 
@@ -121,6 +124,21 @@ class SourceArchitecture:
 
     def rotary(self, seq_len: int, device: torch.device | str = "cpu") -> "Rotary":
         return Rotary(self.rotary_embedding(), self.config.hidden_size, seq_len, device)
+
+
+class StreamedExperts(torch.nn.Module):
+    """Stands in for transformers' experts module (every family calls it as experts(x, top-k ids,
+    top-k weights)) over experts held as stored: each expert runs on its routed tokens, upcast to
+    float32 on its own, so a bf16 layer never exists as a float32 copy."""
+
+    def __init__(self, experts: Experts):
+        super().__init__()
+        self.held = experts  # not parameters: nothing to load, nothing copied by .to()
+
+    def forward(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        weights = torch.zeros(len(x), len(self.held), dtype=torch.float32, device=x.device)
+        weights.scatter_add_(1, top_k_index, top_k_weights.float())
+        return weighted_expert_sum(x, weights, self.held).to(x.dtype)
 
 
 class Rotary:
