@@ -1,8 +1,10 @@
 """Compression cost against model size: peak resident memory and wall time of `submoe compress`
 on random Mixtral-layout checkpoints of growing depth (same layer, more layers), up to >= 8 GB,
-and what spilling the calibration activations to disk saves.
+what spilling the calibration activations to disk saves, and the cost per method at real
+fine-grained layer shapes (a few layers of each: Qwen3-30B-A3B's, ...) with the whole-model
+extrapolation.
 
-    python benchmarks/scaling.py [--layers 6,22,46] [--keep]
+    python benchmarks/scaling.py [--layers 6,22,46] [--shapes Qwen3-30B-A3B] [--methods submoe,reap] [--keep]
 
 Each compression runs in its own process, as a user runs it; its report gives the peak RSS
 (getrusage) and the RSS before any weight was read (libraries, tokenizer, calibration tokens:
@@ -31,9 +33,13 @@ SPILL_VARIANTS = {"in RAM": (), "spilled (--activation-memory 0)": ("--activatio
 GiB = 2**30
 
 
-def compress(src: Path, out: Path, samples: int, *extra: str) -> dict:
+MIXTRAL_LAYER = 3 * SHAPE["experts"] * SHAPE["hidden"] * SHAPE["intermediate"] * 2  # bytes of one layer's bf16 experts
+
+
+def compress(src: Path, out: Path, samples: int, *extra: str, method: str = "submoe", num_experts: int = 4,
+             layer: int = MIXTRAL_LAYER, hidden: int = SHAPE["hidden"]) -> dict:
     cmd = [sys.executable, "-m", "submoe", "compress", "--model", str(src), "--out", str(out),
-           "--method", "submoe", "--num-experts", "4", "--samples", str(samples),
+           "--method", method, "--num-experts", str(num_experts), "--samples", str(samples),
            "--seq-len", str(CALIB["seq_len"]), "--output-tokens", str(CALIB["output_tokens"]),
            "--calib", *map(str, sorted((ROOT / "data" / "calib").glob("*.jsonl"))), "--no-progress", "--force", *extra]
     t0 = time.time()
@@ -41,14 +47,51 @@ def compress(src: Path, out: Path, samples: int, *extra: str) -> dict:
     wall = time.time() - t0
     report = json.loads((out / "compression_report.json").read_text())
     shutil.rmtree(out)
-    layer = 3 * SHAPE["experts"] * SHAPE["hidden"] * SHAPE["intermediate"] * 2
     above = report["peak_rss_bytes"] - report["rss_before_weights_bytes"]
-    activation_copy = samples * CALIB["seq_len"] * SHAPE["hidden"] * 4
+    activation_copy = samples * CALIB["seq_len"] * hidden * 4
     return {"wall_seconds": round(wall, 1), "peak_rss_bytes": report["peak_rss_bytes"],
             "rss_before_weights_bytes": report["rss_before_weights_bytes"],
             "source_bytes": report["sizes"]["source_weight_bytes"], "output_bytes": report["sizes"]["weight_bytes"],
             "layer_bytes": layer, "activation_copy_bytes": activation_copy, "samples": samples, "extra": list(extra),
-            "peak_above_floor_in_layers": round(above / layer, 2)}
+            "peak_above_floor_in_layers": round(above / layer, 2), "compress_seconds": report["time_seconds"],
+            "moe_layers": sum(1 for l in report["layers"])}
+
+
+# Real layer shapes (config fields of the published models), random bf16 weights: `layers` is the
+# whole model's depth, for the extrapolation; a few layers of each are generated.
+SHAPES = {
+    "Qwen3-30B-A3B": dict(model_type="qwen3_moe", layers=48, fields=dict(
+        hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, intermediate_size=6144,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, norm_topk_prob=True)),
+    "Qwen3-235B-A22B": dict(model_type="qwen3_moe", layers=94, fields=dict(
+        hidden_size=4096, moe_intermediate_size=1536, num_experts=128, num_experts_per_tok=8, intermediate_size=12288,
+        num_attention_heads=64, num_key_value_heads=4, head_dim=128, norm_topk_prob=True)),
+}
+SHAPE_LAYERS = 2
+
+
+def shape_source(name: str, layers: int) -> Path:
+    from offline.synthetic import sharded_random_moe
+    src = BUILD / f"{name}-{layers}l"
+    if not (src / "config.json").is_file():
+        shutil.rmtree(src, ignore_errors=True)
+        spec = SHAPES[name]
+        sharded_random_moe(spec["model_type"], src, ROOT / "models" / "tiny-mixtral-8e", layers=layers, **spec["fields"])
+    return src
+
+
+def shape_row(name: str, method: str, layers: int) -> dict:
+    """One method 50% on a few layers of a real shape: memory in stored layers, seconds per layer,
+    and the whole model's compression time extrapolated from them."""
+    f = SHAPES[name]["fields"]
+    n, hidden, inter = f["num_experts"], f["hidden_size"], f["moe_intermediate_size"]
+    layer = 3 * n * hidden * inter * 2
+    row = compress(shape_source(name, layers), BUILD / "out", CALIB["samples"], method=method, num_experts=n // 2,
+                   layer=layer, hidden=hidden)
+    per_layer = row["compress_seconds"] / row["moe_layers"]
+    return {"shape": name, "method": method, "experts": f"{n}->{n // 2}", "hidden": hidden, "intermediate": inter,
+            "layers": layers, **row, "seconds_per_layer": round(per_layer, 1),
+            "model_layers": SHAPES[name]["layers"], "extrapolated_hours": round(per_layer * SHAPES[name]["layers"] / 3600, 2)}
 
 
 def ensure_source(layers: int) -> Path:
@@ -85,29 +128,42 @@ def plot(rows: list[dict], spill: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def markdown(rows: list[dict], spill: list[dict]) -> str:
+def markdown(rows: list[dict], spill: list[dict], shapes: list[dict]) -> str:
     lines = ["| layers | source | output | before weights | peak RSS | peak - before, in bf16 layers | wall time |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['layers']} | {r['source_bytes'] / GiB:.2f} GiB | {r['output_bytes'] / GiB:.2f} GiB | "
                      f"{r['rss_before_weights_bytes'] / GiB:.2f} GiB | {r['peak_rss_bytes'] / GiB:.2f} GiB | "
                      f"{r['peak_above_floor_in_layers']} | {r['wall_seconds']:.0f} s |")
-    lines += ["", f"Calibration activations ({spill[0]['samples']} x {CALIB['seq_len']} tokens, "
-              f"{spill[0]['activation_copy_bytes'] / 2**20:.0f} MiB per copy), {spill[0]['layers']} layers:", "",
-              "| activations | peak RSS | peak - before, in bf16 layers | wall time |", "|---|---:|---:|---:|"]
-    for name, r in zip(SPILL_VARIANTS, spill):
-        lines.append(f"| {name} | {r['peak_rss_bytes'] / GiB:.2f} GiB | {r['peak_above_floor_in_layers']} | "
-                     f"{r['wall_seconds']:.0f} s |")
+    if spill:
+        lines += ["", f"Calibration activations ({spill[0]['samples']} x {CALIB['seq_len']} tokens, "
+                  f"{spill[0]['activation_copy_bytes'] / 2**20:.0f} MiB per copy), {spill[0]['layers']} layers:", "",
+                  "| activations | peak RSS | peak - before, in bf16 layers | wall time |", "|---|---:|---:|---:|"]
+        for name, r in zip(SPILL_VARIANTS, spill):
+            lines.append(f"| {name} | {r['peak_rss_bytes'] / GiB:.2f} GiB | {r['peak_above_floor_in_layers']} | "
+                         f"{r['wall_seconds']:.0f} s |")
+    if shapes:
+        lines += ["", f"Real layer shapes, {shapes[0]['layers']} layers each, 50% of the experts, "
+                  f"{CALIB['samples'] * CALIB['seq_len'] // 1024}k calibration tokens:", "",
+                  "| shape | method | experts | one layer (bf16) | peak - before, in bf16 layers | s per layer | "
+                  "whole model (extrapolated) |", "|---|---|---|---:|---:|---:|---:|"]
+        for r in shapes:
+            lines.append(f"| {r['shape']} | {r['method']} | {r['experts']} | {r['layer_bytes'] / GiB:.2f} GiB | "
+                         f"{r['peak_above_floor_in_layers']} | {r['seconds_per_layer']} | "
+                         f"{r['extrapolated_hours']} h ({r['model_layers']} layers) |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", default="6,22,46", help="decoder layers of each model (about 0.19 GB each)")
+    ap.add_argument("--layers", default="6,22,46", help="decoder layers of each model (about 0.19 GB each); '' for none")
+    ap.add_argument("--shapes", default="Qwen3-30B-A3B", help=f"real layer shapes to run, of {list(SHAPES)}; '' for none")
+    ap.add_argument("--methods", default="submoe,output-lsq,reap", help="methods run on each real shape")
+    ap.add_argument("--update", action="store_true", help="keep the parts of the JSON not run this time")
     ap.add_argument("--keep", action="store_true", help="keep the generated models in build/scaling")
     args = ap.parse_args()
-    sizes = [int(n) for n in args.layers.split(",")]
-    rows, spill = [], []
+    sizes = [int(n) for n in args.layers.split(",") if n]
+    rows, spill, shapes = [], [], []
     for layers in sizes:
         src = ensure_source(layers)
         rows.append({"layers": layers, **compress(src, BUILD / "out", CALIB["samples"])})
@@ -118,13 +174,23 @@ def main() -> None:
                 print(json.dumps(spill[-1]), flush=True)
         if not args.keep:
             shutil.rmtree(src)
+    for name in [n for n in args.shapes.split(",") if n]:
+        for method in args.methods.split(","):
+            shapes.append(shape_row(name, method, SHAPE_LAYERS))
+            print(json.dumps(shapes[-1]), flush=True)
+        if not args.keep:
+            shutil.rmtree(BUILD / f"{name}-{SHAPE_LAYERS}l")
     RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "scaling.json"
+    if args.update and path.is_file():
+        old = json.loads(path.read_text())
+        rows, spill, shapes = rows or old["rows"], spill or old["spill"], shapes or old.get("shapes", [])
     meta = {"shape": SHAPE, "calibration": CALIB, "method": "submoe (full rank)", "num_experts": "8->4",
             "machine": "2 CPU cores, 24 GiB RAM"}
-    (RESULTS / "scaling.json").write_text(json.dumps({**meta, "rows": rows, "spill": spill}, indent=2) + "\n")
-    (RESULTS / "scaling.md").write_text(markdown(rows, spill))
+    path.write_text(json.dumps({**meta, "rows": rows, "spill": spill, "shapes": shapes}, indent=2) + "\n")
+    (RESULTS / "scaling.md").write_text(markdown(rows, spill, shapes))
     plot(rows, spill, RESULTS / "scaling.png")
-    print(markdown(rows, spill))
+    print(markdown(rows, spill, shapes))
 
 
 if __name__ == "__main__":

@@ -115,3 +115,60 @@ def sharded_random_mixtral(out: Path, tokenizer_dir: Path, layers: int, hidden: 
     import shutil
     shutil.rmtree(small)
     return out
+
+
+# Config fields that decide which tensors a checkpoint holds (not their sizes): a tiny model with
+# these names every tensor of the full-size one.
+_NAMING_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "num_experts_per_tok", "mlp_only_layers",
+                  "decoder_sparse_step", "first_k_dense_replace", "moe_layer_freq", "n_shared_experts", "q_lora_rank",
+                  "n_group", "topk_group", "topk_method")
+
+
+def sharded_random_moe(model_type: str, out: Path, tokenizer_dir: Path, layers: int, seed: int = 0,
+                       dtype: torch.dtype = torch.bfloat16, router_gain: float = 50.0, **fields) -> Path:
+    """A random MoE of any supported family at a real shape (Qwen3-30B-A3B's, DeepSeek-V3's: `fields`
+    are its config fields), written one decoder layer per shard and generated one tensor at a time,
+    so a layer far larger than memory can be written: the scaling benchmark's sources. A tiny model
+    with the same naming fields gives the tensor names as `save_pretrained` writes them; the
+    full-size config, through transformers' own modules on the meta device, gives their shapes."""
+    import shutil
+
+    from offline.source.architecture import SourceArchitecture
+
+    from .writing.shards import ShardWriter
+
+    tiny = random_moe(model_type, out / "template", tokenizer_dir, layers=layers,
+                      **{k: v for k, v in fields.items() if k in _NAMING_FIELDS})
+    config = {**json.loads((tiny / "config.json").read_text()), **fields, "torch_dtype": str(dtype).removeprefix("torch.")}
+    arch = SourceArchitecture.of(config)
+    layout, hidden = arch.layout, config["hidden_size"]
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(shape, gain: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * 0.02 * gain).to(dtype)
+
+    from safetensors import safe_open
+    with safe_open(str(tiny / "model.safetensors"), framework="pt") as f:
+        names = list(f.keys())
+        small_hidden = json.loads((tiny / "config.json").read_text())["hidden_size"]
+        outer = {n: [hidden if d == small_hidden else d for d in f.get_slice(n).get_shape()]
+                 for n in names if not n.startswith("model.layers.")}
+    writer = ShardWriter(out)
+    writer.write({n: torch.ones(s, dtype=dtype) if "norm" in n else rnd(s) for n, s in outer.items()})
+    for l, is_moe in enumerate(arch.moe_layers()):
+        with torch.device("meta"):
+            shapes = {k: v.shape for k, v in arch._modeling("DecoderLayer")(arch.config, l).state_dict().items()}
+        on_disk = arch.hf_layer_state(l, {n: n for n in arch.non_expert_names(names, l)}, None)  # hf name -> disk name
+        t = {disk: torch.ones(shapes[hf], dtype=dtype) if "norm" in hf else
+             rnd(shapes[hf], router_gain if disk == layout.router_tensor(l) else 1.0) for hf, disk in on_disk.items()}
+        if is_moe:
+            for e in range(arch.num_experts):
+                for which, shape in layout.expert_shapes(hidden, config[layout.intermediate_field]).items():
+                    t[layout.expert_tensor(l, e, which)] = rnd(shape)
+        writer.write(t)
+        del t
+    writer.finish()
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    copy_tokenizer(tokenizer_dir, out)
+    shutil.rmtree(tiny)
+    return out

@@ -78,6 +78,18 @@ def test_streamed_layers_and_routing_are_the_source_models(family, sources):
     torch.testing.assert_close(logits, load_reference(str(sources[family]))(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
 
 
+def test_large_shape_sources_are_named_and_shaped_as_transformers_writes_them(tmp_path):
+    """The scaling benchmark's generator (one tensor at a time, any shape) writes what save_pretrained
+    writes for the same config: the same tensor names and shapes, in every family."""
+    from offline.synthetic import sharded_random_moe
+    for family in FAMILIES:
+        ours = LazyCheckpoint(sharded_random_moe(family, tmp_path / f"{family}-sharded", SHIPPED, layers=3, hidden_size=96))
+        theirs = LazyCheckpoint(random_moe(family, tmp_path / family, SHIPPED, hidden=96))
+        assert sorted(ours.names()) == sorted(theirs.names()), family
+        assert {n: ours.get(n).shape for n in ours.names()} == {n: theirs.get(n).shape for n in theirs.names()}, family
+        assert ours.get(ours.names()[-1]).dtype == torch.bfloat16
+
+
 def test_each_family_routes_as_its_config_says(sources):
     routing = {f: SourceArchitecture.of(json.loads((src / "config.json").read_text())).routing
                for f, src in sources.items()}
