@@ -52,7 +52,7 @@ def compress(opts: CompressOptions) -> dict:
         out = CompressedOutput(work.dir, source, arch, opts, work.state)
         done, resume_file, earlier = out.layers_done, work.dir / "resume.f32", work.state.get("seconds", 0)
         resume = Activations((*windows.shape, arch.config.hidden_size), path=resume_file) if done else None
-        layers = calibrated_layers(source, windows, opts, work.dir, start=done, resume=resume)
+        layers = calibrated_layers(source, windows, opts, work.dir, start=done, resume=resume, needs=method.statistics)
         bar = tqdm(total=len(budgets), initial=done, unit="layer", disable=not opts.progress,
                    desc=f"compress {opts.method} {arch.num_experts}->{opts.num_experts}")
         if done:

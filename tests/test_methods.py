@@ -61,6 +61,26 @@ def test_least_squares_down_with_ridge_is_never_worse_than_its_prior():
     assert res(least_squares_down(hidden, target)) <= res(least_squares_down(hidden, target, prior, 1e-3)) + 1e-5
 
 
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_calibration_computes_only_the_statistics_a_method_reads_and_they_are_the_full_ones(method):
+    """A method's statistics computed alone (REAP's saliency from routed tokens only, no every-expert
+    pass when nothing needs it) equal those of a calibration computing all of them, and the method
+    gives the same layer from either."""
+    from offline.calibration.stats import Accumulator
+    experts, full = random_layer(seed=12, t=96)
+    acc = Accumulator(len(experts), full.tokens.shape[1], needs=make_method(method).statistics, chunk_bytes=4096)
+    acc.add(full.tokens, full.router_logits, full.routing, experts)
+    alone = acc.stats(full.tokens, experts, full.router_logits, full.routing, full.samples)
+    for name in ("output_gram", "mean_outputs", "logit_gram", "saliency"):
+        if name in make_method(method).statistics:
+            torch.testing.assert_close(getattr(alone, name), getattr(full, name), atol=1e-9, rtol=1e-6)
+        else:
+            assert getattr(alone, name) is None
+    a, b = (reduce_layer(make_method(method), experts, s, 3, seed=0) for s in (alone, full))
+    assert a.expert_map == b.expert_map
+    torch.testing.assert_close(a.experts.down, b.experts.down)
+
+
 def test_reap_keeps_the_highest_scoring_experts_and_its_score_is_the_papers():
     experts, stats = random_layer(seed=4, t=128)
     probs = torch.softmax(stats.router_logits.double(), -1)

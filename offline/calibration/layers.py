@@ -18,7 +18,7 @@ from ..options import CompressError, CompressOptions
 from ..source.architecture import Rotary, SourceArchitecture, attention_half
 from ..source.checkpoint import LazyCheckpoint
 from .activations import Activations
-from .stats import Accumulator, LayerStats, gate_weights
+from .stats import ALL_STATISTICS, Accumulator, LayerStats, gate_weights
 
 
 @dataclass
@@ -43,15 +43,15 @@ def _check_finite(t: torch.Tensor, what: str, layer) -> None:
 @torch.no_grad()
 def calibrate_batches(layer, source: Activations, target: Activations, rotary: Rotary, router: torch.Tensor | None,
                       experts: Experts | None, routing: Routing, sample: torch.Tensor, batch: int,
-                      device: torch.device | str = "cpu") -> LayerStats | None:
+                      device: torch.device | str = "cpu", needs: frozenset[str] = ALL_STATISTICS) -> LayerStats | None:
     """Run the calibration windows through one source layer, `batch` windows at a time, from `source`
     into `target` (the next layer's input): routing frequency over all tokens; MoE inputs, router
     logits and the routed output on the sampled tokens (in `sample`'s order, whatever the batching). A layer without routed
     experts (router None) only moves the activations on. The statistics methods publish are
-    accumulated over every token (`Accumulator`)."""
+    accumulated over every token (`Accumulator`): those in `needs`."""
     windows, length, hidden = source.shape
     n = router.shape[0] if router is not None else 0
-    acc = Accumulator(n, hidden)
+    acc = Accumulator(n, hidden, needs)
     tokens, logits_s = torch.empty(len(sample), hidden), torch.empty(len(sample), n)
     sample = sample.cpu()
     for start in range(0, windows, batch):
@@ -73,7 +73,8 @@ def calibrate_batches(layer, source: Activations, target: Activations, rotary: R
     routed = weighted_expert_sum(tokens.to(device), gate_weights(routing, logits_s).to(device), experts).cpu()
     stats = acc.stats(tokens, experts, logits_s, routing, windows, moe_output=routed)
     _check_finite(stats.moe_output, "expert outputs", layer)
-    _check_finite(stats.output_gram, "expert outputs", layer)
+    if stats.output_gram is not None:
+        _check_finite(stats.output_gram, "expert outputs", layer)
     _check_finite(stats.tokens, "MoE inputs", layer)
     return stats
 
@@ -88,11 +89,12 @@ def calibrate_layer(layer, x: torch.Tensor, rotary: Rotary, router: torch.Tensor
 
 
 def calibrated_layers(ckpt: LazyCheckpoint, windows: torch.Tensor, opts: CompressOptions, workdir: Path | None = None,
-                      start: int = 0, resume: Activations | None = None) -> Iterator[CalibratedLayer]:
+                      start: int = 0, resume: Activations | None = None,
+                      needs: frozenset[str] = ALL_STATISTICS) -> Iterator[CalibratedLayer]:
     """Stream the source one decoder layer at a time: read it, run the calibration hidden states
     through it (`opts.calib_batch` windows at a time; activations over `opts.activation_memory`
     spill to files in `workdir`), yield it with its statistics. `start` > 0 continues a run from
-    `resume`, the activations after layer start-1."""
+    `resume`, the activations after layer start-1. Only the all-token statistics in `needs` are computed."""
     arch = SourceArchitecture.of(ckpt.config)
     dev, names = torch.device(opts.device), ckpt.names()
     shape = (*windows.shape, arch.config.hidden_size)
@@ -118,7 +120,8 @@ def calibrated_layers(ckpt: LazyCheckpoint, windows: torch.Tensor, opts: Compres
         ckpt.release()
         layer = arch.build_layer(l, tensors, experts).to(dev)  # only this layer is on the device
         out = store(f"x-{(l + 1) % 2}.f32")
-        stats = calibrate_batches(layer, x, out, rotary, router, experts, arch.routing, sample, opts.calib_batch, dev)
+        stats = calibrate_batches(layer, x, out, rotary, router, experts, arch.routing, sample, opts.calib_batch, dev,
+                                  needs)
         del layer
         x = out
         yield CalibratedLayer(l, tensors, experts, router, stats, activations=x)

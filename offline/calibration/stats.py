@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..moe_math import Experts, Routing, all_expert_outputs, as_routing, weighted_expert_sum
+from ..moe_math import Experts, Routing, all_expert_outputs, as_routing, expert_forward, weighted_expert_sum
 
 
 @dataclass
@@ -66,11 +66,19 @@ def gate_weights(routing: Routing, router_logits: torch.Tensor) -> torch.Tensor:
     return torch.zeros(router_logits.shape, dtype=w.dtype).scatter_(1, ids, w)
 
 
-class Accumulator:
-    """The all-token statistics of one layer, summed batch by batch (float64; nothing per token kept)."""
+ALL_STATISTICS = frozenset({"output_gram", "mean_outputs", "logit_gram", "saliency"})
 
-    def __init__(self, num_experts: int, hidden: int, chunk_bytes: int = 512 << 20):
+
+class Accumulator:
+    """The all-token statistics of one layer, summed batch by batch (float64; nothing per token kept).
+    Only those in `needs` are computed (the others stay None): every expert on every token, for
+    the output Gram matrix and mean outputs, costs N/k times the layer's own forward; REAP's
+    saliency needs each expert on its routed tokens only."""
+
+    def __init__(self, num_experts: int, hidden: int, needs: frozenset[str] = ALL_STATISTICS,
+                 chunk_bytes: int = 256 << 20):
         n, f64 = num_experts, torch.float64
+        self.needs = needs
         # Every expert's float64 outputs on a chunk of tokens at a time: 256 tokens, fewer at large shapes
         # (a DeepSeek-V3 layer's 256 experts x hidden 7168 take 14 MiB per token).
         self.chunk = max(1, min(256, chunk_bytes // (8 * max(1, n) * hidden)))
@@ -86,26 +94,41 @@ class Accumulator:
         _, ids = routing(logits)
         self.selections += torch.bincount(ids.flatten().cpu(), minlength=len(self.selections)).double()
         lg = logits.double()
-        self.logit_gram += (lg.T @ lg).cpu()
+        if "logit_gram" in self.needs:
+            self.logit_gram += (lg.T @ lg).cpu()
         probs = torch.softmax(lg, dim=-1)  # REAP's gate: the raw softmax over all experts
         routed = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, ids, True)
+        if self.needs & {"output_gram", "mean_outputs"}:
+            self._every_expert(x, probs, routed, experts)
+        elif "saliency" in self.needs:
+            for e in torch.nonzero(routed.any(0)).flatten().tolist():  # each expert on its routed tokens only
+                rows = torch.nonzero(routed[:, e]).flatten()
+                norms = torch.linalg.vector_norm(expert_forward(x[rows], *experts.expert(e)).double(), dim=-1)
+                self.saliency_sum[e] += (probs[rows, e] * norms).sum().cpu()
+        self.routed += routed.sum(0).double().cpu()
+        self.count += len(x)
+        return ids
+
+    def _every_expert(self, x: torch.Tensor, probs: torch.Tensor, routed: torch.Tensor, experts: Experts) -> None:
         for start in range(0, len(x), self.chunk):  # every expert on a chunk of tokens at a time
             rows = slice(start, start + self.chunk)
-            y = all_expert_outputs(x[rows], experts).double()  # [N, c, H]
+            xs = x[rows]
+            y = torch.empty(len(experts), len(xs), x.shape[1], dtype=torch.float64, device=x.device)  # [N, c, H]
+            for e in range(len(experts)):
+                y[e] = expert_forward(xs, *experts.expert(e))
             self.output_sum += y.sum(1).cpu()
             flat = y.reshape(len(y), -1)
             self.output_gram += (flat @ flat.T).cpu()
             norms = torch.linalg.vector_norm(y, dim=-1).T  # [c, N]
             self.saliency_sum += (probs[rows] * norms * routed[rows]).sum(0).cpu()
-        self.routed += routed.sum(0).double().cpu()
-        self.count += len(x)
-        return ids
 
     def stats(self, tokens: torch.Tensor, experts: Experts, router_logits: torch.Tensor, routing: Routing,
               samples: int, moe_output: torch.Tensor | None = None) -> LayerStats:
         return LayerStats(frequency=self.selections / self.selections.sum(), tokens=tokens, experts=experts,
                           router_logits=router_logits, moe_output=moe_output,
-                          mean_outputs=(self.output_sum / max(self.count, 1)).float(),
-                          output_gram=self.output_gram, logit_gram=self.logit_gram,
-                          saliency=torch.where(self.routed > 0, self.saliency_sum / self.routed.clamp_min(1), 0.0),
+                          mean_outputs=(self.output_sum / max(self.count, 1)).float() if "mean_outputs" in self.needs else None,
+                          output_gram=self.output_gram if "output_gram" in self.needs else None,
+                          logit_gram=self.logit_gram if "logit_gram" in self.needs else None,
+                          saliency=torch.where(self.routed > 0, self.saliency_sum / self.routed.clamp_min(1), 0.0)
+                          if "saliency" in self.needs else None,
                           samples=samples, routing=routing)

@@ -85,6 +85,9 @@ class Method(ABC):
     joint_layers: int = 1  # layers grouped jointly (Sub-MoE's adaptive variant: 2)
     align_neurons: bool = False  # permute members' neurons to the centre's before merging
     drops_experts: bool = False  # some router experts' logits leave the top-k (format v2)
+    # The all-token statistics it reads (calibration computes only these): "output_gram", "mean_outputs",
+    # "logit_gram", "saliency". Every expert on every token is the costly part: only the first two need it.
+    statistics: frozenset[str] = frozenset({"output_gram", "mean_outputs", "logit_gram", "saliency"})
 
     def settings(self) -> dict:
         return {}

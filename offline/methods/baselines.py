@@ -14,6 +14,7 @@ class Average(WeightMerge):
     """Same output-similarity groups as Sub-MoE, merged by a uniform average (no frequencies)."""
 
     name = "average"
+    statistics = frozenset({"output_gram"})
     description = "k-means on expert outputs; uniform average of each group"
 
     def group(self, stats: LayerStats, num_out: int, seed: int, experts: Experts) -> Grouping:
@@ -43,6 +44,7 @@ class Pruning(Method):
     def __init__(self, substitute_pruned: bool = False):
         self.substitute_pruned = substitute_pruned
         self.drops_experts = not substitute_pruned
+        self.statistics = type(self).statistics | ({"output_gram"} if substitute_pruned else set())
 
     def settings(self) -> dict:
         return {"pruned_experts": "substituted by the most similar kept expert" if self.substitute_pruned
@@ -67,6 +69,7 @@ class Pruning(Method):
 
 class FrequencyPrune(Pruning):
     name = "freq-prune"
+    statistics = frozenset()
     description = "keep the most frequently routed experts, drop the others from the router's top-k"
 
     def scores(self, stats: LayerStats) -> torch.Tensor:

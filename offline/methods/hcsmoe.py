@@ -45,6 +45,7 @@ def router_centres(stats: LayerStats, k: int) -> list[list[int]]:
 
 class HCSMoE(WeightMerge):
     name = "hc-smoe"
+    statistics = frozenset({"mean_outputs"})
     description = "hierarchical clustering (average linkage) of mean expert outputs; frequency-weighted merge"
 
     def group(self, stats: LayerStats, num_out: int, seed: int, experts: Experts) -> Grouping:
@@ -56,6 +57,7 @@ class HCSMoE(WeightMerge):
 
 class MSMoE(HCSMoE):
     name = "m-smoe"
+    statistics = frozenset({"logit_gram"})
     description = "most frequent experts as centres, others join by router-logit similarity; frequency-weighted merge"
 
     def group(self, stats: LayerStats, num_out: int, seed: int, experts: Experts) -> Grouping:

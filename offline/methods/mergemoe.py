@@ -54,6 +54,7 @@ def warn_if_underdetermined(method: str, stats: LayerStats, tokens: int, interme
 
 class MergeMoE(WeightMerge):
     name = "mergemoe"
+    statistics = frozenset()
     description = ("most frequent experts as centres, others join by [W_U||W_G] similarity; frequency-weighted "
                    "W_G, W_U; least-squares W_D on calibration outputs")
 

@@ -50,6 +50,7 @@ class OutputLSQ(WeightMerge):
     average chosen on held-out tokens from a grid that includes the average itself."""
 
     name = "output-lsq"
+    statistics = frozenset({"output_gram", "mean_outputs", "logit_gram"})
     description = ("ours: per layer the best of three groupings on held-out tokens; frequency-weighted W_G, W_U; "
                    "W_D by gate-weighted least squares on routed tokens, ridge chosen on held-out tokens")
 

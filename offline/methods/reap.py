@@ -23,6 +23,7 @@ def reap_scores(stats: LayerStats) -> torch.Tensor:
 
 class REAP(Pruning):
     name = "reap"
+    statistics = frozenset({"saliency"})
     description = "keep the experts with the highest mean routed gate weight x output norm, drop the others (REAP)"
 
     def scores(self, stats: LayerStats) -> torch.Tensor:

@@ -40,6 +40,7 @@ def subspace_merge(mats: torch.Tensor, weights: torch.Tensor, rank: int | None =
 
 class SubMoE(WeightMerge):
     name = "submoe"
+    statistics = frozenset({"output_gram"})
     description = "k-means on expert-output cosine similarity; joint-SVD subspace merge, frequency-weighted V"
 
     def __init__(self, rank: int | None = None, rank_ratio: float | None = None, adaptive: bool = False,
