@@ -231,7 +231,7 @@ def test_batched_and_spilled_calibration_gives_the_same_checkpoint(random_source
     assert spilled[0].activations.on_disk and (tmp_path / "x-1.f32").stat().st_size == 8 * 64 * 64 * 4
     for a, b in zip(whole, spilled):
         torch.testing.assert_close(a.stats.frequency, b.stats.frequency, atol=0, rtol=0)
-        for field in ("tokens", "outputs", "router_logits", "mean_outputs", "saliency"):
+        for field in ("tokens", "moe_output", "router_logits", "mean_outputs", "saliency"):
             torch.testing.assert_close(getattr(a.stats, field), getattr(b.stats, field), atol=1e-5, rtol=1e-5)
         for field in ("output_gram", "logit_gram"):
             g = getattr(a.stats, field)
@@ -265,8 +265,9 @@ def test_published_statistics_cover_every_calibration_token_not_the_sample(rando
 
 def test_streaming_holds_one_layer_and_builds_it_without_copies(tmp_path):
     """Memory that stays flat in model size, as behaviour: a layer's experts are freed before the
-    next layer is read (nothing in the pipeline keeps a finished group alive), transformers' layer
-    adopts the fused expert tensor as it is, and no tensor pins the source file's mapping."""
+    next layer is read (nothing in the pipeline keeps a finished group alive), stay in their stored
+    dtype (bf16: no float32 copy), transformers' layer computes with them as they are, and no
+    tensor pins the source file's mapping."""
     import gc
     import weakref
 
@@ -277,15 +278,16 @@ def test_streaming_holds_one_layer_and_builds_it_without_copies(tmp_path):
     from offline.calibration.windows import calibration_windows
     from offline.options import CompressOptions
     from offline.synthetic import random_mixtral
-    src = random_mixtral(tmp_path / "src", SHIPPED, layers=4)
+    src = random_mixtral(tmp_path / "src", SHIPPED, layers=4, dtype=torch.bfloat16)
     opts = CompressOptions(model=str(src), out=tmp_path / "x", method="submoe", num_experts=4,
                            calib=CALIB[:1], samples=4, seq_len=32, progress=False)
     windows, _ = calibration_windows(AutoTokenizer.from_pretrained(str(src)), opts.calib, 4, 32, 0)
     ckpt = LazyCheckpoint(src)
     arch = SourceArchitecture.of(ckpt.config)
-    experts = arch.read_experts(ckpt, 0, 8, torch.float32)
+    experts = arch.read_experts(ckpt, 0, 8)
     layer = arch.build_layer(0, {n: ckpt.get(n) for n in arch.non_expert_names(ckpt.names(), 0)}, experts)
-    assert layer.mlp.experts.gate_up_proj.data_ptr() == experts.gate_up.data_ptr() == experts.gate.data_ptr()
+    assert layer.mlp.experts.held.gate_up.data_ptr() == experts.gate_up.data_ptr() == experts.gate.data_ptr()
+    assert experts.gate_up.dtype == torch.bfloat16
     assert torch.equal(experts.up[3], ckpt.get("model.layers.0.block_sparse_moe.experts.3.w3.weight"))
     previous, alive_at_read = [], []
     read = ckpt.get
@@ -299,6 +301,7 @@ def test_streaming_holds_one_layer_and_builds_it_without_copies(tmp_path):
     for group in in_groups(calibrated_layers(ckpt, windows, opts), 1):
         # tensors kept past the layer are owned copies (resizable), not views pinning the mapped file
         assert all(t.untyped_storage().resizable() for t in group[0].tensors.values())
+        assert group[0].experts.gate_up.dtype == torch.bfloat16
         previous.append(weakref.ref(group[0].experts.gate_up))
         del group
     assert alive_at_read == [0, 0, 0, 0]
