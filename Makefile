@@ -61,7 +61,7 @@ model: $(STAMP) corpus
 	    --shared-intermediate 384 --aux-loss-coef 0 --moe-balance-coef 0.02 --moe-steps 700 --balance-steps 150
 	$(PY) scripts/model_card.py models/tiny-qwen2-moe-64e
 
-# Rank every method on both stand-in models (benchmarks/results/quality.*; about 40 minutes on 2 cores).
+# Rank every method on the three stand-in models (benchmarks/results/quality.*; about 85 minutes on 2 cores).
 quality: $(STAMP)
 	$(PY) benchmarks/quality.py
 

@@ -1,6 +1,7 @@
-"""Quality benchmark: every method x {8->6, 8->4} on both stand-in models, one harness, one table.
+"""Quality benchmark: every method on the three stand-in models (8->6 and 8->4 on the two 8-expert
+ones, 64->48, 32 and 16 on the fine-grained one), one harness, one table.
 
-    python benchmarks/quality.py            # the committed results (about 25 minutes on 2 cores)
+    python benchmarks/quality.py            # the committed results (about 85 minutes on 2 cores)
     python benchmarks/quality.py --quick    # a smoke run (the tests use it)
 
 Calibration comes from the shipped calibration split (all domains, round-robin), evaluation
