@@ -29,6 +29,7 @@ class RandomMerge(Average):
 
     name = "random"
     description = "uniformly random groups, uniform average (a lower bound)"
+    statistics = frozenset()
 
     def group(self, stats: LayerStats, num_out: int, seed: int, experts: Experts) -> Grouping:
         order = torch.randperm(len(stats.frequency), generator=torch.Generator().manual_seed(seed)).tolist()
