@@ -15,7 +15,7 @@ import torch
 
 from vllm_submoe.errors import SubMoEError
 
-from ..calibration.stats import LayerStats
+from ..calibration.stats import ALL_STATISTICS, LayerStats
 from ..moe_math import Experts, all_finite
 from .alignment import align_to
 
@@ -87,7 +87,7 @@ class Method(ABC):
     drops_experts: bool = False  # some router experts' logits leave the top-k (format v2)
     # The all-token statistics it reads (calibration computes only these): "output_gram", "mean_outputs",
     # "logit_gram", "saliency". Every expert on every token is the costly part: only the first two need it.
-    statistics: frozenset[str] = frozenset({"output_gram", "mean_outputs", "logit_gram", "saliency"})
+    statistics: frozenset[str] = ALL_STATISTICS
 
     def settings(self) -> dict:
         return {}
