@@ -5,8 +5,8 @@
     calibrate one decoder layer at a time: run the calibration hidden states through it and
               measure routing and expert outputs (calibration/)
     reduce    group each layer's experts and merge every group (methods/)
-    write     one shard per layer, then config.json with the remap tables, tokenizer and report,
-              in a work directory that survives a killed run and resumes it (writing/)
+    write     a layer at a time (shards of at most 2 GiB), then config.json with the remap tables,
+              tokenizer and report, in a work directory that survives a killed run and resumes it (writing/)
 
 Hidden states move on through the *source* layer, so the statistics do not depend on the method:
 the quality benchmark calibrates once and runs `reduce_and_write` into a `CompressedOutput` per

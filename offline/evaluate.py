@@ -40,7 +40,7 @@ def load_reference(model_dir: str, dtype: torch.dtype = torch.float32) -> PreTra
         if m is not None:
             merged = arch.read_experts(ckpt, l, merged_count(m))
             idx = torch.tensor([e or 0 for e in m])  # a dropped expert is never routed to: any slot will do
-            expanded = Experts.fused(merged.fused_gate_up()[idx], merged.down[idx])
+            expanded = Experts(*(m[idx] for m in merged.matrices().values()))
         tensors = {n: ckpt.get(n) for n in arch.non_expert_names(names, l)}
         for k, v in arch.hf_layer_state(l, tensors, expanded).items():
             state[layer_prefix(l) + k] = v

@@ -7,16 +7,58 @@ import torch
 import torch.nn.functional as F
 
 
+class ExpertStack:
+    """N per-expert matrices left where they are (views into memory-mapped safetensors files),
+    indexed like a stacked [N, ...] tensor: an int gives one expert's matrix (a view, nothing
+    read), a list, a tensor of ids or a slice stacks those experts (a copy of one cluster, never of
+    the layer). A source layer larger than memory (DeepSeek-V3's is 22.5 GB in bf16) is used without
+    ever being copied whole; the kernel pages it in and out as the file's pages are touched."""
+
+    def __init__(self, mats: list[torch.Tensor]):
+        self.mats = mats
+
+    def __len__(self) -> int:
+        return len(self.mats)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.mats), *self.mats[0].shape))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.mats[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.mats[0].device
+
+    def __getitem__(self, idx):
+        if isinstance(idx, int):
+            return self.mats[idx]
+        ids = range(len(self.mats))[idx] if isinstance(idx, slice) else torch.as_tensor(idx).flatten().tolist()
+        return torch.stack([self.mats[i] for i in ids])
+
+    def new_empty(self, *shape) -> torch.Tensor:
+        return self.mats[0].new_empty(*shape)
+
+    def to(self, *args, **kwargs) -> "ExpertStack":
+        return ExpertStack([m.to(*args, **kwargs) for m in self.mats])
+
+
+Stack = torch.Tensor | ExpertStack
+
+
 @dataclass
 class Experts:
-    """A layer's experts stacked: gate W_G [E, I, H] (w1), up W_U [E, I, H] (w3), down W_D [E, H, I] (w2).
+    """A layer's experts: gate W_G [E, I, H] (w1), up W_U [E, I, H] (w3), down W_D [E, H, I] (w2),
+    each a stacked tensor or an `ExpertStack` of per-expert views (a source layer as stored).
 
     `gate_up` optionally holds W_G and W_U as one [E, 2I, H] tensor of which `gate` and `up` are
-    views: transformers' fused expert parameter, so a source layer is built without a copy."""
+    views: transformers' fused expert parameter."""
 
-    gate: torch.Tensor
-    up: torch.Tensor
-    down: torch.Tensor
+    gate: Stack
+    up: Stack
+    down: Stack
     gate_up: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -28,7 +70,8 @@ class Experts:
         return self.gate.shape[0]
 
     def to(self, *args, **kwargs) -> "Experts":
-        """Like Tensor.to (dtype and/or device), for all three matrices (fused ones stay fused)."""
+        """Like Tensor.to (dtype and/or device), for all three matrices (fused ones stay fused, views
+        stay views when nothing changes)."""
         if self.gate_up is not None:
             return Experts.fused(self.gate_up.to(*args, **kwargs), self.down.to(*args, **kwargs))
         return Experts(self.gate.to(*args, **kwargs), self.up.to(*args, **kwargs), self.down.to(*args, **kwargs))
@@ -47,13 +90,15 @@ class Experts:
         """Expert e's (W_G, W_U, W_D) in float32: experts held in their stored dtype are upcast one at a time."""
         return self.gate[e].float(), self.up[e].float(), self.down[e].float()
 
-    def matrices(self) -> dict[str, torch.Tensor]:
+    def matrices(self) -> dict[str, Stack]:
         return {"gate": self.gate, "up": self.up, "down": self.down}
 
 
-def all_finite(t: torch.Tensor) -> bool:
+def all_finite(t: Stack) -> bool:
     """No NaN or inf in `t`, without `torch.isfinite`'s full-size temporaries (a GB for one
     Mixtral expert stack): aminmax propagates NaN, and an inf is always an extreme."""
+    if isinstance(t, ExpertStack):
+        return all(all_finite(m) for m in t.mats)
     if t.numel() == 0:
         return True
     lo, hi = torch.aminmax(t)

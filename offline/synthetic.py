@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 from pathlib import Path
 
@@ -127,7 +128,7 @@ _NAMING_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "num_e
 def sharded_random_moe(model_type: str, out: Path, tokenizer_dir: Path, layers: int, seed: int = 0,
                        dtype: torch.dtype = torch.bfloat16, router_gain: float = 50.0, **fields) -> Path:
     """A random MoE of any supported family at a real shape (Qwen3-30B-A3B's, DeepSeek-V3's: `fields`
-    are its config fields), written one decoder layer per shard and generated one tensor at a time,
+    are its config fields), written a decoder layer at a time (2 GiB shards) and generated one tensor at a time,
     so a layer far larger than memory can be written: the scaling benchmark's sources. A tiny model
     with the same naming fields gives the tensor names as `save_pretrained` writes them; the
     full-size config, through transformers' own modules on the meta device, gives their shapes."""
@@ -161,11 +162,9 @@ def sharded_random_moe(model_type: str, out: Path, tokenizer_dir: Path, layers: 
         on_disk = arch.hf_layer_state(l, {n: n for n in arch.non_expert_names(names, l)}, None)  # hf name -> disk name
         t = {disk: torch.ones(shapes[hf], dtype=dtype) if "norm" in hf else
              rnd(shapes[hf], router_gain if disk == layout.router_tensor(l) else 1.0) for hf, disk in on_disk.items()}
-        if is_moe:
-            for e in range(arch.num_experts):
-                for which, shape in layout.expert_shapes(hidden, config[layout.intermediate_field]).items():
-                    t[layout.expert_tensor(l, e, which)] = rnd(shape)
-        writer.write(t)
+        experts = ((layout.expert_tensor(l, e, which), rnd(shape)) for e in range(arch.num_experts if is_moe else 0)
+                   for which, shape in layout.expert_shapes(hidden, config[layout.intermediate_field]).items())
+        writer.write(itertools.chain(t.items(), experts))  # generated as written: a layer may exceed memory
         del t
     writer.finish()
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -266,8 +266,8 @@ def test_published_statistics_cover_every_calibration_token_not_the_sample(rando
 def test_streaming_holds_one_layer_and_builds_it_without_copies(tmp_path):
     """Memory that stays flat in model size, as behaviour: a layer's experts are freed before the
     next layer is read (nothing in the pipeline keeps a finished group alive), stay in their stored
-    dtype (bf16: no float32 copy), transformers' layer computes with them as they are, and no
-    tensor pins the source file's mapping."""
+    dtype (bf16: no float32 copy) as views into the mapped file (no copy at all), transformers'
+    layer computes with them as they are, and no other tensor pins the source file's mapping."""
     import gc
     import weakref
 
@@ -286,9 +286,11 @@ def test_streaming_holds_one_layer_and_builds_it_without_copies(tmp_path):
     arch = SourceArchitecture.of(ckpt.config)
     experts = arch.read_experts(ckpt, 0, 8)
     layer = arch.build_layer(0, {n: ckpt.get(n) for n in arch.non_expert_names(ckpt.names(), 0)}, experts)
-    assert layer.mlp.experts.held.gate_up.data_ptr() == experts.gate_up.data_ptr() == experts.gate.data_ptr()
-    assert experts.gate_up.dtype == torch.bfloat16
-    assert torch.equal(experts.up[3], ckpt.get("model.layers.0.block_sparse_moe.experts.3.w3.weight"))
+    assert layer.mlp.experts.held is experts and experts.gate.dtype == torch.bfloat16
+    w3 = ckpt.get("model.layers.0.block_sparse_moe.experts.3.w3.weight")
+    assert experts.up[3].data_ptr() == w3.data_ptr()  # a view into the mapped file: the layer is never copied
+    assert not experts.up[3].untyped_storage().resizable()
+    torch.testing.assert_close(experts.up[[3, 1]], torch.stack([w3, experts.up[1]]), atol=0, rtol=0)
     previous, alive_at_read = [], []
     read = ckpt.get
 
@@ -301,8 +303,8 @@ def test_streaming_holds_one_layer_and_builds_it_without_copies(tmp_path):
     for group in in_groups(calibrated_layers(ckpt, windows, opts), 1):
         # tensors kept past the layer are owned copies (resizable), not views pinning the mapped file
         assert all(t.untyped_storage().resizable() for t in group[0].tensors.values())
-        assert group[0].experts.gate_up.dtype == torch.bfloat16
-        previous.append(weakref.ref(group[0].experts.gate_up))
+        assert group[0].experts.gate.dtype == torch.bfloat16
+        previous.append(weakref.ref(group[0].experts.gate))
         del group
     assert alive_at_read == [0, 0, 0, 0]
 
@@ -390,3 +392,31 @@ def test_mergemoe_warns_when_calibration_is_below_the_collapse_threshold(random_
     assert cli(args) == 0
     err = capsys.readouterr().err
     assert "submoe: warning: mergemoe: least squares on too little calibration: 4 calibration samples" in err
+
+
+def test_shards_are_bounded_and_a_lazy_stream_is_written_as_it_is_generated(tmp_path):
+    """ShardWriter starts a new shard before one would pass its limit (safetensors serialises a
+    shard in memory: the limit bounds that copy), consumes (name, tensor) pairs one at a time, and
+    indexes every tensor in the shard that holds it."""
+    from offline.writing.shards import ShardWriter
+    made = []
+
+    def stream():
+        for i in range(7):  # shards on disk as each tensor is generated
+            made.append(len(list(tmp_path.glob("*.safetensors"))))
+            yield f"t{i}", torch.full((250,), float(i))  # 1000 bytes each
+    writer = ShardWriter(tmp_path, max_shard_bytes=2500)
+    writer.write({"big": torch.zeros(1000)})  # larger than the limit: a shard of its own
+    writer.write(stream())
+    writer.finish()
+    assert made == [1, 1, 1, 2, 2, 3, 3]  # written while the stream is still being generated
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) == 1 + 4  # big | t0 t1 | t2 t3 | t4 t5 | t6
+    assert index["metadata"]["total_size"] == 4000 + 7 * 1000
+    for name, shard in index["weight_map"].items():
+        with safe_open(str(tmp_path / shard), framework="pt") as f:
+            assert name in f.keys()
+            if name != "big":
+                assert torch.equal(f.get_tensor(name), torch.full((250,), float(name[1:])))
+    assert all((tmp_path / s).stat().st_size < 2500 + 1000 for s in shards if s != index["weight_map"]["big"])

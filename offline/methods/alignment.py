@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from ..moe_math import Experts
+from ..moe_math import Experts, ExpertStack
 
 
 def neuron_features(experts: Experts, e: int) -> torch.Tensor:
@@ -30,10 +30,13 @@ def permute_neurons(experts: Experts, e: int, perm: torch.Tensor) -> tuple[torch
 
 
 def align_to(experts: Experts, members: list[int], centre: int) -> Experts:
-    """A copy of `experts` in which every member's neurons are permuted to match the centre's."""
-    gate, up, down = experts.gate.clone(), experts.up.clone(), experts.down.clone()
+    """`experts` with every member's neurons permuted to match the centre's: the members are
+    permuted copies, every other expert stays a view (no copy of the layer per cluster)."""
     ref = neuron_features(experts, centre)
+    mats = {which: [m[e] for e in range(len(experts))] for which, m in experts.matrices().items()}
     for e in members:
         if e != centre:
-            gate[e], up[e], down[e] = permute_neurons(experts, e, neuron_permutation(ref, neuron_features(experts, e)))
-    return Experts(gate, up, down)
+            permuted = permute_neurons(experts, e, neuron_permutation(ref, neuron_features(experts, e)))
+            for which, t in zip(mats, permuted):
+                mats[which][e] = t
+    return Experts(*(ExpertStack(m) for m in mats.values()))

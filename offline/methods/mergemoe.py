@@ -30,11 +30,13 @@ class CalibrationWarning(UserWarning):
 
 def weight_similarity(experts: Experts, chunk: int = 1 << 16) -> torch.Tensor:
     """[N, N] cosine similarity of the experts' flattened [W_U ‖ W_G], from their Gram matrix summed
-    over column chunks: no float64 copy of the layer (4x a bf16 layer)."""
+    over column chunks: no float64 copy of the layer (4x a bf16 layer), and experts held as views
+    are read a chunk at a time."""
     g = torch.zeros(len(experts), len(experts), dtype=torch.float64)
-    for m in (experts.up.flatten(1), experts.gate.flatten(1)):
-        for cols in m.split(chunk, dim=1):
-            c = cols.double()
+    for m in (experts.up, experts.gate):
+        flat = [m[e].flatten() for e in range(len(experts))]
+        for start in range(0, len(flat[0]), chunk):
+            c = torch.stack([f[start:start + chunk] for f in flat]).double()
             g += c @ c.T
     return cosine_from_gram(g)
 

@@ -15,7 +15,7 @@ from transformers import AutoConfig, PreTrainedConfig
 
 from vllm_submoe.checkpoint_format import BLOCK_KEY, MoELayout, layout_for
 
-from ..moe_math import Experts, Routing, weighted_expert_sum
+from ..moe_math import Experts, ExpertStack, Routing, weighted_expert_sum
 
 
 def layer_prefix(layer: int) -> str:
@@ -63,22 +63,13 @@ class SourceArchitecture:
     def moe_layers(self) -> list[bool]:
         return self.layout.moe_layers(self.config.to_dict())
 
-    def read_experts(self, ckpt, layer: int, num_experts: int, dtype: torch.dtype | None = None,
-                     device: torch.device | str = "cpu") -> Experts:
-        """A layer's experts, fused (gate and up in one tensor), in `dtype` (default: as stored) on
-        `device`. Each stored matrix is copied straight into its slot: a layer costs one copy of
-        itself plus one stored matrix in flight, never a stack of per-expert copies."""
-        gate_up = down = None
-        for e in range(num_experts):
-            gate, up, dn = (ckpt.get(self.layout.expert_tensor(layer, e, w)) for w in ("gate", "up", "down"))
-            if gate_up is None:
-                inter, hidden = gate.shape
-                gate_up = torch.empty(num_experts, 2 * inter, hidden, dtype=dtype or gate.dtype, device=device)
-                down = torch.empty(num_experts, *dn.shape, dtype=dtype or dn.dtype, device=device)
-            gate_up[e, :inter].copy_(gate)
-            gate_up[e, inter:].copy_(up)
-            down[e].copy_(dn)
-        return Experts.fused(gate_up, down)
+    def read_experts(self, ckpt, layer: int, num_experts: int, device: torch.device | str = "cpu") -> Experts:
+        """A layer's experts as stored: on the CPU, views into the memory-mapped files (nothing is read
+        until an expert is used, and the layer is never copied whole, whatever its size); on another
+        device, each expert copied there."""
+        mats = {w: [ckpt.get(self.layout.expert_tensor(layer, e, w)).to(device) for e in range(num_experts)]
+                for w in ("gate", "up", "down")}
+        return Experts(*(ExpertStack(m) for m in mats.values()))
 
     def expert_tensors(self, layer: int, experts: Experts) -> dict[str, torch.Tensor]:
         """On-disk names for a layer's (merged) experts."""

@@ -1,6 +1,6 @@
-"""The compressed checkpoint as it is written: one shard per decoder layer, the expert maps and
-report entries gathered on the way, then config.json, tokenizer and report at the end. Its state
-after each layer is what a resumed run continues from."""
+"""The compressed checkpoint as it is written: a decoder layer at a time (in shards of at most
+2 GiB), the expert maps and report entries gathered on the way, then config.json, tokenizer and
+report at the end. Its state after each layer is what a resumed run continues from."""
 from __future__ import annotations
 
 import json

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -10,13 +11,18 @@ from safetensors.torch import save_file
 
 from ..source.checkpoint import TOKENIZER_FILES, CheckpointError
 
+# safetensors serialises a whole shard in memory before writing it: this bounds that copy (one
+# DeepSeek-V3 layer is 22.5 GB of experts, more than this machine's memory).
+MAX_SHARD_BYTES = 2 << 30
+
 
 class ShardWriter:
-    """Writes tensors shard by shard (one shard per call) plus the safetensors index."""
+    """Writes tensors in shards (new ones on each call, at most `max_shard_bytes` each unless one
+    tensor is larger) plus the safetensors index."""
 
-    def __init__(self, out_dir: Path, state: dict | None = None):
+    def __init__(self, out_dir: Path, state: dict | None = None, max_shard_bytes: int = MAX_SHARD_BYTES):
         """`state` (from `.state()`) continues an interrupted run's shards."""
-        self.out_dir = out_dir
+        self.out_dir, self.max_shard_bytes = out_dir, max_shard_bytes
         state = state or {}
         self.weight_map: dict[str, str] = dict(state.get("weight_map", {}))
         self.total_bytes = state.get("total_bytes", 0)
@@ -25,7 +31,20 @@ class ShardWriter:
     def state(self) -> dict:
         return {"weight_map": self.weight_map, "total_bytes": self.total_bytes, "shards": self._shards}
 
-    def write(self, tensors: dict[str, torch.Tensor]) -> None:
+    def write(self, tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Write `tensors` in order into new shards. (name, tensor) pairs are consumed one at a time,
+        so a layer larger than memory can be generated as it is written."""
+        pending, size, written = {}, 0, False
+        for k, v in (tensors.items() if isinstance(tensors, Mapping) else tensors):
+            nbytes = v.numel() * v.element_size()
+            if pending and size + nbytes > self.max_shard_bytes:
+                self._save(pending)
+                pending, size, written = {}, 0, True
+            pending[k], size = v, size + nbytes
+        if pending or not written:
+            self._save(pending)
+
+    def _save(self, tensors: dict[str, torch.Tensor]) -> None:
         name = f"model-part-{len(self._shards):05d}.safetensors"
         tensors = {k: v.contiguous() for k, v in tensors.items()}
         save_file(tensors, str(self.out_dir / name), metadata={"format": "pt"})
