@@ -272,6 +272,8 @@ def test_compression_description_of_a_compressed_and_a_stock_checkpoint(random_c
     ({"rate": -2.0}, "--rate must be > 0, got -2.0"),
     ({"quality_prompts": 0}, "--quality-prompts must be > 0, got 0"),
     ({"soak_requests": -1}, "--soak-requests must be >= 0, got -1"),
+    ({"rounds": 0}, "--rounds must be >= 1, got 0"),
+    ({"rounds": 3, "rate": 2.0}, "--rounds interleaves the closed-loop levels only"),
 ])
 def test_loadtest_refuses_bad_options_before_starting_anything(tmp_path, change, message):
     from serving.loadtest.cli import LoadTestError, LoadTestOptions, run
@@ -309,3 +311,32 @@ def test_loadtest_checks_every_deployment_before_measuring_the_first(tmp_path):
                            out=tmp_path / "out")
     with pytest.raises(LoadTestError, match="is neither a model directory nor an http"):
         run(opts)
+
+
+def test_interleaved_rounds_rotate_the_order_share_prompts_and_ratio_within_each_round():
+    from serving.loadtest.interleave import rotation, round_ratios, run_rounds
+    assert [rotation(3, r) for r in range(4)] == [[0, 1, 2], [1, 2, 0], [2, 0, 1], [0, 1, 2]]
+    calls, fresh = [], iter(range(1000))
+
+    def phase(i, prompts, c):  # deployment 1 is twice as fast as 0, and the machine slows down with time
+        calls.append((i, tuple(prompts), c))
+        slow = 1 + 0.5 * len(calls)
+        tok_s = (2.0 if i == 1 else 1.0) * 100 / slow
+        return {"errors": 0, "output_tokens_per_s": tok_s, "itl_s": {"p50": 1 / tok_s}, "ttft_s": {"p50": 0.1 * slow},
+                "e2e_s": {"p50": 10 / tok_s}}
+    rounds = run_rounds(2, 3, [1, 4], lambda n: [next(fresh) for _ in range(n)], lambda c: 2 * c, phase)
+    assert [i for i, _, _ in calls] == [0, 1, 0, 1, 1, 0, 1, 0, 0, 1, 0, 1]
+    by_level = [calls[k:k + 2] for k in range(0, len(calls), 2)]
+    assert all(a[1] == b[1] and a[2] == b[2] and len(a[1]) == 2 * a[2] for a, b in by_level)  # same prompts, same level
+    assert len({a[1] for a, _ in by_level}) == len(by_level)  # fresh prompts every round and level
+    assert [e["position"] for e in rounds[1]] == [1, 1, 0, 0, 1, 1]
+    (c1, c4) = round_ratios(rounds[1], rounds[0])
+    tok = c1["output_tokens_per_s"]
+    # The k-th call runs on a machine 1 + 0.5 k slower: whichever goes second in a round loses a
+    # little, and the rotation makes that each deployment's turn (calls 1-2, 5-6 and 9-10 at level 1).
+    assert tok["rounds"] == 3 and tok["above_1"] == 3 and tok["min"] < 2 < tok["max"]
+    assert tok["per_round"] == pytest.approx([2 * 1.5 / 2.0, 2 * 4.0 / 3.5, 2 * 5.5 / 6.0])
+    assert tok["median"] == pytest.approx(2 * 5.5 / 6.0)
+    assert c1["itl_p50_s"]["per_round"] == pytest.approx(tok["per_round"])  # decode speed: the old ITL / the new
+    assert c1["ttft_p50_s"]["per_round"] == pytest.approx([1.5 / 2.0, 4.0 / 3.5, 5.5 / 6.0])
+    assert c4["concurrency"] == 4 and c4["output_tokens_per_s"]["rounds"] == 3

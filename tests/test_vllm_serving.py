@@ -242,3 +242,34 @@ def test_loadtest_short_real_run_against_a_url_and_a_launched_directory(server, 
     assert q["comparable"] and 0 < q["top1_agreement"] < 1 and math.isfinite(q["perplexity"])
     saved = json.loads((tmp_path / "lt" / "loadtest.json").read_text())
     assert len(saved["ratios"]) == 2 and (tmp_path / "lt" / "loadtest.png").stat().st_size > 0
+
+
+def test_loadtest_interleaved_rounds_on_a_running_server(server, tmp_path):
+    """`submoe loadtest --rounds 3` against two deployments (the same server twice, by URL): every
+    round measures both at every level, the ratio is taken within each round, and the pooled
+    closed loop holds every round's requests."""
+    from conftest import EVAL
+
+    from submoe.cli import main
+    out = tmp_path / "rounds"
+    code = main(["loadtest", server.base_url, server.base_url, "--labels", "a,b", "--data", *EVAL, "--rounds", "3",
+                 "--concurrency", "1,2", "--requests", "2", "--max-tokens", "4", "--prompt-length", "80",
+                 "--quality-prompts", "2", "--api-key", API_KEY, "--out", str(out), "--no-progress"])
+    assert code == 0
+    result = json.loads((out / "loadtest.json").read_text())
+    a, b = result["deployments"]
+    for d in (a, b):
+        assert [(e["round"], e["concurrency"]) for e in d["rounds"]] == [(r, c) for r in range(3) for c in (1, 2)]
+        assert all(e["errors"] == 0 and e["output_tokens_per_s"] > 0 for e in d["rounds"])
+        assert [p["completed"] for p in d["closed_loop"]] == [3 * 2, 3 * 2]
+        assert all(p["output_tokens"] == 3 * 2 * 4 for p in d["closed_loop"])
+    assert [e["position"] for e in b["rounds"]] == [1, 1, 0, 0, 1, 1]  # b goes first in the second round
+    (versus,) = result["interleaved"]
+    assert versus["label"] == "b" and versus["versus"] == "a"
+    for row in versus["ratios"]:
+        tok = row["output_tokens_per_s"]
+        assert tok["rounds"] == 3 and tok["min"] <= tok["median"] <= tok["max"]
+        assert tok["per_round"] == pytest.approx([y["output_tokens_per_s"] / x["output_tokens_per_s"] for x, y in zip(
+            [e for e in a["rounds"] if e["concurrency"] == row["concurrency"]],
+            [e for e in b["rounds"] if e["concurrency"] == row["concurrency"]])])
+    assert "interleaved rounds" in (out / "loadtest.md").read_text()

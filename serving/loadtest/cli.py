@@ -1,4 +1,5 @@
-"""`submoe loadtest`: drive the same seeded workload against each deployment in turn.
+"""`submoe loadtest`: drive the same seeded workload against each deployment in turn, or, with
+`--rounds N`, against all of them up at once in N alternating rounds (interleave.py).
 
     submoe loadtest models/tiny-mixtral-8e demo-out/tiny-mixtral-submoe-4e --data data/eval/*.jsonl \\
         --labels original,compressed --concurrency 1,4,16,64 --rate 4 --out loadtest-out
@@ -25,7 +26,8 @@ from ..client import client_for, served_model
 from ..launcher import VLLMServer, bearer
 from ..scrape import compression_description, compression_gauges, engine_counters, metric_samples
 from . import probes, report
-from .records import after_warmup, growth, summarize
+from .interleave import round_ratios, run_rounds
+from .records import RequestRecord, after_warmup, growth, summarize
 from .runner import async_client, closed_loop, open_loop, stream_completion
 from .workload import held_out_prompts, poisson_arrivals
 
@@ -58,6 +60,7 @@ class LoadTestOptions:
     serve_args: list[str] = field(default_factory=list)
     host: str = "127.0.0.1"
     seed: int = 0
+    rounds: int = 1  # > 1: all deployments up at once, closed-loop phases in alternating rounds
     force: bool = False  # replace the load-test files already in `out`
     progress: bool = True
 
@@ -82,6 +85,11 @@ class LoadTestOptions:
                 raise LoadTestError(f"{flag} must be > 0, got {value}")
         if self.soak_requests < 0:
             raise LoadTestError(f"--soak-requests must be >= 0, got {self.soak_requests}")
+        if self.rounds < 1:
+            raise LoadTestError(f"--rounds must be >= 1, got {self.rounds}")
+        if self.rounds > 1 and (self.rate or self.soak_requests):
+            raise LoadTestError("--rounds interleaves the closed-loop levels only: run --rate / --soak-requests "
+                                "without --rounds")
         for target in self.targets:  # all of them now, not after the first has been measured
             if not is_url(target) and not Path(target).is_dir():
                 raise LoadTestError(f"deployment {target!r} is neither a model directory nor an http(s):// URL")
@@ -123,9 +131,10 @@ def run_phase(base_url: str, api_key: str | None, model: str, prompts: list, max
     return {**summarize(records, duration), "records": [r.to_json() for r in records]}
 
 
-def measure(label: str, base_url: str, pid: int | None, prompts: list, opts: LoadTestOptions,
-            reference_logprobs: list[dict] | None) -> tuple[dict, list[dict]]:
-    """Everything the load test records about one running deployment."""
+def describe(label: str, base_url: str, pid: int | None, prompts: list, opts: LoadTestOptions,
+             reference_logprobs: list[dict] | None) -> tuple[dict, list[dict]]:
+    """What a running deployment is, untimed: its compression and engine facts, quality on the
+    first prompts (which double as its warm-up), and idle memory."""
     headers = bearer(opts.api_key)
     client = client_for(base_url, opts.api_key or "EMPTY")
     model = served_model(client)
@@ -141,6 +150,16 @@ def measure(label: str, base_url: str, pid: int | None, prompts: list, opts: Loa
         result["quality"].update(probes.agreement(reference_logprobs, scored))
 
     idle = probes.server_memory(pid) if pid else None
+    result["memory"] = {"idle_pss_bytes": idle and idle["pss_bytes"], "idle_rss_bytes": idle and idle["rss_bytes"],
+                        "gpu_bytes": idle and idle["gpu_bytes"]}
+    return result, scored
+
+
+def measure(label: str, base_url: str, pid: int | None, prompts: list, opts: LoadTestOptions,
+            reference_logprobs: list[dict] | None) -> tuple[dict, list[dict]]:
+    """Everything the load test records about one running deployment."""
+    result, scored = describe(label, base_url, pid, prompts, opts, reference_logprobs)
+    model, headers = result["model"], bearer(opts.api_key)
     # Each phase takes fresh prompts (the same ones on every deployment), so no phase finds its
     # prompts in vLLM's prefix cache from an earlier one; the quality prompts double as warm-up.
     take = _prompt_slices(prompts, start=opts.quality_prompts)
@@ -164,10 +183,44 @@ def measure(label: str, base_url: str, pid: int | None, prompts: list, opts: Loa
             result["soak"] = soak(base_url, pid, model, take(opts.soak_requests), opts, bar)
     after = engine_counters(base_url, headers)
     result["engine"]["preemptions_during_run"] = after["preemptions"] - result["engine"]["preemptions"]
-    result["memory"] = {"idle_pss_bytes": idle and idle["pss_bytes"], "idle_rss_bytes": idle and idle["rss_bytes"],
-                        "gpu_bytes": idle and idle["gpu_bytes"], "peak_pss_bytes": sampler.peak("pss_bytes"),
-                        "peak_rss_bytes": sampler.peak("rss_bytes")}
+    result["memory"].update(peak_pss_bytes=sampler.peak("pss_bytes"), peak_rss_bytes=sampler.peak("rss_bytes"))
     return result, scored
+
+
+def measure_interleaved(ups: list[tuple[str, int | None, float | None]], prompts: list,
+                        opts: LoadTestOptions) -> tuple[list[dict], list[dict]]:
+    """All deployments up at once (`ups`: base URL, pid, start-up seconds each): each described in
+    turn, then the closed-loop levels in `opts.rounds` alternating rounds (interleave.py). Each
+    deployment's closed_loop pools its rounds' requests; its `rounds` keeps the per-round figures.
+    Returns (deployments, each against the first: per-concurrency ratios over the rounds)."""
+    deployments, reference = [], None
+    for (base_url, pid, _), label in zip(ups, opts.labels):
+        d, scored = describe(label, base_url, pid, prompts, opts, reference)
+        reference = reference if reference is not None else scored
+        deployments.append(d)
+    take = _prompt_slices(prompts, start=opts.quality_prompts)
+    records: dict[tuple[int, int], list[dict]] = {}
+    with tqdm(total=opts.rounds * sum(opts.requests_at(c) for c in opts.concurrency) * len(ups), unit="req",
+              desc=f"{opts.rounds} interleaved rounds", disable=not opts.progress, dynamic_ncols=True) as bar:
+        def phase(i: int, batch: list, c: int) -> dict:
+            out = run_phase(ups[i][0], opts.api_key, deployments[i]["model"], batch, opts.max_tokens, bar, concurrency=c)
+            records.setdefault((i, c), []).append(out)
+            return out
+        for (base_url, _, _), d in zip(ups, deployments):  # warm-up
+            run_phase(base_url, opts.api_key, d["model"], prompts[:2], opts.max_tokens, None, concurrency=1)
+        rounds = run_rounds(len(ups), opts.rounds, opts.concurrency, take, opts.requests_at, phase)
+    for i, ((base_url, _, _), d) in enumerate(zip(ups, deployments)):
+        d["rounds"] = rounds[i]
+        d["closed_loop"] = []
+        for c in opts.concurrency:
+            phases = records[(i, c)]
+            pooled = [RequestRecord(**r) for p in phases for r in p["records"]]
+            d["closed_loop"].append({"concurrency": c, **summarize(pooled, sum(p["duration_s"] for p in phases))})
+        after = engine_counters(base_url, bearer(opts.api_key))
+        d["engine"]["preemptions_during_run"] = after["preemptions"] - d["engine"]["preemptions"]
+    versus = [{"label": d["label"], "versus": deployments[0]["label"], "ratios": round_ratios(r, rounds[0])}
+              for d, r in zip(deployments[1:], rounds[1:])]
+    return deployments, versus
 
 
 def soak(base_url: str, pid: int | None, model: str, prompts: list, opts: LoadTestOptions, bar: tqdm) -> dict:
@@ -197,7 +250,7 @@ def run(opts: LoadTestOptions) -> dict:
             raise LoadTestError("--prompt-tokens needs a local model directory to take the tokenizer from")
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(local[0])
-    need = opts.quality_prompts + opts.measured_requests()
+    need = opts.quality_prompts + opts.measured_requests() * opts.rounds
     prompts = held_out_prompts(opts.data, min(need, MAX_PROMPTS), opts.prompt_length, opts.seed, tokenizer)
     result = {"config": {"targets": opts.targets, "labels": opts.labels, "data": opts.data,
                          "concurrency": opts.concurrency, "requests": {c: opts.requests_at(c) for c in opts.concurrency},
@@ -206,11 +259,18 @@ def run(opts: LoadTestOptions) -> dict:
                          "prompt_unit": "tokens" if tokenizer else "characters", "seed": opts.seed,
                          "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")},
               "deployments": []}
+    result["config"]["rounds"] = opts.rounds
     opts.out.mkdir(parents=True, exist_ok=True)
+    log = lambda label: opts.out / f"serve-{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)}.log"  # noqa: E731
+    if opts.rounds > 1:
+        with contextlib.ExitStack() as up:
+            ups = [up.enter_context(deployment(t, opts, log(label))) for t, label in zip(opts.targets, opts.labels)]
+            result["deployments"], result["interleaved"] = measure_interleaved(ups, prompts, opts)
+        for d, target, (_, _, startup) in zip(result["deployments"], opts.targets, ups):
+            d.update(target=target, startup_s=startup)
     reference = None
-    for target, label in zip(opts.targets, opts.labels):
-        log = opts.out / f"serve-{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)}.log"
-        with deployment(target, opts, log) as (base_url, pid, startup):
+    for target, label in zip(opts.targets, opts.labels) if opts.rounds == 1 else ():
+        with deployment(target, opts, log(label)) as (base_url, pid, startup):
             d, scored = measure(label, base_url, pid, prompts, opts, reference)
         d.update(target=target, startup_s=startup)
         reference = reference if reference is not None else scored
@@ -251,6 +311,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address `vllm serve` binds (default 127.0.0.1)")
     p.add_argument("--out", type=Path, default=Path("loadtest-out"), help="results directory (kept unless --force)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="N > 1: all deployments up at once, the closed-loop levels measured in N rounds in rotating "
+                        "order; ratios per round with their median and spread (believable on a drifting machine)")
     p.add_argument("--force", action="store_true", help="replace load-test results already in --out")
     p.add_argument("--no-progress", action="store_true")
 
@@ -262,7 +325,7 @@ def options_from(args: argparse.Namespace) -> LoadTestOptions:
         requests=args.requests, rate=args.rate, rate_requests=args.rate_requests, max_tokens=args.max_tokens,
         prompt_length=args.prompt_length, prompt_tokens=args.prompt_tokens, quality_prompts=args.quality_prompts,
         soak_requests=args.soak_requests, soak_concurrency=args.soak_concurrency, api_key=args.api_key,
-        serve_args=args.serve_arg, host=args.host, seed=args.seed, force=args.force,
+        serve_args=args.serve_arg, host=args.host, seed=args.seed, rounds=args.rounds, force=args.force,
         progress=not args.no_progress)
 
 

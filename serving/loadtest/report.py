@@ -29,6 +29,11 @@ def ratios(result: dict) -> list[dict]:
     return rows
 
 
+def spread_cell(s: dict | None) -> str:
+    """'1.05 [0.98, 1.12] (4/5)': a ratio's median over interleaved rounds, its range, rounds above 1."""
+    return "–" if s is None else f"{s['median']:.3f} [{s['min']:.3f}, {s['max']:.3f}] ({s['above_1']}/{s['rounds']})"
+
+
 def summary_table(result: dict) -> str:
     """One line per deployment and concurrency: what a reader compares first."""
     head = f"{'deployment':<14} {'conc':>5} {'tok/s':>8} {'req/s':>7} {'TTFT p50/p99 ms':>17} " \
@@ -70,6 +75,15 @@ def markdown(result: dict) -> str:
         fmt = lambda x: "–" if x is None else f"{x:.3f}"  # noqa: E731
         out += [f"| {r['label']} | {r['concurrency']} | {fmt(r['output_tokens_per_s'])} | {fmt(r['ttft_p50'])} | "
                 f"{fmt(r['itl_p50'])} | {fmt(r['e2e_p50'])} |" for r in rows]
+        out.append("")
+    for v in result.get("interleaved", []):
+        out += [f"## {v['label']} / {v['versus']}, ratio within each of {result['config']['rounds']} interleaved rounds",
+                "", "Median [min, max] over the rounds (rounds in which it is above 1); above 1 is better for "
+                f"{v['label']}: output tok/s as a/b, latencies as b/a.", "",
+                "| concurrency | output tok/s | decode speed (1 / ITL p50) | TTFT p50 | E2E p50 |", "|---|---|---|---|---|"]
+        out += [f"| {r['concurrency']} | " + " | ".join(spread_cell(r[k]) for k in
+                                                    ("output_tokens_per_s", "itl_p50_s", "ttft_p50_s", "e2e_p50_s")) + " |"
+                for r in v["ratios"]]
         out.append("")
     for d in result["deployments"]:
         if d.get("soak"):
