@@ -1,7 +1,7 @@
 """The MoE block as small pure tensor functions (SwiGLU experts, softmax top-k routing, remap)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -132,27 +132,47 @@ def weighted_expert_sum(x: torch.Tensor, weights: torch.Tensor, experts: Experts
 @dataclass(frozen=True)
 class Routing:
     """How a source architecture turns N router logits into k (weight, expert) pairs per token,
-    before any remap: softmax over all N; optionally only within the best `topk_groups` of
-    `num_groups` equal expert groups (a group scores its best expert: DeepSeek-V2's
-    group_limited_greedy); top-k; optionally renormalise the k weights; scale them."""
+    before any remap: scores over all N (softmax, or DeepSeek-V3's sigmoid); the layer's
+    score-correction `bias` added for choosing experts only; optionally only within the best
+    `topk_groups` of `num_groups` equal expert groups (a group scores its best expert: DeepSeek-V2's
+    group_limited_greedy, or its best two with a bias: V3's noaux_tc); top-k; the k unbiased
+    scores are the weights, optionally renormalised; scaled. vLLM's grouped_topk, step by step."""
 
     top_k: int
     renormalize: bool = True
     num_groups: int = 1
     topk_groups: int = 1
     scaling: float = 1.0
+    scoring: str = "softmax"
+    bias: torch.Tensor | None = field(default=None, compare=False, repr=False)  # [N], one per layer
+
+    def scores(self, router_logits: torch.Tensor) -> torch.Tensor:
+        """The gate's score of every expert, in float32 or better (REAP weighs outputs by these)."""
+        x = router_logits.to(torch.promote_types(router_logits.dtype, torch.float32))
+        if self.scoring == "sigmoid":
+            return x.sigmoid()
+        if self.scoring == "softmax":
+            return torch.softmax(x, dim=-1)
+        raise ValueError(f"unsupported scoring function {self.scoring!r} (softmax or sigmoid)")
 
     def __call__(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        probs = torch.softmax(router_logits.float(), dim=-1)
+        scores = self.scores(router_logits)
+        choice = scores if self.bias is None else scores + self.bias.to(scores.device)
         if self.num_groups > 1:
-            grouped = probs.view(*probs.shape[:-1], self.num_groups, -1)
-            best = grouped.amax(-1).topk(self.topk_groups, dim=-1).indices
+            grouped = choice.view(*choice.shape[:-1], self.num_groups, -1)
+            group_score = grouped.amax(-1) if self.bias is None else grouped.topk(2, dim=-1).values.sum(-1)
+            best = group_score.topk(self.topk_groups, dim=-1).indices
             keep = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(-1, best, True)
-            probs = grouped.masked_fill(~keep.unsqueeze(-1), 0.0).view_as(probs)
-        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+            choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view_as(choice)
+        ids = torch.topk(choice, self.top_k, dim=-1).indices
+        weights = scores.gather(-1, ids)
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights * self.scaling, ids
+
+    def for_layer(self, bias: torch.Tensor | None) -> "Routing":
+        """This routing with one layer's score-correction bias (families without one pass None)."""
+        return self if bias is None else replace(self, bias=bias.float())
 
 
 def as_routing(routing: Routing | int) -> Routing:

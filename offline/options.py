@@ -92,6 +92,9 @@ def _check_export(opts: CompressOptions, arch: SourceArchitecture, moe_counts: s
     if arch.routing.num_groups > 1:
         raise CompressError("--export vanilla cannot keep grouped top-k routing (n_group expert groups over fewer "
                             "router rows): use --export remap, which routes over the source's groups")
+    if arch.layout.routing.bias_name:
+        raise CompressError("--export vanilla cannot keep the per-layer score-correction bias (e_score_correction_bias) "
+                            "over fewer router rows: use --export remap, which routes over the source's experts")
 
 
 def _check_drops(arch: SourceArchitecture, moe_counts: set[int]) -> None:

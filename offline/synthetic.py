@@ -78,6 +78,9 @@ def random_moe(model_type: str, out: Path, tokenizer_dir: Path, layers: int = 3,
                 p.copy_(1 + 0.1 * torch.randn_like(p))
             elif name.endswith("mlp.gate.weight"):  # transformers names every router mlp.gate
                 p.mul_(router_gain)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3's starts at 0: make it choose experts
+                b.copy_(0.3 * torch.randn_like(b))
     model.save_pretrained(out)
     copy_tokenizer(tokenizer_dir, out)
     return out

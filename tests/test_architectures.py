@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import CALIB, SHIPPED
+from conftest import CALIB, SHIPPED, write_config
 from vllm_helpers import assert_matches_reference, assert_same_serving, identity_copy, reference_greedy, vllm_results
 
 from offline.calibration.layers import calibrate_layer
@@ -64,9 +64,10 @@ def test_streamed_layers_and_routing_are_the_source_models(family, sources):
         experts = arch.read_experts(ckpt, l, arch.num_experts) if is_moe else None
         router = tensors[arch.layout.router_tensor(l)] if is_moe else None
         layer = arch.build_layer(l, tensors, experts)
-        stats, x = calibrate_layer(layer, x, rotary, router, experts, arch.routing, torch.arange(ids.numel()))
+        routing = arch.layer_routing(l, tensors) if is_moe else arch.routing
+        stats, x = calibrate_layer(layer, x, rotary, router, experts, routing, torch.arange(ids.numel()))
         if is_moe:
-            ours_w, ours_ids = arch.routing(stats.tokens @ router.T)
+            ours_w, ours_ids = routing(stats.tokens @ router.T)
             _, hf_w, hf_ids = layer.mlp.gate(stats.tokens)
             dense = lambda w, i: torch.zeros(len(w), arch.num_experts).scatter_(1, i, w.float())  # noqa: E731
             torch.testing.assert_close(dense(ours_w, ours_ids), dense(hf_w, hf_ids), atol=1e-6, rtol=1e-5)
@@ -97,6 +98,8 @@ def test_each_family_routes_as_its_config_says(sources):
     assert routing["qwen3_moe"] == Routing(2, renormalize=True)
     assert routing["qwen2_moe"] == Routing(2, renormalize=False) == routing["olmoe"]
     assert routing["deepseek_v2"] == Routing(2, renormalize=False, num_groups=4, topk_groups=2, scaling=2.0)
+    assert routing["deepseek_v3"] == Routing(2, renormalize=True, num_groups=4, topk_groups=2, scaling=2.5,
+                                             scoring="sigmoid")
 
 
 # Each family's tiny fixture, and variants that flip what its routing and MoE-layer rules read.
@@ -108,6 +111,8 @@ RULE_CASES = [(f, {}) for f in FAMILIES] + [
     # (transformers' DeepSeek-V2 ignores norm_topk_prob; the routing renormalises when it is set, as vLLM does)
     ("deepseek_v2", dict(topk_method="greedy", routed_scaling_factor=1.5)),
     ("deepseek_v2", dict(first_k_dense_replace=2, n_group=2, topk_group=1, num_hidden_layers=4)),
+    ("deepseek_v3", dict(norm_topk_prob=False, routed_scaling_factor=1.0, n_group=2, topk_group=1,
+                         first_k_dense_replace=2, num_hidden_layers=4)),
 ]
 
 
@@ -131,6 +136,10 @@ def test_family_rules_are_what_transformers_builds_and_routes(family, changes):
     routing = routing_of(entry, cfg)
     gate = model.model.layers[built.index(True)].mlp.gate.to_empty(device="cpu")
     gate.weight.copy_(torch.randn(gate.weight.shape) * 3)
+    if entry.routing.bias_name:  # the layer's score-correction bias (DeepSeek-V3): picks, never weighs
+        bias = getattr(gate, entry.routing.bias_name)
+        bias.copy_(torch.randn(bias.shape) * 0.5)
+        routing = routing.for_layer(bias)
     tokens = torch.randn(256, cfg.hidden_size)
     ours_w, ours_ids = routing(tokens @ gate.weight.T)
     _, hf_w, hf_ids = gate(tokens)
@@ -169,11 +178,18 @@ def test_grouped_topk_only_picks_experts_of_the_best_groups():
     assert sorted(ids[0].tolist()) == [0, 4]
 
 
+V3_BIAS = torch.randn(8, generator=torch.Generator().manual_seed(1)) * 0.5  # DeepSeek-V3's score correction
+
+
 @pytest.mark.parametrize("vllm_args, routing", [
     (dict(renormalize=True), Routing(2)),
     (dict(renormalize=False), Routing(2, renormalize=False)),
     (dict(renormalize=False, use_grouped_topk=True, num_expert_group=4, topk_group=2, routed_scaling_factor=2.0),
      Routing(2, renormalize=False, num_groups=4, topk_groups=2, scaling=2.0)),
+
+    (dict(renormalize=True, use_grouped_topk=True, num_expert_group=4, topk_group=2, routed_scaling_factor=2.5,
+          scoring_func="sigmoid", e_score_correction_bias=V3_BIAS),
+     Routing(2, renormalize=True, num_groups=4, topk_groups=2, scaling=2.5, scoring="sigmoid", bias=V3_BIAS)),
 ])
 def test_plugin_router_is_vllms_source_routing_then_the_remap(vllm_args, routing):
     """The served routing (vLLM's own router for the source's settings, wrapped by the remap) equals
@@ -218,7 +234,8 @@ def test_shared_experts_and_dense_layers_are_kept_bit_for_bit(family, sources, c
     src, out = LazyCheckpoint(sources[family]), LazyCheckpoint(compressed[family])
     layout = layout_for(src.config)
     kept = [n for n in src.names() if not layout.is_expert_tensor(n)]
-    assert any("shared_expert" in n for n in kept) == (family in ("qwen2_moe", "deepseek_v2"))
+    assert any("shared_expert" in n for n in kept) == (family in ("qwen2_moe", "deepseek_v2", "deepseek_v3"))
+    assert any("e_score_correction_bias" in n for n in kept) == (family == "deepseek_v3")
     for name in kept:
         assert torch.equal(src.get(name), out.get(name)), name
     block = parse_block(out.config)
@@ -252,16 +269,23 @@ def test_a_block_that_disagrees_with_the_dense_layers_is_refused(compressed):
         parse_block(config)
 
 
-def test_vanilla_export_refuses_grouped_routing(sources, tmp_path):
-    with pytest.raises(CompressError, match="--export vanilla cannot keep grouped top-k routing"):
-        compress(CompressOptions(model=str(sources["deepseek_v2"]), out=tmp_path / "v", method="average",
-                                 num_experts=4, export="vanilla", calib=CALIB[:1], samples=4, seq_len=32,
-                                 progress=False))
+@pytest.mark.parametrize("family, changes, message", [
+    ("deepseek_v2", {}, "cannot keep grouped top-k routing"),
+    ("deepseek_v3", {"n_group": 1, "topk_group": 1}, "cannot keep the per-layer score-correction bias"),
+])
+def test_vanilla_export_refuses_grouped_routing_and_a_score_correction_bias(sources, tmp_path, family, changes, message):
+    src = tmp_path / "src"
+    shutil.copytree(sources[family], src)
+    write_config(src, **changes)
+    with pytest.raises(CompressError, match=f"--export vanilla {message}"):
+        compress(CompressOptions(model=str(src), out=tmp_path / "v", method="average", num_experts=4, export="vanilla",
+                                 calib=CALIB[:1], samples=4, seq_len=32, progress=False))
+    assert not (tmp_path / "v").exists()
 
 
 # vLLM 0.32's CPU backend computes DeepSeek-V2 differently from transformers in eager mode (up to
 # 0.06 logprob, stock vLLM on the source model) and exactly once compiled: DeepSeek runs compiled.
-COMPILED = {"deepseek_v2"}
+COMPILED = {"deepseek_v2", "deepseek_v3"}
 
 
 @pytest.mark.vllm

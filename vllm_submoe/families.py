@@ -22,34 +22,41 @@ from typing import Any, Mapping
 
 @dataclass(frozen=True)
 class GroupedTopK:
-    """Top-k limited to the best `topk_groups` of `num_groups` equal expert groups (a group
-    scores its best expert), used when the config's `method_field` equals `method`."""
+    """Top-k limited to the best `topk_groups` of `num_groups` equal expert groups, used when the
+    config's `method_field` equals `method` (always when `method` is None). A group scores its
+    best expert, or, with a score-correction bias, its best two (DeepSeek-V3, as vLLM does)."""
 
     method_field: str = "topk_method"
-    method: str = "group_limited_greedy"
+    method: str | None = "group_limited_greedy"
     num_groups_field: str = "n_group"
     topk_groups_field: str = "topk_group"
 
 
 @dataclass(frozen=True)
 class RoutingRule:
-    """Softmax over the N router logits, top-k (maybe grouped), then renormalise the k weights
-    (`renormalize`: always if True, never if False, or as the named boolean config field says),
-    then scale them by the config field `scaling_field` (1 when None)."""
+    """Scores of the N router logits (softmax, or what the config field `scoring_field` names:
+    DeepSeek-V3's sigmoid), plus the layer's score-correction bias (a router tensor named
+    `bias_name`) when choosing experts only; top-k (maybe grouped); the k unbiased scores are the
+    weights, renormalised (`renormalize`: always if True, never if False, or as the named boolean
+    config field says), then scaled by the config field `scaling_field` (1 when None)."""
 
     renormalize: bool | str = True
     grouped: GroupedTopK | None = None
     scaling_field: str | None = None
+    scoring_field: str | None = None
+    bias_name: str | None = None  # under the router module, e.g. mlp.gate.e_score_correction_bias
 
     def settings(self, get) -> dict[str, Any]:
-        """The routing's settings (Routing's fields but top_k) from `get(field)`, which reads a config
-        (a transformers config's attribute, a config.json key; None when absent)."""
+        """The routing's settings (Routing's fields but top_k and the per-layer bias) from `get(field)`,
+        which reads a config (a transformers config's attribute, a config.json key; None when absent)."""
         renormalize = self.renormalize if isinstance(self.renormalize, bool) else bool(get(self.renormalize))
-        grouped = self.grouped is not None and get(self.grouped.method_field) == self.grouped.method
+        grouped = self.grouped is not None and (self.grouped.method is None
+                                                or get(self.grouped.method_field) == self.grouped.method)
         return dict(renormalize=renormalize,
                     num_groups=get(self.grouped.num_groups_field) if grouped else 1,
                     topk_groups=get(self.grouped.topk_groups_field) if grouped else 1,
-                    scaling=float(get(self.scaling_field) or 1.0) if self.scaling_field else 1.0)  # absent: 1
+                    scaling=float(get(self.scaling_field) or 1.0) if self.scaling_field else 1.0,  # absent: 1
+                    scoring=(get(self.scoring_field) if self.scoring_field else None) or "softmax")
 
 
 @dataclass(frozen=True)
@@ -131,6 +138,11 @@ class Family:
     def router_tensor(self, layer: int) -> str:
         return f"model.layers.{layer}.{self.moe_prefix}.{self.router_name}.weight"
 
+    def router_bias_tensor(self, layer: int) -> str | None:
+        """The layer's score-correction bias (None for families without one)."""
+        bias = self.routing.bias_name
+        return f"model.layers.{layer}.{self.moe_prefix}.{self.router_name}.{bias}" if bias else None
+
     def expert_tensor(self, layer: int, expert: int, which: str) -> str:
         """`which` is one of 'gate', 'down', 'up'."""
         name = dict(zip(("gate", "down", "up"), self.expert_names))[which]
@@ -198,6 +210,21 @@ DEEPSEEK_V2 = Family(
               # with 2 heads, stock vLLM's CPU MLA already differs from transformers (0.04 logprob)
               num_attention_heads=4, num_key_value_heads=4))
 
-FAMILIES: tuple[Family, ...] = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, DEEPSEEK_V2)
+DEEPSEEK_V3 = Family(
+    "deepseek_v3", "DeepseekV3ForCausalLM", "SubMoEDeepseekV3ForCausalLM", "deepseek_v2",
+    num_experts_field="n_routed_experts", num_experts_alias="num_local_experts", intermediate_field="moe_intermediate_size",
+    routing=RoutingRule(renormalize="norm_topk_prob", grouped=GroupedTopK(method=None), scaling_field="routed_scaling_factor",
+                        scoring_field="scoring_func", bias_name="e_score_correction_bias"),
+    moe_layer_rule=MoELayerRule(first_dense_field="first_k_dense_replace"),
+    description="DeepSeek-V3 / R1 / Kimi-K2 layout: sigmoid scores, a per-layer score-correction bias choosing the "
+                "experts, top-2-sum group-limited top-k, the routed scaling factor, a shared expert and dense first "
+                "layers, all as vLLM's DeepSeek-V3 does.",
+    tiny=dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, intermediate_size=96,
+              n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=64,
+              qk_nope_head_dim=32, qk_rope_head_dim=64, v_head_dim=32, n_group=4, topk_group=2,
+              topk_method="noaux_tc", scoring_func="sigmoid", routed_scaling_factor=2.5, norm_topk_prob=True,
+              num_attention_heads=4, num_key_value_heads=4))
+
+FAMILIES: tuple[Family, ...] = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, DEEPSEEK_V2, DEEPSEEK_V3)
 BY_MODEL_TYPE: dict[str, Family] = {f.model_type: f for f in FAMILIES}
 BY_PLUGIN: dict[str, Family] = {f.plugin_architecture: f for f in FAMILIES}

@@ -120,8 +120,8 @@ def calibrated_layers(ckpt: LazyCheckpoint, windows: torch.Tensor, opts: Compres
         ckpt.release()
         layer = arch.build_layer(l, tensors, experts).to(dev)  # only this layer is on the device
         out = store(f"x-{(l + 1) % 2}.f32")
-        stats = calibrate_batches(layer, x, out, rotary, router, experts, arch.routing, sample, opts.calib_batch, dev,
-                                  needs)
+        routing = arch.layer_routing(l, tensors) if is_moe else arch.routing
+        stats = calibrate_batches(layer, x, out, rotary, router, experts, routing, sample, opts.calib_batch, dev, needs)
         del layer
         x = out
         yield CalibratedLayer(l, tensors, experts, router, stats, activations=x)

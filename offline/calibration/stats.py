@@ -96,7 +96,7 @@ class Accumulator:
         lg = logits.double()
         if "logit_gram" in self.needs:
             self.logit_gram += (lg.T @ lg).cpu()
-        probs = torch.softmax(lg, dim=-1)  # REAP's gate: the raw softmax over all experts
+        probs = routing.scores(lg)  # REAP's gate: the raw scores over all experts (softmax, or V3's sigmoid)
         routed = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, ids, True)
         if self.needs & {"output_gram", "mean_outputs"}:
             self._every_expert(x, probs, routed, experts)

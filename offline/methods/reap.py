@@ -4,8 +4,9 @@ Saliency of expert j = mean over the tokens routed to j of g_j(x) · ‖E_j(x)�
 router's softmax probability. As in the reference (`pruning_metrics.py`), g_j is the raw softmax
 over all experts when the architecture does not renormalise its top-k (Mixtral's config has no
 `norm_topk_prob`); the mean runs over every calibration token routed to j, as in the reference
-(accumulated while calibration streams the layer). The N' highest-scoring experts are kept and
-the others dropped from the router's top-k.
+(accumulated while calibration streams the layer). For a sigmoid-scored router (DeepSeek-V3) g_j
+is expert j's sigmoid score, without the score-correction bias (which picks experts, never
+weighs them). The N' highest-scoring experts are kept and the others dropped from the router's top-k.
 """
 from __future__ import annotations
 

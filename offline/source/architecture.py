@@ -63,6 +63,12 @@ class SourceArchitecture:
     def moe_layers(self) -> list[bool]:
         return self.layout.moe_layers(self.config.to_dict())
 
+    def layer_routing(self, layer: int, tensors: dict[str, torch.Tensor]) -> Routing:
+        """The routing of one MoE layer: the architecture's, with the layer's score-correction bias
+        (DeepSeek-V3) from its tensors."""
+        bias = self.layout.router_bias_tensor(layer)
+        return self.routing.for_layer(tensors[bias] if bias else None)
+
     def read_experts(self, ckpt, layer: int, num_experts: int, device: torch.device | str = "cpu") -> Experts:
         """A layer's experts as stored: on the CPU, views into the memory-mapped files (nothing is read
         until an expert is used, and the layer is never copied whole, whatever its size); on another
