@@ -278,3 +278,21 @@ def test_pruning_drops_router_experts_or_substitutes_them_when_asked(method):
     substituted = reduce_layer(make_method(method, substitute_pruned=True), experts, stats, 4, seed=0)
     assert None not in substituted.expert_map and sorted(c.kept for c in substituted.merges) == sorted(kept)
     assert make_method(method).drops_experts and not make_method(method, substitute_pruned=True).drops_experts
+
+
+def test_duplicate_slot_rate_counts_slots_reaching_a_merged_expert_twice():
+    """The share of served top-k slots whose merged expert another slot of the token already
+    reaches: 0 for an identity map, (k-1)/k when everything merges into one, and a brute-force
+    count for a real grouping (dropped experts never chosen, as served)."""
+    from types import SimpleNamespace
+
+    from offline.methods.output_error import duplicate_slot_rate
+    _, stats = random_layer(router_gain=3.0)
+    assert duplicate_slot_rate(stats, SimpleNamespace(expert_map=list(range(8)))) == 0.0
+    assert duplicate_slot_rate(stats, SimpleNamespace(expert_map=[0] * 8)) == pytest.approx(1 / 2)
+    expert_map = [0, 0, 1, 1, None, 2, 2, 3]
+    _, ids = stats.routing(stats.router_logits.masked_fill(torch.tensor([e is None for e in expert_map]), -torch.inf))
+    assert 4 not in ids.flatten().tolist()
+    brute = sum(len(row) - len({expert_map[i] for i in row}) for row in ids.tolist())
+    assert brute > 0
+    assert duplicate_slot_rate(stats, SimpleNamespace(expert_map=expert_map)) == pytest.approx(brute / ids.numel())

@@ -13,15 +13,28 @@ from ..moe_math import weighted_expert_sum
 from .base import LayerResult
 
 
+def served_logits(stats: LayerStats, result: LayerResult) -> torch.Tensor:
+    """The N router logits as the remap export's router sees them: the served router never picks a
+    dropped expert (its logit is -inf)."""
+    dropped = torch.tensor([e is None for e in result.expert_map])
+    return stats.router_logits.masked_fill(dropped, float("-inf")) if dropped.any() else stats.router_logits
+
+
+@torch.no_grad()
+def duplicate_slot_rate(stats: LayerStats, result: LayerResult) -> float:
+    """Share of the served top-k slots (remap export) that reach a merged expert another slot of the
+    same token already reaches. vLLM's fused kernel computes such an expert once per slot and adds
+    the weights, so this is the share of routed-expert FLOPs that folding duplicates would save."""
+    _, ids = stats.routing(served_logits(stats, result))
+    served = torch.tensor([e or 0 for e in result.expert_map])[ids].sort(dim=-1).values
+    return (served[:, 1:] == served[:, :-1]).sum().item() / max(ids.numel(), 1)
+
+
 @torch.no_grad()
 def output_error(stats: LayerStats, result: LayerResult, export: str = "remap") -> float:
     """‖served routed-expert output − source's‖ / ‖source's‖ (shared experts add the same to both)."""
     if export == "remap":
-        logits = stats.router_logits
-        dropped = torch.tensor([e is None for e in result.expert_map])
-        if dropped.any():  # the served router never picks a dropped expert: its logit is -inf
-            logits = logits.masked_fill(dropped, float("-inf"))
-        g = gate_weights(stats.routing, logits)  # [T, N]; a dropped expert's column is 0
+        g = gate_weights(stats.routing, served_logits(stats, result))  # [T, N]; a dropped expert's column is 0
         served_ids = torch.tensor([e or 0 for e in result.expert_map])
         weights = torch.zeros(len(g), len(result.experts), dtype=g.dtype).index_add_(1, served_ids, g)  # [T, N']
     else:

@@ -10,6 +10,7 @@ from vllm_submoe.checkpoint_format import merged_count
 
 from ..calibration.layers import CalibratedLayer
 from ..methods import LayerResult, Method
+from ..methods.output_error import duplicate_slot_rate
 from ..options import CompressOptions
 from ..source.architecture import SourceArchitecture
 from ..source.checkpoint import LazyCheckpoint
@@ -50,7 +51,8 @@ class CompressedOutput:
             tensors[router] = tensors[router][result.representatives]
         self.shards.write({**tensors, **self.arch.expert_tensors(layer.index, result.experts.to(self.dtype))})
         self.maps.append(result.expert_map)
-        self.report_layers.append(report.layer_entry(layer.index, layer.stats, result, error, seconds))
+        duplicates = duplicate_slot_rate(layer.stats, result) if self.opts.export == "remap" else 0.0  # N' rows: none
+        self.report_layers.append(report.layer_entry(layer.index, layer.stats, result, error, seconds, duplicates))
 
     def finish(self, method: Method, calib_info: dict, seconds: float, rss_before_weights: int) -> dict:
         """config.json, tokenizer, index and report: the directory is then a complete checkpoint."""

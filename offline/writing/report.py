@@ -16,7 +16,7 @@ def rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
-def layer_entry(layer: int, stats, result, output_error: float, seconds: float) -> dict:
+def layer_entry(layer: int, stats, result, output_error: float, seconds: float, duplicate_slots: float) -> dict:
     return {
         "layer": layer,
         "num_experts": len(result.experts),
@@ -24,6 +24,8 @@ def layer_entry(layer: int, stats, result, output_error: float, seconds: float) 
         "clusters": result.clusters,
         "frequency": [round(f, 5) for f in stats.frequency.tolist()],
         "moe_output_relative_error": output_error,
+        # top-k slots served by a merged expert the token already reaches (computed twice by the kernel)
+        "duplicate_slot_rate": round(duplicate_slots, 5),
         "seconds": round(seconds, 2),
         "representatives": result.representatives,
         "merge": [m.report() for m in result.merges],

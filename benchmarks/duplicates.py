@@ -1,0 +1,78 @@
+"""Duplicate slots: how often a token's top-k reaches one merged expert through two router experts.
+
+    python benchmarks/duplicates.py [--out benchmarks/results]
+
+The remap export serves a merged expert once per top-k slot that reaches it: vLLM's fused kernel
+takes duplicate ids and adds their weights, so the expert is computed twice for that token.
+Folding the duplicates into one slot would save that share of the routed-expert FLOPs. This
+measures the share (the compression report's `duplicate_slot_rate`, on the calibration sample
+as served) for every merging method at 50% of the experts, per layer, on the three stand-ins of
+the quality benchmark, calibrated once per model (seed 0, its calibration settings).
+
+Writes duplicates.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.quality import CALIB, MAIN_METHODS, MODELS, Calibrations, Settings, compress_calibrated, source_experts
+from offline.options import CompressOptions
+
+PRUNING = {"reap", "freq-prune"}  # keep experts unchanged and drop the rest: no two slots share one
+
+
+def measure(name: str, model_dir: Path, s: Settings, tmp: Path) -> dict:
+    cal, n = Calibrations(model_dir, s), source_experts(model_dir) // 2
+    layers, info = cal.get(CALIB, s.samples, 0)
+    rows = {}
+    for method in [m for m in MAIN_METHODS if m not in PRUNING]:
+        report = compress_calibrated(CompressOptions(
+            model=str(model_dir), out=tmp / "ckpt", method=method, num_experts=n, samples=s.samples,
+            seq_len=s.seq_len, seed=0, force=True, output_tokens=s.output_tokens, progress=False), layers, info)
+        per_layer = [l["duplicate_slot_rate"] for l in report["layers"]]
+        rows[method] = {"mean": statistics.fmean(per_layer), "per_layer": per_layer}
+        print(f"{name} {method}: {rows[method]['mean']:.4f} {per_layer}", flush=True)
+    return {"model": str(model_dir.relative_to(ROOT)), "experts": f"{n * 2}->{n}", "methods": rows}
+
+
+def markdown(result: dict) -> str:
+    names = list(result["models"])
+    methods = list(dict.fromkeys(m for r in result["models"].values() for m in r["methods"]))
+    lines = ["# Duplicate top-k slots at 50% of the experts (remap export, calibration sample)", "",
+             "Share of the served top-k slots whose merged expert another slot of the same token already reaches: "
+             "routed-expert FLOPs that folding duplicates would save. Mean over MoE layers [min, max].", "",
+             "| method | " + " | ".join(f"{n} ({result['models'][n]['experts']})" for n in names) + " |",
+             "|---|" + "---:|" * len(names)]
+    for m in methods:
+        cells = []
+        for n in names:
+            r = result["models"][n]["methods"][m]
+            cells.append(f"{r['mean']:.3f} [{min(r['per_layer']):.3f}, {max(r['per_layer']):.3f}]")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = ap.parse_args()
+    s = Settings(models=MODELS, seeds=[0])
+    with tempfile.TemporaryDirectory() as td:
+        result = {"samples": s.samples, "seq_len": s.seq_len, "output_tokens": s.output_tokens,
+                  "models": {name: measure(name, path, s, Path(td)) for name, path in MODELS.items()}}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "duplicates.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "duplicates.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
