@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -36,6 +37,25 @@ GiB = 2**30
 MIXTRAL_LAYER = 3 * SHAPE["experts"] * SHAPE["hidden"] * SHAPE["intermediate"] * 2  # bytes of one layer's bf16 experts
 
 
+def run_sampling_anon(cmd: list[str], every: float = 0.2) -> int:
+    """Run `cmd`; its peak anonymous resident memory (RssAnon, sampled). Peak RSS counts the pages
+    of memory-mapped source files too, which the kernel drops under pressure: a source layer larger
+    than memory shows as about all of memory in RSS, while what the process itself must hold is
+    its anonymous memory."""
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            peak = max(peak, int(re.search(r"RssAnon:\s+(\d+) kB", status).group(1)) * 1024)
+        except (OSError, AttributeError):  # exiting
+            pass
+        time.sleep(every)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    return peak
+
+
 def compress(src: Path, out: Path, samples: int, *extra: str, method: str = "submoe", num_experts: int = 4,
              layer: int = MIXTRAL_LAYER, hidden: int = SHAPE["hidden"]) -> dict:
     cmd = [sys.executable, "-m", "submoe", "compress", "--model", str(src), "--out", str(out),
@@ -43,17 +63,20 @@ def compress(src: Path, out: Path, samples: int, *extra: str, method: str = "sub
            "--seq-len", str(CALIB["seq_len"]), "--output-tokens", str(CALIB["output_tokens"]),
            "--calib", *map(str, sorted((ROOT / "data" / "calib").glob("*.jsonl"))), "--no-progress", "--force", *extra]
     t0 = time.time()
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    peak_anon = run_sampling_anon(cmd)
     wall = time.time() - t0
     report = json.loads((out / "compression_report.json").read_text())
     shutil.rmtree(out)
     above = report["peak_rss_bytes"] - report["rss_before_weights_bytes"]
     activation_copy = samples * CALIB["seq_len"] * hidden * 4
-    return {"wall_seconds": round(wall, 1), "peak_rss_bytes": report["peak_rss_bytes"],
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    return {"measured": f"{time.strftime('%Y-%m-%d')} at {commit or 'unknown'}", "wall_seconds": round(wall, 1),
+            "peak_rss_bytes": report["peak_rss_bytes"],
             "rss_before_weights_bytes": report["rss_before_weights_bytes"],
             "source_bytes": report["sizes"]["source_weight_bytes"], "output_bytes": report["sizes"]["weight_bytes"],
             "layer_bytes": layer, "activation_copy_bytes": activation_copy, "samples": samples, "extra": list(extra),
-            "peak_above_floor_in_layers": round(above / layer, 2), "compress_seconds": report["time_seconds"],
+            "peak_above_floor_in_layers": round(above / layer, 2), "peak_anon_bytes": peak_anon,
+            "peak_anon_in_layers": round(peak_anon / layer, 2), "compress_seconds": report["time_seconds"],
             "moe_layers": sum(1 for l in report["layers"])}
 
 
@@ -66,6 +89,13 @@ SHAPES = {
     "Qwen3-235B-A22B": dict(model_type="qwen3_moe", layers=94, fields=dict(
         hidden_size=4096, moe_intermediate_size=1536, num_experts=128, num_experts_per_tok=8, intermediate_size=12288,
         num_attention_heads=64, num_key_value_heads=4, head_dim=128, norm_topk_prob=True)),
+    # 256 routed experts of hidden 7168: 22.5 GB of bf16 experts per layer, more than this machine's
+    # memory. Its few layers start with one dense layer (V3 has three) so that one is an MoE layer.
+    "DeepSeek-V3": dict(model_type="deepseek_v3", layers=61, fields=dict(
+        hidden_size=7168, moe_intermediate_size=2048, n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8,
+        intermediate_size=18432, first_k_dense_replace=1, num_attention_heads=128, num_key_value_heads=128,
+        q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_group=8,
+        topk_group=4, topk_method="noaux_tc", scoring_func="sigmoid", routed_scaling_factor=2.5, norm_topk_prob=True)),
 }
 SHAPE_LAYERS = 2
 
@@ -83,8 +113,10 @@ def shape_source(name: str, layers: int) -> Path:
 def shape_row(name: str, method: str, layers: int) -> dict:
     """One method 50% on a few layers of a real shape: memory in stored layers, seconds per layer,
     and the whole model's compression time extrapolated from them."""
+    from vllm_submoe.checkpoint_format import layout_for
     f = SHAPES[name]["fields"]
-    n, hidden, inter = f["num_experts"], f["hidden_size"], f["moe_intermediate_size"]
+    n = f[layout_for({"model_type": SHAPES[name]["model_type"]}).num_experts_field]
+    hidden, inter = f["hidden_size"], f["moe_intermediate_size"]
     layer = 3 * n * hidden * inter * 2
     row = compress(shape_source(name, layers), BUILD / "out", CALIB["samples"], method=method, num_experts=n // 2,
                    layer=layer, hidden=hidden)
@@ -145,11 +177,13 @@ def markdown(rows: list[dict], spill: list[dict], shapes: list[dict]) -> str:
     if shapes:
         lines += ["", f"Real layer shapes, {shapes[0]['layers']} layers each, 50% of the experts, "
                   f"{CALIB['samples'] * CALIB['seq_len'] // 1024}k calibration tokens:", "",
-                  "| shape | method | experts | one layer (bf16) | peak - before, in bf16 layers | s per layer | "
-                  "whole model (extrapolated) |", "|---|---|---|---:|---:|---:|---:|"]
+                  "| shape | method | experts | one layer (bf16) | peak RSS - before, in bf16 layers | "
+                  "peak anonymous memory, in bf16 layers | s per layer | whole model (extrapolated) |",
+                  "|---|---|---|---:|---:|---:|---:|---:|"]
         for r in shapes:
+            anon = f"{r['peak_anon_bytes'] / GiB:.2f} GiB ({r['peak_anon_in_layers']})" if "peak_anon_bytes" in r else "–"
             lines.append(f"| {r['shape']} | {r['method']} | {r['experts']} | {r['layer_bytes'] / GiB:.2f} GiB | "
-                         f"{r['peak_above_floor_in_layers']} | {r['seconds_per_layer']} | "
+                         f"{r['peak_above_floor_in_layers']} | {anon} | {r['seconds_per_layer']} | "
                          f"{r['extrapolated_hours']} h ({r['model_layers']} layers) |")
     return "\n".join(lines) + "\n"
 
@@ -159,6 +193,7 @@ def main() -> None:
     ap.add_argument("--layers", default="6,22,46", help="decoder layers of each model (about 0.19 GB each); '' for none")
     ap.add_argument("--shapes", default="Qwen3-30B-A3B", help=f"real layer shapes to run, of {list(SHAPES)}; '' for none")
     ap.add_argument("--methods", default="submoe,output-lsq,reap", help="methods run on each real shape")
+    ap.add_argument("--no-spill", dest="spill", action="store_false", help="skip the activation-spilling comparison")
     ap.add_argument("--update", action="store_true", help="keep the parts of the JSON not run this time")
     ap.add_argument("--keep", action="store_true", help="keep the generated models in build/scaling")
     args = ap.parse_args()
@@ -168,7 +203,7 @@ def main() -> None:
         src = ensure_source(layers)
         rows.append({"layers": layers, **compress(src, BUILD / "out", CALIB["samples"])})
         print(json.dumps(rows[-1]), flush=True)
-        if layers == sizes[0]:  # the spill comparison on the smallest model
+        if layers == sizes[0] and args.spill:  # the spill comparison on the smallest model
             for extra in SPILL_VARIANTS.values():
                 spill.append({"layers": layers, **compress(src, BUILD / "out", SPILL_SAMPLES, *extra)})
                 print(json.dumps(spill[-1]), flush=True)
@@ -182,9 +217,11 @@ def main() -> None:
             shutil.rmtree(BUILD / f"{name}-{SHAPE_LAYERS}l")
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "scaling.json"
-    if args.update and path.is_file():
+    if args.update and path.is_file():  # this run's rows replace the saved rows they re-measure
         old = json.loads(path.read_text())
-        rows, spill, shapes = rows or old["rows"], spill or old["spill"], shapes or old.get("shapes", [])
+        rows = sorted({r["layers"]: r for r in old["rows"] + rows}.values(), key=lambda r: r["layers"])
+        spill = spill or old["spill"]
+        shapes = list({(r["shape"], r["method"]): r for r in old.get("shapes", []) + shapes}.values())
     meta = {"shape": SHAPE, "calibration": CALIB, "method": "submoe (full rank)", "num_experts": "8->4",
             "machine": "2 CPU cores, 24 GiB RAM"}
     path.write_text(json.dumps({**meta, "rows": rows, "spill": spill, "shapes": shapes}, indent=2) + "\n")

@@ -1,17 +1,23 @@
-"""Serving benchmark: what expert reduction buys a deployment, measured in one run.
+"""Serving benchmark: what expert reduction buys a deployment, measured so it can be believed.
 
-    python benchmarks/serving.py [--out benchmarks/results] [--work build/serving-bench]
+    python benchmarks/serving.py [--out benchmarks/results] [--work build/serving-bench] [--rounds 5]
 
-The shipped model is too small to show speed (framework overhead dominates), so a mid-size
-Mixtral with random weights (~1.2 GB in bf16) is generated on the fly and compressed 8->4 with
-Sub-MoE, exported twice from the same merge: `remap` (router over the 8 source experts, remap
-tables, served by the plugin) and `vanilla` (a stock 4-expert Mixtral). Random weights make
-quality meaningless here; speed and memory depend only on shapes and expert counts.
+The shipped model is too small to show speed (framework overhead dominates), so two mid-size
+models with random weights are generated on the fly, each compressed to half its experts with
+Sub-MoE and exported twice from the same merge: `remap` (router over the source experts, remap
+tables, served by the plugin) and `vanilla` (a stock model with half the experts):
 
-1. sweep           original / compressed (remap) / vanilla-4e, closed loop at 1, 4, 16, 64 and
-                   a Poisson open loop, with `submoe loadtest`'s machinery. remap / vanilla is
-                   the cost of the remap itself.
-2. equal budget    original and compressed given the same memory for weights + KV cache
+    mixtral-mid   Mixtral layout, 8 experts top-2, ~1.1 GB in bf16, 8 -> 4
+    qwen3-fine    Qwen3-MoE layout, 64 experts top-8 (fine-grained), ~1.6 GB in bf16, 64 -> 32
+
+Random weights make quality meaningless here; speed and memory depend only on shapes and
+expert counts.
+
+1. interleaved     per model, original / remap / vanilla all up at once; `--rounds` rounds, each
+                   sending the same fresh prompts to all three at every concurrency, in an order
+                   that rotates (`submoe loadtest --rounds`). Every ratio (compressed/original,
+                   remap/vanilla) is taken within a round: its median and range over the rounds.
+2. equal budget    original and compressed Mixtral given the same memory for weights + KV cache
                    (`--kv-cache-memory-bytes` = budget - the model's weight bytes): the KV blocks
                    each gets, the sequences each fits, and throughput/latency with long prompts
                    at high concurrency (preemptions counted from vLLM's /metrics).
@@ -38,49 +44,77 @@ sys.path.insert(0, str(ROOT))
 
 from offline.compress import compress
 from offline.options import CompressOptions
-from offline.synthetic import random_mixtral
+from offline.synthetic import random_mixtral, sharded_random_moe
 from serving.launcher import VLLMServer, vllm_executable
 from serving.loadtest.cli import LoadTestOptions, measure, run, run_phase
+from serving.loadtest.interleave import round_ratios
+from serving.loadtest.report import spread_cell
 from serving.loadtest.workload import held_out_prompts
+from vllm_submoe.checkpoint_format import safetensors_bytes
 
 SHIPPED = ROOT / "models" / "tiny-mixtral-8e"
 CALIB = sorted(str(p) for p in (ROOT / "data" / "calib").glob("*.jsonl"))
 EVAL = sorted(str(p) for p in (ROOT / "data" / "eval").glob("*.jsonl"))
 MID = dict(hidden=1024, intermediate=2816, layers=8, experts=8, top_k=2, heads=16, kv_heads=4, vocab=4096)
+# Qwen3-MoE layout, fine-grained: 64 narrow experts, top-8 (Qwen3-30B-A3B's expert count at a
+# tenth of its width and depth).
+FINE = dict(hidden_size=1024, moe_intermediate_size=384, num_experts=64, num_experts_per_tok=8, intermediate_size=3072,
+            num_attention_heads=16, num_key_value_heads=4, head_dim=64, norm_topk_prob=True)
+FINE_LAYERS = 10
 MAX_MODEL_LEN = 1024
+CONCURRENCY = [1, 8, 32]
+LABELS = ("original", "submoe (remap)", "vanilla")
 
 
 def build_models(work: Path) -> dict:
-    """The mid-size source and its two 8->4 exports (reused when already built)."""
+    """Each model's source and its two exports at half the experts (reused when already built)."""
     import torch
-    src, remap, vanilla = work / "mid-8e", work / "mid-submoe-4e", work / "mid-vanilla-4e"
-    cost = {}
-    if not (src / "config.json").exists():
-        random_mixtral(src, SHIPPED, dtype=torch.bfloat16, std=0.02, **MID)
-    for out, export in ((remap, "remap"), (vanilla, "vanilla")):
-        if not (out / "config.json").exists():
-            report = compress(CompressOptions(model=str(src), out=out, method="submoe", num_experts=4, calib=CALIB,
-                                              samples=32, seq_len=128, export=export, force=True))
-            cost[export] = {"seconds": report["time_seconds"], "peak_rss_bytes": report["peak_rss_bytes"]}
-    return {"source": src, "remap": remap, "vanilla": vanilla, "compression_cost": cost}
+    sources = {"mixtral-mid": (work / "mid-8e", 8), "qwen3-fine": (work / "fine-64e", 64)}
+    if not (sources["mixtral-mid"][0] / "config.json").exists():
+        random_mixtral(sources["mixtral-mid"][0], SHIPPED, dtype=torch.bfloat16, std=0.02, **MID)
+    if not (sources["qwen3-fine"][0] / "config.json").exists():
+        sharded_random_moe("qwen3_moe", sources["qwen3-fine"][0], SHIPPED, layers=FINE_LAYERS, **FINE)
+    models = {}
+    for name, (src, n) in sources.items():
+        m = {"source": src, "num_experts": n, "compression_cost": {}}
+        for export in ("remap", "vanilla"):
+            out = work / f"{name}-submoe-{n // 2}e-{export}"
+            if not (out / "config.json").exists():
+                report = compress(CompressOptions(model=str(src), out=out, method="submoe", num_experts=n // 2,
+                                                  calib=CALIB, samples=32, seq_len=128, export=export, force=True))
+                m["compression_cost"][export] = {"seconds": report["time_seconds"],
+                                                 "peak_rss_bytes": report["peak_rss_bytes"]}
+            m[export] = out
+        models[name] = m
+    return models
 
 
-def sweep(models: dict, work: Path) -> dict:
+def interleaved(model: dict, work: Path, rounds: int) -> dict:
+    """Original, remap and vanilla up at once, measured in `rounds` rotating rounds."""
     opts = LoadTestOptions(
-        targets=[str(models["source"]), str(models["remap"]), str(models["vanilla"])],
-        labels=["original-8e", "submoe-4e (remap)", "vanilla-4e"], data=EVAL, out=work / "sweep",
-        concurrency=[1, 4, 16, 64], waves=1, min_requests=8, rate=2.0, rate_requests=32, max_tokens=32, prompt_length=64,
-        prompt_tokens=True, quality_prompts=4, serve_args=["--max-model-len", str(MAX_MODEL_LEN)],
+        targets=[str(model["source"]), str(model["remap"]), str(model["vanilla"])], labels=list(LABELS), data=EVAL,
+        out=work, concurrency=CONCURRENCY, waves=1, min_requests=8, max_tokens=32, prompt_length=64,
+        prompt_tokens=True, quality_prompts=4, serve_args=["--max-model-len", str(MAX_MODEL_LEN)], rounds=rounds,
         force=True)  # --work is the benchmark's own scratch space
     return run(opts)
 
 
-def equal_budget(models: dict, work: Path, sweep_result: dict, headroom: float) -> dict:
+def ratios_table(result: dict) -> list[dict]:
+    """Per concurrency, each ratio's median and range over the interleaved rounds: compressed
+    (remap) / original and remap / vanilla (the cost of the remap itself)."""
+    rounds = {d["label"]: d["rounds"] for d in result["deployments"]}
+    versus_original = round_ratios(rounds["submoe (remap)"], rounds["original"])
+    remap_vanilla = round_ratios(rounds["submoe (remap)"], rounds["vanilla"])
+    return [{"concurrency": a["concurrency"], "compressed_over_original": a, "remap_over_vanilla": b}
+            for a, b in zip(versus_original, remap_vanilla)]
+
+
+def equal_budget(model: dict, work: Path, headroom: float) -> dict:
     """Same bytes for weights + KV cache: the original gets `headroom` x its weights in KV."""
-    weights = {d["label"]: int(d["compression"]["weight_bytes"]) for d in sweep_result["deployments"]}
-    budget = int(weights["original-8e"] * (1 + headroom))
+    weights = {"original": safetensors_bytes(model["source"]), "submoe (remap)": safetensors_bytes(model["remap"])}
+    budget = int(weights["original"] * (1 + headroom))
     results = []
-    for label, path in (("original-8e", models["source"]), ("submoe-4e (remap)", models["remap"])):
+    for label, path in (("original", model["source"]), ("submoe (remap)", model["remap"])):
         kv = budget - weights[label]
         opts = LoadTestOptions(
             targets=[str(path)], labels=[label], data=EVAL, out=work / f"budget-{label.split()[0]}",
@@ -140,73 +174,70 @@ def _strip(phase: dict) -> dict:
     return {k: v for k, v in phase.items() if k != "records"}
 
 
-def ratios_table(sweep_result: dict) -> list[dict]:
-    """Per concurrency: compressed/original and remap/vanilla throughput and p50 latencies."""
-    by = {d["label"]: {p["concurrency"]: p for p in d["closed_loop"]} for d in sweep_result["deployments"]}
-    rows = []
-    for c in sweep_result["config"]["concurrency"]:
-        o, r, v = by["original-8e"][c], by["submoe-4e (remap)"][c], by["vanilla-4e"][c]
-        rows.append({"concurrency": c,
-                     "throughput_compressed_over_original": r["output_tokens_per_s"] / o["output_tokens_per_s"],
-                     "itl_p50_compressed_over_original": r["itl_s"]["p50"] / o["itl_s"]["p50"],
-                     "ttft_p50_compressed_over_original": r["ttft_s"]["p50"] / o["ttft_s"]["p50"],
-                     "e2e_p50_compressed_over_original": r["e2e_s"]["p50"] / o["e2e_s"]["p50"],
-                     "throughput_remap_over_vanilla": r["output_tokens_per_s"] / v["output_tokens_per_s"],
-                     "e2e_p50_vanilla_over_remap": v["e2e_s"]["p50"] / r["e2e_s"]["p50"]})
-    return rows
-
-
 def plot(result: dict, path: Path) -> None:
+    """Per model, each round's compressed/original ratio (points) and the median (line): output
+    tokens/s and decode speed (1 / ITL p50); then the equal-budget KV cache."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
-    for d in result["sweep"]["deployments"]:
-        xs = [p["concurrency"] for p in d["closed_loop"]]
-        axes[0].plot(xs, [p["output_tokens_per_s"] for p in d["closed_loop"]], marker="o", label=d["label"])
-        axes[1].plot(xs, [p["itl_s"]["p50"] * 1e3 for p in d["closed_loop"]], marker="o", label=d["label"])
-        axes[2].plot(xs, [p["e2e_s"]["p99"] * 1e3 for p in d["closed_loop"]], marker="o", label=d["label"])
-    for ax, title in zip(axes[:3], ("output tokens/s", "inter-token latency p50 (ms)", "end-to-end p99 (ms)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrency (closed loop)")
-        ax.set_title(f"mid-size MoE: {title}")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    names = list(result["models"])
+    fig, axes = plt.subplots(1, 2 * len(names) + 1, figsize=(5 * (2 * len(names) + 1), 4.2))
+    for k, name in enumerate(names):
+        rows = result["models"][name]["ratios"]
+        for ax, key, title in ((axes[2 * k], "output_tokens_per_s", "output tok/s"),
+                               (axes[2 * k + 1], "itl_p50_s", "decode speed (1 / ITL p50)")):
+            for pair, colour in (("compressed_over_original", "tab:orange"), ("remap_over_vanilla", "tab:green")):
+                xs = [r["concurrency"] for r in rows]
+                for x, r in zip(xs, rows):
+                    ax.scatter([x] * len(r[pair][key]["per_round"]), r[pair][key]["per_round"], color=colour, s=12,
+                               alpha=0.6)
+                ax.plot(xs, [r[pair][key]["median"] for r in rows], marker="o", color=colour,
+                        label=pair.replace("_over_", " / ").replace("compressed", "remap"))
+            ax.axhline(1.0, color="grey", lw=0.8)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("concurrency (closed loop)")
+            ax.set_title(f"{name}: {title}, ratio per round", fontsize=10)
+            ax.grid(alpha=0.3)
+        axes[2 * k].legend(fontsize=8)
     eb = result["equal_budget"]["deployments"]
     labels = [d["label"] for d in eb]
     bars = [d["kv_cache_tokens"] / 1e3 for d in eb]
-    axes[3].bar(labels, bars, color=["tab:blue", "tab:orange"])
+    ax = axes[-1]
+    ax.bar(labels, bars, color=["tab:blue", "tab:orange"])
     for i, d in enumerate(eb):
-        axes[3].text(i, bars[i], f"{d['load']['output_tokens_per_s']:.0f} tok/s\n{d['preemptions']:.0f} preemptions",
-                     ha="center", va="bottom", fontsize=8)
-    axes[3].set_title(f"equal budget {result['equal_budget']['budget_bytes'] / 2**30:.2f} GiB: KV cache (k tokens)")
-    axes[3].margins(y=0.25)
+        ax.text(i, bars[i], f"{d['load']['output_tokens_per_s']:.0f} tok/s\n{d['preemptions']:.0f} preemptions",
+                ha="center", va="bottom", fontsize=8)
+    ax.set_title(f"mixtral-mid, equal budget {result['equal_budget']['budget_bytes'] / 2**30:.2f} GiB: "
+                 f"KV cache (k tokens)", fontsize=10)
+    ax.margins(y=0.25)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def markdown(result: dict) -> str:
-    sw, eb, sk = result["sweep"], result["equal_budget"], result["soak"]
-    by = {d["label"]: d for d in sw["deployments"]}
+    eb, sk = result["equal_budget"], result["soak"]
     mb = lambda b: f"{b / 2**20:.0f} MiB"  # noqa: E731
-    lines = ["# Serving benchmark", "", f"Machine: {result['machine']}. One run, {result['date']}.", "",
-             f"Mid-size random Mixtral: hidden {MID['hidden']}, intermediate {MID['intermediate']}, {MID['layers']} "
-             f"layers, {MID['experts']} experts top-{MID['top_k']}, bf16; compressed 8->4 with Sub-MoE.", "",
-             "| deployment | experts/layer | weight bytes | server memory idle (PSS) |", "|---|---|---|---|"]
-    for d in sw["deployments"]:
-        lines.append(f"| {d['label']} | {d['compression']['experts_per_layer'][0]} | {mb(d['compression']['weight_bytes'])} "
-                     f"| {mb(d['memory']['idle_pss_bytes'])} |")
-    o, r = by["original-8e"]["compression"]["weight_bytes"], by["submoe-4e (remap)"]["compression"]["weight_bytes"]
-    lines += ["", f"Compressed / original weight bytes: **{r / o:.3f}**.", "",
-              "## Throughput and latency ratios (closed loop)", "",
-              "| concurrency | tok/s compressed/original | ITL p50 c/o | TTFT p50 c/o | E2E p50 c/o | "
-              "tok/s remap/vanilla (cost of the remap) |", "|---|---|---|---|---|---|"]
-    for row in result["ratios"]:
-        lines.append(f"| {row['concurrency']} | {row['throughput_compressed_over_original']:.3f} | "
-                     f"{row['itl_p50_compressed_over_original']:.3f} | {row['ttft_p50_compressed_over_original']:.3f} | "
-                     f"{row['e2e_p50_compressed_over_original']:.3f} | {row['throughput_remap_over_vanilla']:.3f} |")
-    lines += ["", "## Equal memory budget", "",
+    lines = ["# Serving benchmark", "", f"Machine: {result['machine']}. One run, {result['date']}.", ""]
+    for name, m in result["models"].items():
+        by = {d["label"]: d for d in m["measured"]["deployments"]}
+        lines += [f"## {name}: {m['shape']}", "",
+                  "| deployment | experts/layer | weight bytes | server memory idle (PSS) |", "|---|---|---|---|"]
+        for d in m["measured"]["deployments"]:
+            lines.append(f"| {d['label']} | {d['compression']['experts_per_layer'][0]} | "
+                         f"{mb(d['compression']['weight_bytes'])} | {mb(d['memory']['idle_pss_bytes'])} |")
+        o, r = by["original"]["compression"]["weight_bytes"], by["submoe (remap)"]["compression"]["weight_bytes"]
+        lines += ["", f"Compressed / original weight bytes: **{r / o:.3f}**. {result['rounds']} interleaved rounds; "
+                  "each cell: median [min, max] over the rounds (rounds above 1).", "",
+                  "| concurrency | tok/s remap/original | decode speed remap/original | TTFT remap/original | "
+                  "tok/s remap/vanilla |", "|---|---|---|---|---|"]
+        for row in m["ratios"]:
+            a, b = row["compressed_over_original"], row["remap_over_vanilla"]
+            lines.append(f"| {row['concurrency']} | {spread_cell(a['output_tokens_per_s'])} | "
+                         f"{spread_cell(a['itl_p50_s'])} | {spread_cell(a['ttft_p50_s'])} | "
+                         f"{spread_cell(b['output_tokens_per_s'])} |")
+        lines.append("")
+    lines += ["## Equal memory budget (mixtral-mid)", "",
               f"Budget {mb(eb['budget_bytes'])} for weights + KV cache; {eb['requests']} requests of "
               f"{eb['prompt_tokens']} prompt + {eb['output_tokens']} output tokens at concurrency {eb['concurrency']}.", "",
               "| deployment | weights | KV cache | KV blocks | sequences that fit | preemptions | tok/s | TTFT p50 | E2E p99 |",
@@ -233,11 +264,20 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+SHAPES = {"mixtral-mid": f"Mixtral layout, hidden {MID['hidden']}, intermediate {MID['intermediate']}, {MID['layers']} "
+                         f"layers, {MID['experts']} experts top-{MID['top_k']}, bf16; Sub-MoE 8->4",
+          "qwen3-fine": f"Qwen3-MoE layout, hidden {FINE['hidden_size']}, expert intermediate "
+                        f"{FINE['moe_intermediate_size']}, {FINE_LAYERS} layers, {FINE['num_experts']} experts "
+                        f"top-{FINE['num_experts_per_tok']}, bf16; Sub-MoE 64->32"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--work", type=Path, default=ROOT / "build" / "serving-bench")
-    ap.add_argument("--resume", action="store_true", help="reuse a finished sweep found in --work")
+    ap.add_argument("--resume", action="store_true", help="reuse the finished phases found in --work")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per model (default 5)")
+    ap.add_argument("--models", default=",".join(SHAPES), help=f"models to measure, of {list(SHAPES)}")
     ap.add_argument("--soak-requests", type=int, default=1000)
     ap.add_argument("--headroom", type=float, default=0.03,
                     help="equal budget: the original's KV cache as a fraction of its weight bytes (default 0.03)")
@@ -246,7 +286,8 @@ def main() -> None:
     t0 = time.time()
     models = build_models(args.work)
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU",
-              "mid_model": MID, "compression_cost": models["compression_cost"]}
+              "rounds": args.rounds, "concurrency": CONCURRENCY, "models": {}}
+
     def phase(name: str, measure_it):
         """Each phase's result is kept in --work; --resume reuses the ones a killed run finished."""
         saved = args.work / f"{name}.json"
@@ -254,15 +295,14 @@ def main() -> None:
             saved.write_text(json.dumps(measure_it()))
         return json.loads(saved.read_text())
 
-    result["sweep"] = phase("sweep", lambda: sweep(models, args.work))
-    result["ratios"] = ratios_table(result["sweep"])
-    result["equal_budget"] = phase("equal_budget", lambda: equal_budget(models, args.work, result["sweep"],
-                                                                         args.headroom))
+    for name in args.models.split(","):
+        m = models[name]
+        measured = phase(f"interleaved-{name}", lambda: interleaved(m, args.work / name, args.rounds))
+        result["models"][name] = {"shape": SHAPES[name], "compression_cost": m["compression_cost"],
+                                  "measured": measured, "ratios": ratios_table(measured)}
+    result["equal_budget"] = phase("equal_budget", lambda: equal_budget(models["mixtral-mid"], args.work, args.headroom))
     result["soak"] = phase("soak", lambda: soak_and_cross_check(args.work, args.soak_requests))
     result["wall_seconds"] = time.time() - t0
-    for d in result["sweep"]["deployments"]:
-        for phase in d["closed_loop"] + ([d["open_loop"]] if d.get("open_loop") else []):
-            phase.pop("records", None)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serving.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "serving.md").write_text(markdown(result))
