@@ -17,10 +17,11 @@ expert counts.
                    sending the same fresh prompts to all three at every concurrency, in an order
                    that rotates (`submoe loadtest --rounds`). Every ratio (compressed/original,
                    remap/vanilla) is taken within a round: its median and range over the rounds.
-2. equal budget    original and compressed Mixtral given the same memory for weights + KV cache
-                   (`--kv-cache-memory-bytes` = budget - the model's weight bytes): the KV blocks
-                   each gets, the sequences each fits, and throughput/latency with long prompts
-                   at high concurrency (preemptions counted from vLLM's /metrics).
+2. equal budget    per model, original and compressed given the same memory for weights + KV
+                   cache (`--kv-cache-memory-bytes` = budget - the model's weight bytes), both up
+                   at once in interleaved rounds: the KV blocks each gets, the sequences each
+                   fits, and throughput/latency with long prompts at high concurrency
+                   (preemptions counted from vLLM's /metrics).
 3. soak            the shipped model compressed 8->4: 1,000 requests at concurrency 32; failures
                    and resident-memory growth after warm-up.
 4. cross-check     one point of the soak server measured again with `vllm bench serve` on the
@@ -109,26 +110,32 @@ def ratios_table(result: dict) -> list[dict]:
             for a, b in zip(versus_original, remap_vanilla)]
 
 
-def equal_budget(model: dict, work: Path, headroom: float) -> dict:
-    """Same bytes for weights + KV cache: the original gets `headroom` x its weights in KV."""
-    weights = {"original": safetensors_bytes(model["source"]), "submoe (remap)": safetensors_bytes(model["remap"])}
+def equal_budget(model: dict, work: Path, headroom: float, rounds: int) -> dict:
+    """Same bytes for weights + KV cache (the original gets `headroom` x its weights in KV), both
+    deployments up at once and measured in interleaved rounds: long prompts at concurrency 16."""
+    labels = LABELS[:2]
+    weights = dict(zip(labels, (safetensors_bytes(model["source"]), safetensors_bytes(model["remap"]))))
     budget = int(weights["original"] * (1 + headroom))
-    results = []
-    for label, path in (("original", model["source"]), ("submoe (remap)", model["remap"])):
-        kv = budget - weights[label]
-        opts = LoadTestOptions(
-            targets=[str(path)], labels=[label], data=EVAL, out=work / f"budget-{label.split()[0]}",
-            concurrency=[16], requests=32, max_tokens=64, prompt_length=512, prompt_tokens=True, quality_prompts=1,
-            serve_args=["--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory-bytes", str(kv)], force=True)
-        d = run(opts)["deployments"][0]
+    kv = {label: budget - weights[label] for label in labels}
+    shape = dict(prompt_tokens=512, output_tokens=32, concurrency=16, requests=16)
+    opts = LoadTestOptions(
+        targets=[str(model["source"]), str(model["remap"])], labels=list(labels), data=EVAL, out=work,
+        concurrency=[shape["concurrency"]], requests=shape["requests"], max_tokens=shape["output_tokens"],
+        prompt_length=shape["prompt_tokens"], prompt_tokens=True, quality_prompts=1,
+        serve_args=["--max-model-len", str(MAX_MODEL_LEN)],
+        target_serve_args=[["--kv-cache-memory-bytes", str(kv[label])] for label in labels], rounds=rounds, force=True)
+    result = run(opts)
+    deployments = []
+    for d in result["deployments"]:
         e = d["engine"]
         tokens = e["kv_cache_blocks"] * e["block_size"]
-        results.append({"label": label, "weight_bytes": weights[label], "kv_cache_bytes": kv,
-                        "kv_cache_blocks": e["kv_cache_blocks"], "kv_cache_tokens": tokens,
-                        "sequences_that_fit": tokens // (512 + 64), "preemptions": e["preemptions_during_run"],
-                        "load": _strip(d["closed_loop"][0]), "memory": d["memory"]})
-    return {"budget_bytes": budget, "prompt_tokens": 512, "output_tokens": 64, "concurrency": 16, "requests": 32,
-            "deployments": results}
+        deployments.append({"label": d["label"], "weight_bytes": weights[d["label"]], "kv_cache_bytes": kv[d["label"]],
+                            "kv_cache_blocks": e["kv_cache_blocks"], "kv_cache_tokens": tokens,
+                            "sequences_that_fit": tokens // (shape["prompt_tokens"] + shape["output_tokens"]),
+                            "preemptions": e["preemptions_during_run"], "load": d["closed_loop"][0],
+                            "rounds": d["rounds"], "memory": d["memory"]})
+    return {"budget_bytes": budget, **shape, "rounds": rounds, "deployments": deployments,
+            "ratios": result["interleaved"][0]["ratios"][0]}
 
 
 def soak_and_cross_check(work: Path, soak_requests: int) -> dict:
@@ -199,24 +206,25 @@ def plot(result: dict, path: Path) -> None:
             ax.set_title(f"{name}: {title}, ratio per round", fontsize=10)
             ax.grid(alpha=0.3)
         axes[2 * k].legend(fontsize=8)
-    eb = result["equal_budget"]["deployments"]
-    labels = [d["label"] for d in eb]
-    bars = [d["kv_cache_tokens"] / 1e3 for d in eb]
-    ax = axes[-1]
-    ax.bar(labels, bars, color=["tab:blue", "tab:orange"])
-    for i, d in enumerate(eb):
-        ax.text(i, bars[i], f"{d['load']['output_tokens_per_s']:.0f} tok/s\n{d['preemptions']:.0f} preemptions",
-                ha="center", va="bottom", fontsize=8)
-    ax.set_title(f"mixtral-mid, equal budget {result['equal_budget']['budget_bytes'] / 2**30:.2f} GiB: "
-                 f"KV cache (k tokens)", fontsize=10)
-    ax.margins(y=0.25)
+    ax, width = axes[-1], 0.38
+    for k, label in enumerate(LABELS[:2]):
+        ds = [next(d for d in result["models"][n]["equal_budget"]["deployments"] if d["label"] == label) for n in names]
+        xs = [i + (k - 0.5) * width for i in range(len(names))]
+        ax.bar(xs, [d["kv_cache_tokens"] / 1e3 for d in ds], width, label=label)
+        for x, d in zip(xs, ds):
+            ax.text(x, d["kv_cache_tokens"] / 1e3, f"{d['load']['output_tokens_per_s']:.0f} tok/s\n"
+                    f"{d['preemptions']:.0f} preempt.", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_title("equal memory budget: KV cache (k tokens)", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.margins(y=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def markdown(result: dict) -> str:
-    eb, sk = result["equal_budget"], result["soak"]
+    sk = result["soak"]
     mb = lambda b: f"{b / 2**20:.0f} MiB"  # noqa: E731
     lines = ["# Serving benchmark", "", f"Machine: {result['machine']}. One run, {result['date']}.", ""]
     for name, m in result["models"].items():
@@ -237,16 +245,24 @@ def markdown(result: dict) -> str:
                          f"{spread_cell(a['itl_p50_s'])} | {spread_cell(a['ttft_p50_s'])} | "
                          f"{spread_cell(b['output_tokens_per_s'])} |")
         lines.append("")
-    lines += ["## Equal memory budget (mixtral-mid)", "",
-              f"Budget {mb(eb['budget_bytes'])} for weights + KV cache; {eb['requests']} requests of "
-              f"{eb['prompt_tokens']} prompt + {eb['output_tokens']} output tokens at concurrency {eb['concurrency']}.", "",
-              "| deployment | weights | KV cache | KV blocks | sequences that fit | preemptions | tok/s | TTFT p50 | E2E p99 |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for d in eb["deployments"]:
-        ld = d["load"]
-        lines.append(f"| {d['label']} | {mb(d['weight_bytes'])} | {mb(d['kv_cache_bytes'])} | {d['kv_cache_blocks']} | "
-                     f"{d['sequences_that_fit']} | {d['preemptions']:.0f} | {ld['output_tokens_per_s']:.1f} | "
-                     f"{ld['ttft_s']['p50']:.2f} s | {ld['e2e_s']['p99']:.2f} s |")
+    for name, m in result["models"].items():
+        eb = m["equal_budget"]
+        lines += [f"## {name}: equal memory budget", "",
+                  f"Budget {mb(eb['budget_bytes'])} for weights + KV cache (the original's KV cache is "
+                  f"{result['headroom'] * 100:.0f}% of its weights); {eb['requests']} requests of {eb['prompt_tokens']} "
+                  f"prompt + {eb['output_tokens']} output tokens at concurrency {eb['concurrency']}, both up at once, "
+                  f"{eb['rounds']} interleaved rounds (figures pooled over the rounds).", "",
+                  "| deployment | weights | KV cache | KV blocks | sequences that fit | preemptions | tok/s | TTFT p50 | "
+                  "E2E p99 |", "|---|---|---|---|---|---|---|---|---|"]
+        for d in eb["deployments"]:
+            ld = d["load"]
+            lines.append(f"| {d['label']} | {mb(d['weight_bytes'])} | {mb(d['kv_cache_bytes'])} | "
+                         f"{d['kv_cache_blocks']} | {d['sequences_that_fit']} | {d['preemptions']:.0f} | "
+                         f"{ld['output_tokens_per_s']:.1f} | {ld['ttft_s']['p50']:.2f} s | {ld['e2e_s']['p99']:.2f} s |")
+        r = eb["ratios"]
+        lines += ["", f"Remap / original within each round: tok/s {spread_cell(r['output_tokens_per_s'])}, "
+                  f"TTFT {spread_cell(r['ttft_p50_s'])}, E2E {spread_cell(r['e2e_p50_s'])} (median [min, max] "
+                  f"(rounds above 1); latencies as original/remap).", ""]
     s, cc = sk["soak"], sk["cross_check"]
     ours, theirs = cc["submoe_loadtest"], cc["vllm_bench_serve"]
     lines += ["", "## Soak (shipped model compressed 8->4)", "",
@@ -279,6 +295,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per model (default 5)")
     ap.add_argument("--models", default=",".join(SHAPES), help=f"models to measure, of {list(SHAPES)}")
     ap.add_argument("--soak-requests", type=int, default=1000)
+    ap.add_argument("--budget-rounds", type=int, default=3, help="interleaved rounds of the equal-budget run")
     ap.add_argument("--headroom", type=float, default=0.03,
                     help="equal budget: the original's KV cache as a fraction of its weight bytes (default 0.03)")
     args = ap.parse_args()
@@ -286,7 +303,7 @@ def main() -> None:
     t0 = time.time()
     models = build_models(args.work)
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU",
-              "rounds": args.rounds, "concurrency": CONCURRENCY, "models": {}}
+              "rounds": args.rounds, "concurrency": CONCURRENCY, "headroom": args.headroom, "models": {}}
 
     def phase(name: str, measure_it):
         """Each phase's result is kept in --work; --resume reuses the ones a killed run finished."""
@@ -298,9 +315,10 @@ def main() -> None:
     for name in args.models.split(","):
         m = models[name]
         measured = phase(f"interleaved-{name}", lambda: interleaved(m, args.work / name, args.rounds))
+        budget = phase(f"equal-budget-{name}", lambda: equal_budget(m, args.work / f"{name}-budget", args.headroom,
+                                                                     args.budget_rounds))
         result["models"][name] = {"shape": SHAPES[name], "compression_cost": m["compression_cost"],
-                                  "measured": measured, "ratios": ratios_table(measured)}
-    result["equal_budget"] = phase("equal_budget", lambda: equal_budget(models["mixtral-mid"], args.work, args.headroom))
+                                  "measured": measured, "ratios": ratios_table(measured), "equal_budget": budget}
     result["soak"] = phase("soak", lambda: soak_and_cross_check(args.work, args.soak_requests))
     result["wall_seconds"] = time.time() - t0
     args.out.mkdir(parents=True, exist_ok=True)

@@ -274,6 +274,7 @@ def test_compression_description_of_a_compressed_and_a_stock_checkpoint(random_c
     ({"soak_requests": -1}, "--soak-requests must be >= 0, got -1"),
     ({"rounds": 0}, "--rounds must be >= 1, got 0"),
     ({"rounds": 3, "rate": 2.0}, "--rounds interleaves the closed-loop levels only"),
+    ({"target_serve_args": [["--dtype", "float32"]]}, "1 per-deployment serve argument lists for 2 deployments"),
 ])
 def test_loadtest_refuses_bad_options_before_starting_anything(tmp_path, change, message):
     from serving.loadtest.cli import LoadTestError, LoadTestOptions, run

@@ -58,6 +58,7 @@ class LoadTestOptions:
     soak_concurrency: int = 32
     api_key: str | None = None
     serve_args: list[str] = field(default_factory=list)
+    target_serve_args: list[list[str]] | None = None  # per deployment, after serve_args (e.g. each its KV budget)
     host: str = "127.0.0.1"
     seed: int = 0
     rounds: int = 1  # > 1: all deployments up at once, closed-loop phases in alternating rounds
@@ -76,6 +77,9 @@ class LoadTestOptions:
         """Refuse what cannot run, before any server starts."""
         if len(self.labels) != len(self.targets):
             raise LoadTestError(f"{len(self.labels)} labels for {len(self.targets)} deployments")
+        if self.target_serve_args is not None and len(self.target_serve_args) != len(self.targets):
+            raise LoadTestError(f"{len(self.target_serve_args)} per-deployment serve argument lists for "
+                                f"{len(self.targets)} deployments")
         positive = {"--max-tokens": self.max_tokens, "--prompt-length": self.prompt_length,
                     "--quality-prompts": self.quality_prompts, "--rate-requests": self.rate_requests,
                     "--soak-concurrency": self.soak_concurrency, "--requests": self.requests or 1,
@@ -104,13 +108,13 @@ def is_url(target: str) -> bool:
 
 
 @contextlib.contextmanager
-def deployment(target: str, opts: LoadTestOptions, log: Path):
+def deployment(target: str, opts: LoadTestOptions, log: Path, extra: list[str] = ()):
     """(base URL, server pid or None, start-up seconds or None) while the deployment is up."""
     if is_url(target):
         yield target.rstrip("/"), None, None
         return
     t0 = time.perf_counter()
-    with VLLMServer(target, *opts.serve_args, host=opts.host, api_key=opts.api_key, log_path=log) as server:
+    with VLLMServer(target, *opts.serve_args, *extra, host=opts.host, api_key=opts.api_key, log_path=log) as server:
         yield server.base_url, server.pid, time.perf_counter() - t0
 
 
@@ -264,13 +268,15 @@ def run(opts: LoadTestOptions) -> dict:
     log = lambda label: opts.out / f"serve-{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)}.log"  # noqa: E731
     if opts.rounds > 1:
         with contextlib.ExitStack() as up:
-            ups = [up.enter_context(deployment(t, opts, log(label))) for t, label in zip(opts.targets, opts.labels)]
+            ups = [up.enter_context(deployment(t, opts, log(label), extra)) for t, label, extra in
+                   zip(opts.targets, opts.labels, opts.target_serve_args or [[]] * len(opts.targets))]
             result["deployments"], result["interleaved"] = measure_interleaved(ups, prompts, opts)
         for d, target, (_, _, startup) in zip(result["deployments"], opts.targets, ups):
             d.update(target=target, startup_s=startup)
     reference = None
-    for target, label in zip(opts.targets, opts.labels) if opts.rounds == 1 else ():
-        with deployment(target, opts, log(label)) as (base_url, pid, startup):
+    for target, label, extra in zip(opts.targets, opts.labels, opts.target_serve_args or [[]] * len(opts.targets)) \
+            if opts.rounds == 1 else ():
+        with deployment(target, opts, log(label), extra) as (base_url, pid, startup):
             d, scored = measure(label, base_url, pid, prompts, opts, reference)
         d.update(target=target, startup_s=startup)
         reference = reference if reference is not None else scored
