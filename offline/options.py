@@ -51,6 +51,12 @@ def layer_budgets(opts: CompressOptions, config: dict, arch: SourceArchitecture,
     if BLOCK_KEY in config:
         raise CompressError(f"{opts.model} is already a compressed checkpoint (config.json has a `{BLOCK_KEY}` "
                             f"block): compress the source model instead")
+    quant = config.get("quantization_config")
+    if quant:  # e.g. DeepSeek-V3's block-wise FP8 on the hub: its weights are meaningless without their scales
+        raise CompressError(f"{opts.model} is a quantized checkpoint ({quant.get('quant_method', 'quantization_config')} "
+                            f"in config.json): the compressor reads bf16/fp16/fp32 weights. Dequantize it first "
+                            f"(for DeepSeek-V3's FP8: its inference/fp8_cast_bf16.py), compress that, and quantize "
+                            f"the result if you serve quantized")
     n, moe = arch.num_experts, arch.moe_layers()
     if isinstance(opts.num_experts, list):
         given = list(opts.num_experts)

@@ -337,6 +337,18 @@ def test_compressing_a_compressed_checkpoint_is_refused(random_compressed, tmp_p
     assert "already a compressed checkpoint" in capsys.readouterr().err
 
 
+def test_a_quantized_source_is_refused_before_anything_is_read(random_source, tmp_path, capsys):
+    """DeepSeek-V3 on the hub is block-wise FP8: its weights mean nothing without their scales, so
+    the compressor names the problem and the fix instead of merging raw FP8 codes."""
+    fp8 = tmp_path / "fp8"
+    shutil.copytree(random_source, fp8)
+    write_config(fp8, quantization_config={"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]})
+    assert cli(_compress_args(fp8, tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert "is a quantized checkpoint (fp8 in config.json)" in err and "Dequantize it first" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_unsupported_architecture_lists_supported_ones(random_source, tmp_path, capsys):
     other = tmp_path / "llama"
     shutil.copytree(random_source, other)
