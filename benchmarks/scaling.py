@@ -61,7 +61,8 @@ def compress(src: Path, out: Path, samples: int, *extra: str, method: str = "sub
     cmd = [sys.executable, "-m", "submoe", "compress", "--model", str(src), "--out", str(out),
            "--method", method, "--num-experts", str(num_experts), "--samples", str(samples),
            "--seq-len", str(CALIB["seq_len"]), "--output-tokens", str(CALIB["output_tokens"]),
-           "--calib", *map(str, sorted((ROOT / "data" / "calib").glob("*.jsonl"))), "--no-progress", "--force", "--restart", *extra]
+           "--calib", *map(str, sorted((ROOT / "data" / "calib").glob("*.jsonl"))), "--no-progress", "--force",
+           "--restart", *extra]
     t0 = time.time()
     peak_anon = run_sampling_anon(cmd)
     wall = time.time() - t0
