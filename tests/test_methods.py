@@ -296,3 +296,15 @@ def test_duplicate_slot_rate_counts_slots_reaching_a_merged_expert_twice():
     brute = sum(len(row) - len({expert_map[i] for i in row}) for row in ids.tolist())
     assert brute > 0
     assert duplicate_slot_rate(stats, SimpleNamespace(expert_map=expert_map)) == pytest.approx(brute / ids.numel())
+
+
+@pytest.mark.parametrize("method", ["average", "m-smoe"])
+def test_a_layer_result_holds_each_merged_expert_once(method):
+    """Each Merge's expert is a view of the layer's written experts, not its own float32 working copy
+    (128 such copies are 22.5 GB at DeepSeek-V3's shape)."""
+    experts, stats = random_layer()
+    r = reduce_layer(make_method(method), Experts(*(m.bfloat16() for m in experts.matrices().values())), stats, 3, 0)
+    for j, m in enumerate(r.merges):
+        for which in ("gate", "up", "down"):
+            mine, written = getattr(m.expert, which), getattr(r.experts, which)
+            assert mine.dtype == torch.bfloat16 and mine.data_ptr() == written[j].data_ptr()

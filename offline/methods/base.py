@@ -129,7 +129,10 @@ def reduce_layer(method: Method, experts: Experts, stats: LayerStats, num_out: i
         m = method.merge(source, members, centre, stats)
         if grouping.scores is not None:
             m.score = round(grouping.scores[centre].item(), 6)
-        out.gate[j], out.up[j], out.down[j] = m.expert.gate[0], m.expert.up[0], m.expert.down[0]  # no second copy
+        out.gate[j], out.up[j], out.down[j] = m.expert.gate[0], m.expert.up[0], m.expert.down[0]
+        # The merge keeps its expert as written (views into `out`), not its float32 working copy: at
+        # DeepSeek-V3's shape 128 of those are 22.5 GB.
+        m.expert = Experts(out.gate[j:j + 1], out.up[j:j + 1], out.down[j:j + 1])
         merges.append(m)
     check_finite(out.matrices(), "the merged experts")
     return LayerResult(out, clusters_to_map(grouping.clusters, len(experts), grouping.dropped), grouping.clusters,
