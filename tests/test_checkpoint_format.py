@@ -148,6 +148,26 @@ def test_the_expert_count_key_follows_the_config():
     assert QWEN3_MOE.num_experts({"num_local_experts": 8}) == 8
 
 
+def test_a_count_under_two_names_is_written_under_both_and_must_agree():
+    """A Qwen3-MoE config may carry num_experts (hub) and num_local_experts (transformers 5), and
+    transformers then reads only one: an export that set just one served the source's count (a
+    64->32 checkpoint that vLLM refused as 64 experts). Both are written; apart, they are refused."""
+    from offline.source.architecture import SourceArchitecture
+    from offline.writing.config import output_config
+    from vllm_submoe.checkpoint_format import QWEN3_MOE
+    source = {**QWEN3_MOE.tiny, "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"],
+              "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "vocab_size": 128,
+              "num_experts": 8, "num_local_experts": 8}
+    maps = [[0, 0, 1, 2, 3, 1, 2, 3], [0, 1, 2, 0, 1, 2, 0, 1]]
+    for export in ("vanilla", "remap"):
+        out = output_config(source, SourceArchitecture.of(source), maps, method="submoe", export=export,
+                            source_path="src", source_bytes=2, weight_bytes=1)
+        assert out["num_experts"] == out["num_local_experts"] == 4
+    assert parse_block(out).experts_per_layer == (4, 3)
+    with pytest.raises(CheckpointFormatError, match="`num_experts` = 4 and `num_local_experts` = 8: .*set both to 4"):
+        parse_block({**out, "num_local_experts": 8})
+
+
 def test_the_family_table_is_the_layouts():
     """One entry per family (vllm_submoe.families); checkpoint_format's names are that table."""
     from vllm_submoe import MODEL_CLASSES

@@ -131,6 +131,11 @@ def parse_block(config: Mapping[str, Any]) -> SubMoEBlock:
             raise CheckpointFormatError(f"{lw} {what} (see {layout.model_type}'s config): the block does not "
                                         f"belong to this config")
         maps.append(_layer_map(layer, lw, n_router, version))
+    counts = {key: config[key] for key in layout.num_experts_keys(config) if key in config}
+    if len(set(map(repr, counts.values()))) > 1:
+        raise CheckpointFormatError(
+            f"config.json gives the expert count twice, {' and '.join(f'`{k}` = {v!r}' for k, v in counts.items())}: "
+            f"transformers reads only one of them, so they must agree (set both to {max(merged_count(m) for m in maps)})")
     declared, largest = layout.num_experts(config), max(merged_count(m) for m in maps)
     if declared != largest:
         raise CheckpointFormatError(

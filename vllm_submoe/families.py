@@ -122,6 +122,12 @@ class Family:
         return self.num_experts_alias if self.num_experts_alias in config and self.num_experts_field not in config \
             else self.num_experts_field
 
+    def num_experts_keys(self, config: Mapping[str, Any]) -> list[str]:
+        """Every key of config.json that holds the expert count: a config may carry both names, and
+        transformers then reads one of them, so a writer sets each of them."""
+        return [k for k in (self.num_experts_field, self.num_experts_alias) if k and k in config] or \
+            [self.num_experts_field]
+
     def num_experts(self, config: Mapping[str, Any]) -> Any:
         return config.get(self.num_experts_key(config))
 
