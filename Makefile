@@ -65,14 +65,16 @@ model: $(STAMP) corpus
 quality: $(STAMP)
 	$(PY) benchmarks/quality.py
 
-# Load-test original vs compressed on a generated ~1 GB MoE, equal memory budget, soak
-# (benchmarks/results/serving.*; about 30 minutes on 2 cores).
+# Load-test original, remap and vanilla interleaved on two generated MoEs (Mixtral 8e, Qwen3-MoE
+# 64e top-8), equal memory budget, soak (benchmarks/results/serving.*; about 45 minutes on 2 cores).
 serving: $(STAMP)
 	$(PY) benchmarks/serving.py
 
 clean:
 	rm -rf build demo-out .pytest_cache
 
-# Peak memory and wall time of submoe compress on 1-8.5 GiB random checkpoints (benchmarks/results/scaling.*).
+# Peak memory and wall time of submoe compress on 1-8.5 GiB random checkpoints and on layers of
+# Qwen3-30B-A3B's shape (benchmarks/results/scaling.*; about an hour on 2 cores; DeepSeek-V3's
+# 21 GiB layer: benchmarks/scaling.py --layers '' --shapes DeepSeek-V3 --methods m-smoe --update).
 scaling: $(STAMP)
 	$(PY) benchmarks/scaling.py

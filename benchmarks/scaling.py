@@ -161,16 +161,22 @@ def plot(rows: list[dict], spill: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def measured(row: dict) -> str:
+    """When and at which commit a row was measured (rows from before the field: the last full run)."""
+    return row.get("measured", "2026-11-25 at 2c01504")
+
+
 def markdown(rows: list[dict], spill: list[dict], shapes: list[dict]) -> str:
-    lines = ["| layers | source | output | before weights | peak RSS | peak - before, in bf16 layers | wall time |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| layers | source | output | before weights | peak RSS | peak - before, in bf16 layers | wall time | "
+             "measured |", "|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['layers']} | {r['source_bytes'] / GiB:.2f} GiB | {r['output_bytes'] / GiB:.2f} GiB | "
                      f"{r['rss_before_weights_bytes'] / GiB:.2f} GiB | {r['peak_rss_bytes'] / GiB:.2f} GiB | "
-                     f"{r['peak_above_floor_in_layers']} | {r['wall_seconds']:.0f} s |")
+                     f"{r['peak_above_floor_in_layers']} | {r['wall_seconds']:.0f} s | {measured(r)} |")
     if spill:
         lines += ["", f"Calibration activations ({spill[0]['samples']} x {CALIB['seq_len']} tokens, "
-                  f"{spill[0]['activation_copy_bytes'] / 2**20:.0f} MiB per copy), {spill[0]['layers']} layers:", "",
+                  f"{spill[0]['activation_copy_bytes'] / 2**20:.0f} MiB per copy), {spill[0]['layers']} layers, "
+                  f"measured {measured(spill[0])}:", "",
                   "| activations | peak RSS | peak - before, in bf16 layers | wall time |", "|---|---:|---:|---:|"]
         for name, r in zip(SPILL_VARIANTS, spill):
             lines.append(f"| {name} | {r['peak_rss_bytes'] / GiB:.2f} GiB | {r['peak_above_floor_in_layers']} | "
@@ -179,13 +185,13 @@ def markdown(rows: list[dict], spill: list[dict], shapes: list[dict]) -> str:
         lines += ["", f"Real layer shapes, {shapes[0]['layers']} layers each, 50% of the experts, "
                   f"{CALIB['samples'] * CALIB['seq_len'] // 1024}k calibration tokens:", "",
                   "| shape | method | experts | one layer (bf16) | peak RSS - before, in bf16 layers | "
-                  "peak anonymous memory, in bf16 layers | s per layer | whole model (extrapolated) |",
-                  "|---|---|---|---:|---:|---:|---:|---:|"]
+                  "peak anonymous memory, in bf16 layers | s per layer | whole model (extrapolated) | measured |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---|"]
         for r in shapes:
             anon = f"{r['peak_anon_bytes'] / GiB:.2f} GiB ({r['peak_anon_in_layers']})" if "peak_anon_bytes" in r else "–"
             lines.append(f"| {r['shape']} | {r['method']} | {r['experts']} | {r['layer_bytes'] / GiB:.2f} GiB | "
                          f"{r['peak_above_floor_in_layers']} | {anon} | {r['seconds_per_layer']} | "
-                         f"{r['extrapolated_hours']} h ({r['model_layers']} layers) |")
+                         f"{r['extrapolated_hours']} h ({r['model_layers']} layers) | {measured(r)} |")
     return "\n".join(lines) + "\n"
 
 
