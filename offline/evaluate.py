@@ -112,9 +112,9 @@ def compare(logp: torch.Tensor, windows: torch.Tensor, ref_logp: torch.Tensor | 
 
 def evaluate(model_dir: str, data: list[str], reference: str | None = None, seq_len: int = 256,
              max_windows: int = 32, progress: bool = True) -> dict:
-    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_dir(model_dir)))
-    model = load_reference(model_dir)
+    model = load_reference(model_dir)  # first: it checks the files (config, shards) with one clear error each
     ref = load_reference(reference) if reference else None
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_dir(model_dir)))
     domains = {}
     for spec in tqdm(data, desc="eval", unit="domain", disable=not progress):
         windows = token_windows(tokenizer, read_texts(spec), seq_len, max_windows)

@@ -3,6 +3,7 @@
     submoe compress --model SRC --out DST --method submoe --num-experts 4 --calib data/calib/*.jsonl
     submoe eval --model DST --reference SRC --data data/eval/*.jsonl --json eval.json
     submoe loadtest SRC DST --data data/eval/*.jsonl --labels original,compressed --concurrency 1,4,16,64
+    submoe check DST
 
 `submoe COMMAND --help` lists a command's options.
 """
@@ -23,6 +24,7 @@ COMMANDS = {
     "compress": ("offline.cli:run", True, "merge experts; write a checkpoint vLLM serves with the plugin"),
     "eval": ("offline.cli:run", True, "per-domain perplexity, KL, top-1 agreement against a reference"),
     "loadtest": ("serving.loadtest.cli:main", False, "one seeded workload against each deployment, side by side"),
+    "check": ("vllm_submoe.check:main", False, "validate a compressed checkpoint from its files, as vllm serve does"),
 }
 
 

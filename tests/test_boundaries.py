@@ -26,7 +26,8 @@ FORBIDDEN = {
     "submoe": (),
 }
 # ... except these: the compressor takes only the plugin package's shared modules (no vLLM, no torch)
-SHARED = ("vllm_submoe.checkpoint_format", "vllm_submoe.errors", "vllm_submoe.families", "vllm_submoe.texts")
+SHARED = ("vllm_submoe.check", "vllm_submoe.checkpoint_format", "vllm_submoe.errors", "vllm_submoe.families",
+          "vllm_submoe.texts")
 ALLOWED = {"offline": SHARED}
 
 

@@ -22,3 +22,5 @@ def register() -> None:
     for arch, target in MODEL_CLASSES.items():
         if arch not in supported:
             ModelRegistry.register_model(arch, target)
+    from .models import preflight
+    preflight.register(MODEL_CLASSES)

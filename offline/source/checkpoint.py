@@ -5,12 +5,12 @@ so a compressor holds one decoder layer at a time, whatever the model size.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from vllm_submoe.check import open_safetensors, read_config
 from vllm_submoe.checkpoint_format import safetensors_bytes
 from vllm_submoe.errors import SubMoEError
 
@@ -43,17 +43,16 @@ class LazyCheckpoint:
 
     def __init__(self, model_dir: str | Path):
         self.dir = resolve_model_dir(str(model_dir))
-        config_path = self.dir / "config.json"
-        if not config_path.is_file():
+        if not (self.dir / "config.json").is_file():
             raise CheckpointError(f"{self.dir} has no config.json: not a Hugging Face checkpoint directory")
-        self.config = json.loads(config_path.read_text())
+        self.config = read_config(self.dir)
         files = sorted(self.dir.glob("*.safetensors"))
         if not files:
             raise CheckpointError(f"{self.dir} has no *.safetensors weights (only safetensors are read; "
                                   f"convert .bin checkpoints first)")
         self._file_of: dict[str, Path] = {}
         for f in files:
-            with safe_open(str(f), framework="pt") as h:
+            with open_safetensors(f) as h:
                 for name in h.keys():
                     self._file_of[name] = f
         self._handles: dict[Path, object] = {}
@@ -70,7 +69,7 @@ class LazyCheckpoint:
         if name not in self._file_of:
             raise CheckpointError(f"{self.dir} is missing tensor {name}")
         f = self._file_of[name]
-        if f not in self._handles:
+        if f not in self._handles:  # its header was read in __init__: opening it again cannot fail on the header
             self._handles[f] = safe_open(str(f), framework="pt")
         return self._handles[f].get_tensor(name)
 
