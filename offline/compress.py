@@ -23,7 +23,7 @@ from transformers import AutoTokenizer
 
 from .calibration.activations import Activations
 from .calibration.layers import CalibratedLayer, calibrated_layers, in_groups
-from .calibration.windows import calibration_windows
+from .calibration.windows import calibration_windows, check_token_ids
 from .methods import LayerResult, Method, make_method, reduce_layers
 from .methods.output_error import output_error
 from .options import CompressError, CompressOptions, layer_budgets
@@ -46,6 +46,7 @@ def compress(opts: CompressOptions) -> dict:
                             f"cannot be tokenized, and the output could not be served")
     tokenizer = AutoTokenizer.from_pretrained(str(source.dir))
     windows, calib_info = calibration_windows(tokenizer, opts.calib, opts.samples, opts.seq_len, opts.seed)
+    check_token_ids(windows, source.config.get("vocab_size"), source.dir)
     rss_floor = rss_bytes()  # what no layer adds to: libraries, tokenizer, calibration tokens
 
     with resumable_output_dir(opts.out, opts.force, opts.fingerprint(), opts.restart, protect=source.dir) as work:

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from vllm_submoe.checkpoint_format import dropped_experts, layout_for, merged_count, served_expert_maps
 from vllm_submoe.texts import domain_name, read_texts
 
-from .calibration.windows import token_windows
+from .calibration.windows import check_token_ids, token_windows
 from .moe_math import Experts
 from .source.architecture import SourceArchitecture, layer_prefix
 from .source.checkpoint import LazyCheckpoint, resolve_model_dir
@@ -117,7 +117,8 @@ def evaluate(model_dir: str, data: list[str], reference: str | None = None, seq_
     tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_dir(model_dir)))
     domains = {}
     for spec in tqdm(data, desc="eval", unit="domain", disable=not progress):
-        windows = token_windows(tokenizer, read_texts(spec), seq_len, max_windows)
+        windows = check_token_ids(token_windows(tokenizer, read_texts(spec), seq_len, max_windows),
+                                  model.config.vocab_size, model_dir)
         logp = next_token_logprobs(model, windows)
         ref_logp = next_token_logprobs(ref, windows) if ref is not None else None
         domains[domain_name(spec)] = compare(logp, windows, ref_logp)

@@ -126,3 +126,19 @@ def test_vllm_serve_refuses_a_bad_map_before_any_engine_starts(broken):
     assert proc.returncode != 0
     assert any("expert_map[5] = 7 is outside 0..3" in line for line in log[-4:]), log[-6:]
     assert not any("EngineCore" in line or "Worker" in line for line in log), "an engine was started"
+
+
+def test_a_tokenizer_beyond_the_vocabulary_is_refused_in_one_line(tmp_path):
+    """A 2048-token model beside the shipped 4096-token tokenizer: compress and eval used to die
+    with a raw IndexError inside the embedding."""
+    from conftest import CALIB, SHIPPED
+
+    from offline.synthetic import random_mixtral
+    src = random_mixtral(tmp_path / "small-vocab", SHIPPED, vocab=2048)
+    want = f"the tokenizer in {src} gives token id \\d+, but the model's vocab_size is 2048"
+    for argv in (["compress", "--model", str(src), "--out", str(tmp_path / "out"), "--method", "submoe", "--num-experts", "4",
+                  "--calib", CALIB[0], "--samples", "4", "--seq-len", "64", "--no-progress"],
+                 ["eval", "--model", str(src), "--data", EVAL[0], "--no-progress"]):
+        code, err = _run(argv)
+        assert code == 2 and len(err) == 1 and re.search(want, err[0]), err
+    assert not (tmp_path / "out").exists()

@@ -27,6 +27,17 @@ def token_windows(tokenizer, texts: list[str], seq_len: int, max_windows: int | 
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
+def check_token_ids(windows: torch.Tensor, vocab_size: int | None, tokenizer_dir) -> torch.Tensor:
+    """An id past the model's embedding table would fail deep inside the forward as a raw
+    IndexError: a tokenizer that yields one is not this model's."""
+    top = int(windows.max())
+    if vocab_size is not None and top >= vocab_size:
+        raise DataError(f"the tokenizer in {tokenizer_dir} gives token id {top}, but the model's vocab_size is "
+                        f"{vocab_size}: it is not this model's tokenizer (put the model's own tokenizer files beside "
+                        f"its config.json)")
+    return windows
+
+
 def calibration_windows(tokenizer, sources: list[str], samples: int, seq_len: int, seed: int) -> tuple[torch.Tensor, dict]:
     """`samples` windows of `seq_len` tokens, spread round-robin over the sources (domains)."""
     if samples < 1:
