@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export VLLM_NO_USAGE_STATS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test model corpus quality serving scaling clean
+.PHONY: install demo test model corpus quality serving scaling compat clean
 
 install: $(STAMP)
 
@@ -69,6 +69,12 @@ quality: $(STAMP)
 # 64e top-8), equal memory budget, soak (benchmarks/results/serving.*; about 45 minutes on 2 cores).
 serving: $(STAMP)
 	$(PY) benchmarks/serving.py
+
+# The plugin's vLLM internals and model classes against each supported release: the installed one
+# here, and the CUDA `vllm` 0.33 in a temporary environment (a few GB of downloads, no GPU needed).
+compat: $(STAMP)
+	$(PY) -m vllm_submoe.vllm_compat
+	bash scripts/vllm_compat.sh "vllm==0.33.0"
 
 clean:
 	rm -rf build demo-out .pytest_cache

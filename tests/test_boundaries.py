@@ -141,3 +141,17 @@ HELP = "from submoe.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit
 def test_entry_point_loads_only_its_layer(code, forbidden):
     bad = _loaded(code) & forbidden
     assert not bad, f"{code!r} loaded {sorted(bad)}"
+
+
+def test_the_vllm_internals_the_plugin_uses_resolve_and_a_missing_one_is_named():
+    """vllm_submoe.vllm_compat is the one door to vLLM's internals (`make compat` runs it on each
+    supported release): here, on the installed one, everything resolves; a missing name is one
+    error naming it and the supported releases."""
+    from vllm_submoe.models.remapped_moe import RemappedRouter
+    from vllm_submoe.vllm_compat import VLLMCompatError, problems, resolve
+    assert problems() == []
+    with pytest.raises(VLLMCompatError, match=r"has no vllm\.model_executor\.layers\.fused_moe\.NoSuchFactory .*"
+                                              r"supports vLLM 0\.32-0\.33"):
+        resolve("vllm.model_executor.layers.fused_moe:NoSuchFactory")
+    # vLLM 0.33 would hand the logits to a monolithic kernel that routes itself, skipping the remap
+    assert RemappedRouter.supports_monolithic_kernels.fget(None) is False

@@ -7,9 +7,11 @@ Exported for any MoE vLLM serves (a stock Mixtral shows ratio 1), so two deploym
 from __future__ import annotations
 
 from prometheus_client import Gauge
-from vllm.v1.metrics.loggers import StatLoggerBase
 
 from .checkpoint_format import BLOCK_KEY, CheckpointFormatError, layout_for, merged_count, safetensors_bytes, served_expert_maps
+from .vllm_compat import internal
+
+StatLoggerBase = internal("StatLoggerBase")
 
 _GAUGES: dict[str, Gauge] = {}
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}

@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Iterable
 
 from ..check import check_checkpoint
+from ..vllm_compat import internal
 
 
 def register(architectures: Iterable[str]) -> None:
-    from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdateConfig
+    MODELS_CONFIG_MAP, VerifyAndUpdateConfig = internal("MODELS_CONFIG_MAP"), internal("VerifyAndUpdateConfig")
 
     class SubMoECheckpointCheck(VerifyAndUpdateConfig):
         @staticmethod

@@ -21,14 +21,16 @@ from contextlib import contextmanager
 from types import ModuleType
 
 import torch
-from vllm.model_executor.layers.fused_moe import FusedMoEFactory
-from vllm.model_executor.layers.fused_moe.config import RoutingMethodType
-from vllm.model_executor.layers.fused_moe.router.fused_moe_router import FusedMoERouter
-from vllm.model_executor.layers.fused_moe.router.router_factory import create_fused_moe_router
-from vllm.model_executor.models.utils import extract_layer_index
 
 from ..checkpoint_format import CheckpointFormatError, SubMoEBlock, check_all_present, check_tensor_shape, \
     expected_expert_tensors, layout_for, merged_count, parse_block
+from ..vllm_compat import internal
+
+FusedMoEFactory = internal("FusedMoEFactory")
+RoutingMethodType = internal("RoutingMethodType")
+FusedMoERouter = internal("FusedMoERouter")
+create_fused_moe_router = internal("create_fused_moe_router")
+extract_layer_index = internal("extract_layer_index")
 
 
 class RemappedRouter(FusedMoERouter):
@@ -56,6 +58,12 @@ class RemappedRouter(FusedMoERouter):
     def routing_method_type(self) -> RoutingMethodType:
         # Custom: no monolithic kernel may fuse the source's routing and skip the remap.
         return RoutingMethodType.Custom
+
+    @property
+    def supports_monolithic_kernels(self) -> bool:
+        # vLLM 0.33 asks this (0.32 goes by routing_method_type alone): a kernel that routes from the
+        # logits itself would skip the remap, so only decomposed backends (select_experts, then experts).
+        return False
 
     def _select_experts(self, hidden_states: torch.Tensor, router_logits: torch.Tensor,
                         topk_indices_dtype: torch.dtype | None = None, *,
