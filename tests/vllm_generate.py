@@ -17,7 +17,11 @@ for k, v in {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAG
 def generate(model: str, prompts: list[list[int]], max_tokens: int, enforce_eager: bool) -> list[dict]:
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model, dtype="float32", max_model_len=512, seed=0, enforce_eager=enforce_eager)
+    # float32 for exact comparisons. On a CPU with AMX, vLLM picks its AMX MLA kernel for DeepSeek's
+    # latent attention, which takes bf16 weights only: the reference CPU MLA kernel takes float32.
+    mla = "kv_lora_rank" in json.load(open(os.path.join(model, "config.json")))
+    llm = LLM(model=model, dtype="float32", max_model_len=512, seed=0, enforce_eager=enforce_eager,
+              **({"attention_backend": "CPU_MLA"} if mla else {}))
     params = SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=1, prompt_logprobs=1, ignore_eos=True)
     results = []
     for out in llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False):
