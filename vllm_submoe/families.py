@@ -117,16 +117,16 @@ class Family:
 
     # -- config fields ----------------------------------------------------------------------------
 
-    def num_experts_key(self, config: Mapping[str, Any]) -> str:
-        """The config.json key holding the expert count (hub configs and transformers 5 differ)."""
-        return self.num_experts_alias if self.num_experts_alias in config and self.num_experts_field not in config \
-            else self.num_experts_field
-
     def num_experts_keys(self, config: Mapping[str, Any]) -> list[str]:
-        """Every key of config.json that holds the expert count: a config may carry both names, and
-        transformers then reads one of them, so a writer sets each of them."""
+        """Every key of config.json that holds the expert count (hub configs and transformers 5 name
+        it differently): a config may carry both names, and transformers then reads one of them, so
+        a writer sets each of them."""
         return [k for k in (self.num_experts_field, self.num_experts_alias) if k and k in config] or \
             [self.num_experts_field]
+
+    def num_experts_key(self, config: Mapping[str, Any]) -> str:
+        """The key a reader takes the count from: the family's own name where present."""
+        return self.num_experts_keys(config)[0]
 
     def num_experts(self, config: Mapping[str, Any]) -> Any:
         return config.get(self.num_experts_key(config))

@@ -11,8 +11,7 @@ def output_config(config: dict, arch: SourceArchitecture, maps: list[list[int] |
                   source_path: str, source_bytes: int, weight_bytes: int) -> dict:
     layout, n_src = arch.layout, arch.num_experts
     out = dict(config)
-    for key in layout.num_experts_keys(config):
-        out[key] = max(merged_count(m) for m in maps)
+    out.update(dict.fromkeys(layout.num_experts_keys(config), max(merged_count(m) for m in maps)))
     source_arch = (config.get("architectures") or [layout.source_architecture])[0]
     if export == "vanilla":  # a stock checkpoint: the N'-row router needs no map
         out["architectures"] = [source_arch]
