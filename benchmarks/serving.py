@@ -81,10 +81,10 @@ def build_models(work: Path) -> dict:
         for export in ("remap", "vanilla"):
             out = work / f"{name}-submoe-{n // 2}e-{export}"
             if not (out / "config.json").exists():
-                report = compress(CompressOptions(model=str(src), out=out, method="submoe", num_experts=n // 2,
-                                                  calib=CALIB, samples=32, seq_len=128, export=export, force=True))
-                m["compression_cost"][export] = {"seconds": report["time_seconds"],
-                                                 "peak_rss_bytes": report["peak_rss_bytes"]}
+                compress(CompressOptions(model=str(src), out=out, method="submoe", num_experts=n // 2,
+                                         calib=CALIB, samples=32, seq_len=128, export=export, force=True))
+            report = json.loads((out / "compression_report.json").read_text())  # also when reused
+            m["compression_cost"][export] = {"seconds": report["time_seconds"], "peak_rss_bytes": report["peak_rss_bytes"]}
             m[export] = out
         models[name] = m
     return models
@@ -303,12 +303,15 @@ def main() -> None:
     t0 = time.time()
     models = build_models(args.work)
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU",
-              "rounds": args.rounds, "concurrency": CONCURRENCY, "headroom": args.headroom, "models": {}}
+              "rounds": args.rounds, "concurrency": CONCURRENCY, "headroom": args.headroom, "models": {},
+              "reused_phases": []}
 
     def phase(name: str, measure_it):
         """Each phase's result is kept in --work; --resume reuses the ones a killed run finished."""
         saved = args.work / f"{name}.json"
-        if not (args.resume and saved.exists()):
+        if args.resume and saved.exists():
+            result["reused_phases"].append(name)  # measured by an earlier run: not in this run's wall time
+        else:
             saved.write_text(json.dumps(measure_it()))
         return json.loads(saved.read_text())
 
