@@ -106,6 +106,14 @@ def test_submoe_eval_refuses_a_broken_file_in_one_line(broken):
     assert re.search(message, err[0]), err
 
 
+def test_submoe_check_names_a_path_that_is_not_a_checkpoint_directory(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")  # a file given where its directory belongs
+    for path in (tmp_path / "absent", tmp_path / "model.safetensors"):
+        code, err = _run(["check", str(path)])
+        assert code == 2 and err == [f"submoe check: error: {path} is not a directory: pass the checkpoint "
+                                     f"directory `submoe compress` wrote"], err
+
+
 def test_submoe_check_passes_a_good_checkpoint(random_compressed):
     proc = subprocess.run([sys.executable, "-m", "submoe", "check", str(random_compressed)], capture_output=True,
                           text=True, timeout=300)

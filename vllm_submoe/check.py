@@ -32,7 +32,9 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointFormatError(f"{path} is missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except OSError as e:
+        raise CheckpointFormatError(f"{path} cannot be read ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointFormatError(f"{path} is not valid JSON ({e}): restore it from where the checkpoint "
                                     f"came from, or write the checkpoint again") from None
 
@@ -84,6 +86,9 @@ def check_checkpoint(model_dir: str | Path) -> SubMoEBlock:
     """Everything about a compressed checkpoint that its files decide; one error naming the first
     problem (file, layer, field or tensor)."""
     model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointFormatError(f"{model_dir} is not a directory: pass the checkpoint directory "
+                                    f"`submoe compress` wrote")
     config = read_config(model_dir)
     try:
         block = parse_block(config)
