@@ -6,6 +6,7 @@ Fixtures are tiny random models built by transformers from each family's own con
 top-k, grouped top-k with a routed scaling factor, MLA attention).
 """
 import json
+import re
 import shutil
 
 import pytest
@@ -22,6 +23,7 @@ from offline.options import CompressError, CompressOptions
 from offline.source.architecture import SourceArchitecture, hf_config, routing_of
 from offline.source.checkpoint import LazyCheckpoint
 from offline.synthetic import TINY, random_moe
+from offline.writing.shards import copy_tokenizer
 from vllm_submoe.checkpoint_format import BLOCK_KEY, LAYOUTS, CheckpointFormatError, layout_for, parse_block
 from vllm_submoe.families import BY_MODEL_TYPE
 
@@ -89,6 +91,74 @@ def test_large_shape_sources_are_named_and_shaped_as_transformers_writes_them(tm
         assert sorted(ours.names()) == sorted(theirs.names()), family
         assert {n: ours.get(n).shape for n in ours.names()} == {n: theirs.get(n).shape for n in theirs.names()}, family
         assert ours.get(ours.names()[-1]).dtype == torch.bfloat16
+
+
+def other_naming(src, out, fused: bool):
+    """The checkpoint `src` as other tools write it: transformers 5's fused experts
+    (`save_original_format=False`: experts.gate_up_proj [E, 2I, H], Mixtral's block_sparse_moe saved as
+    mlp), or per-expert tensors under the other projection names in an `mlp` module (llm-compressor's
+    linearised Mixtral: gate_proj/up_proj/down_proj; w1/w3/w2 for the others)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    if fused:
+        AutoModelForCausalLM.from_pretrained(src).save_pretrained(out, save_original_format=False)
+        copy_tokenizer(src, out)
+        return out
+    other = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+    other.update({v: k for k, v in other.items()})
+    rename = lambda n: re.sub(r"\.experts\.(\d+)\.(\w+)\.weight$",  # noqa: E731
+                              lambda m: f".experts.{m.group(1)}.{other[m.group(2)]}.weight",
+                              n.replace(".block_sparse_moe.", ".mlp."))
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("*.safetensors*"))
+    for f in src.glob("*.safetensors"):
+        save_file({rename(n): t for n, t in load_file(f).items()}, out / f.name, metadata={"format": "pt"})
+    return out
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "renamed"])
+def test_sources_in_other_namings_read_as_the_family_own(sources, tmp_path, fused):
+    """Every family's checkpoint, stored with fused experts or the other per-expert names, reads as the
+    same tensors under the family's names (views: nothing copied)."""
+    for family in FAMILIES:
+        src = LazyCheckpoint(sources[family])
+        ckpt = LazyCheckpoint(other_naming(sources[family], tmp_path / family, fused))
+        assert set(ckpt._file_of).isdisjoint(n for n in src.names() if ".experts." in n), family  # stored otherwise
+        assert sorted(ckpt.names()) == sorted(src.names()), family
+        for name in src.names():
+            assert torch.equal(ckpt.get(name), src.get(name)), (family, name)
+
+
+def test_a_source_in_another_naming_compresses_to_the_same_checkpoint(sources, tmp_path):
+    """End to end: llm-compressor's and transformers 5's namings of one Mixtral compress to the very
+    checkpoint its own naming does (Mixtral: the one family whose MoE module is renamed too)."""
+    from safetensors.torch import load_file
+    outs = []
+    for name, fused in (("own", None), ("fused", True), ("renamed", False)):
+        src = sources["mixtral"] if fused is None else other_naming(sources["mixtral"], tmp_path / f"src-{name}", fused)
+        compress(CompressOptions(model=str(src), out=tmp_path / name, method="submoe", num_experts=4,
+                                 calib=CALIB[:1], samples=4, seq_len=32, progress=False))
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        tensors = {n: t for f in sorted((tmp_path / name).glob("*.safetensors")) for n, t in load_file(f).items()}
+        outs.append((config[BLOCK_KEY]["layers"], tensors))
+    for layers, tensors in outs[1:]:
+        assert layers == outs[0][0]
+        assert tensors.keys() == outs[0][1].keys()
+        assert all(torch.equal(t, outs[0][1][n]) for n, t in tensors.items())
+
+
+def test_mixed_or_misshapen_namings_are_refused():
+    from offline.source.naming import NamingError, canonical_sources
+    mixtral = BY_MODEL_TYPE["mixtral"]
+    both = {"model.layers.0.block_sparse_moe.experts.0.w1.weight": (4, 8),
+            "model.layers.0.mlp.experts.0.gate_proj.weight": (4, 8)}
+    with pytest.raises(NamingError, match="stored twice.*w1.weight.*gate_proj.weight"):
+        canonical_sources(mixtral, both)
+    with pytest.raises(NamingError, match=r"gate_up_proj has shape \[8, 7, 16\], not \[experts, 2 x intermediate"):
+        canonical_sources(mixtral, {"model.layers.0.mlp.experts.gate_up_proj": (8, 7, 16)})
+    dense = {"model.layers.0.mlp.gate_proj.weight": (4, 8), "model.layers.1.mlp.shared_experts.up_proj.weight": (4, 8)}
+    assert {n: s.name for n, s in canonical_sources(BY_MODEL_TYPE["deepseek_v3"], dense).items()} == \
+        {n: n for n in dense}  # a dense MLP and shared experts are not routed experts
 
 
 def test_each_family_routes_as_its_config_says(sources):

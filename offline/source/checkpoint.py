@@ -13,6 +13,9 @@ from safetensors import safe_open
 from vllm_submoe.check import open_safetensors, read_config
 from vllm_submoe.checkpoint_format import safetensors_bytes
 from vllm_submoe.errors import SubMoEError
+from vllm_submoe.families import BY_MODEL_TYPE
+
+from .naming import Stored, canonical_sources
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "generation_config.json", "chat_template.jinja")
@@ -39,7 +42,9 @@ def resolve_model_dir(spec: str) -> Path:
 
 
 class LazyCheckpoint:
-    """Name -> tensor access over one or many safetensors files, without loading them."""
+    """Name -> tensor access over one or many safetensors files, without loading them. Names are the
+    family's own (offline.source.naming): a checkpoint stored with other expert names or fused experts
+    reads as if written in them."""
 
     def __init__(self, model_dir: str | Path):
         self.dir = resolve_model_dir(str(model_dir))
@@ -51,27 +56,33 @@ class LazyCheckpoint:
             raise CheckpointError(f"{self.dir} has no *.safetensors weights (only safetensors are read; "
                                   f"convert .bin checkpoints first)")
         self._file_of: dict[str, Path] = {}
+        shapes: dict[str, list[int]] = {}
         for f in files:
             with open_safetensors(f) as h:
                 for name in h.keys():
                     self._file_of[name] = f
+                    shapes[name] = h.get_slice(name).get_shape()
+        family = BY_MODEL_TYPE.get(self.config.get("model_type"))  # an unsupported one is refused by its user
+        self._stored: dict[str, Stored] = (canonical_sources(family, shapes) if family
+                                           else {n: Stored(n) for n in shapes})
         self._handles: dict[Path, object] = {}
 
     def has_tokenizer(self) -> bool:
         return any((self.dir / n).is_file() for n in TOKENIZER_FILES[:2])
 
     def names(self) -> list[str]:
-        return list(self._file_of)
+        return list(self._stored)
 
     def get(self, name: str) -> torch.Tensor:
         """The stored tensor: a view into the memory-mapped file (safetensors maps without copying),
         valid after `release()` but keeping the whole file mapped while it lives."""
-        if name not in self._file_of:
+        if name not in self._stored:
             raise CheckpointError(f"{self.dir} is missing tensor {name}")
-        f = self._file_of[name]
+        stored = self._stored[name]
+        f = self._file_of[stored.name]
         if f not in self._handles:  # its header was read in __init__: opening it again cannot fail on the header
             self._handles[f] = safe_open(str(f), framework="pt")
-        return self._handles[f].get_tensor(name)
+        return stored.select(self._handles[f].get_tensor(stored.name))
 
     def release(self) -> None:
         """Close the memory-mapped files: pages read so far stop counting as this process's memory
