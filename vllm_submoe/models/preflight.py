@@ -11,7 +11,20 @@ from pathlib import Path
 from typing import Iterable
 
 from ..check import check_checkpoint
-from ..vllm_compat import internal
+from ..errors import SubMoEError
+from ..vllm_compat import has_fp8_kernels, internal
+
+
+class ServingOptionError(SubMoEError, ValueError):
+    """A `vllm serve` option this checkpoint cannot be served with on this vLLM build."""
+
+
+def check_quantization(quantization: str | None, fp8_kernels: bool) -> None:
+    """Online FP8 (`--quantization fp8`) quantises the merged experts as it loads them: it needs vLLM's
+    FP8 kernels, which its CPU build lacks (it would fail inside the worker a minute later)."""
+    if quantization == "fp8" and not fp8_kernels:
+        raise ServingOptionError("--quantization fp8: this vLLM build has no FP8 kernels (vLLM's CPU build); "
+                                 "serve without --quantization here, or with it on a CUDA GPU")
 
 
 def register(architectures: Iterable[str]) -> None:
@@ -24,6 +37,8 @@ def register(architectures: Iterable[str]) -> None:
             # the worker checks what it loads either way.
             if Path(model_config.model).is_dir():
                 check_checkpoint(model_config.model)
+            if getattr(model_config, "quantization", None) == "fp8":
+                check_quantization("fp8", has_fp8_kernels())
 
     for arch in architectures:
         MODELS_CONFIG_MAP.setdefault(arch, SubMoECheckpointCheck)
