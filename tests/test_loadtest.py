@@ -237,6 +237,13 @@ def test_report_writer_outputs_json_markdown_and_plot(tmp_path):
     assert table.count("compressed") == 2 and "original" in table
 
 
+def test_deployments_up_at_once_share_a_gpu_unless_the_user_chose():
+    from serving.loadtest.cli import gpu_share
+    assert gpu_share(["--max-model-len", "1024"], 3, on_gpu=True) == ["--gpu-memory-utilization", "0.300"]
+    assert gpu_share(["--gpu-memory-utilization=0.5"], 3, on_gpu=True) == []
+    assert gpu_share([], 3, on_gpu=False) == [] == gpu_share([], 1, on_gpu=True)
+
+
 def test_launcher_binds_localhost_passes_the_api_key_and_opts_in_to_the_route():
     s = VLLMServer("some/model", "--dtype", "float32", api_key="k3y")
     cmd = s.command()

@@ -118,6 +118,20 @@ def deployment(target: str, opts: LoadTestOptions, log: Path, extra: list[str] =
         yield server.base_url, server.pid, time.perf_counter() - t0
 
 
+def gpu_share(serve_args: list[str], deployments: int, on_gpu: bool) -> list[str]:
+    """Serve arguments that let `deployments` servers share one GPU: vLLM takes 90% of a GPU's memory
+    by default and refuses to start where less is free, so each gets an equal part of 90% (unless the
+    user chose a share)."""
+    if not on_gpu or deployments < 2 or any(a.split("=")[0] == "--gpu-memory-utilization" for a in serve_args):
+        return []
+    return ["--gpu-memory-utilization", f"{0.9 / deployments:.3f}"]
+
+
+def cuda_visible() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
 def run_phase(base_url: str, api_key: str | None, model: str, prompts: list, max_tokens: int, bar: tqdm | None,
                concurrency: int | None = None, arrivals: list[float] | None = None) -> dict:
     on_done = (lambda r: bar.update()) if bar is not None else (lambda r: None)
@@ -267,8 +281,9 @@ def run(opts: LoadTestOptions) -> dict:
     opts.out.mkdir(parents=True, exist_ok=True)
     log = lambda label: opts.out / f"serve-{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)}.log"  # noqa: E731
     if opts.rounds > 1:
+        share = gpu_share(opts.serve_args, sum(not is_url(t) for t in opts.targets), cuda_visible())
         with contextlib.ExitStack() as up:
-            ups = [up.enter_context(deployment(t, opts, log(label), extra)) for t, label, extra in
+            ups = [up.enter_context(deployment(t, opts, log(label), [*share, *extra])) for t, label, extra in
                    zip(opts.targets, opts.labels, opts.target_serve_args or [[]] * len(opts.targets))]
             result["deployments"], result["interleaved"] = measure_interleaved(ups, prompts, opts)
         for d, target, (_, _, startup) in zip(result["deployments"], opts.targets, ups):
