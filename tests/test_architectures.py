@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import CALIB, SHIPPED, write_config
+from conftest import CALIB, EVAL, SHIPPED, write_config
 from vllm_helpers import assert_matches_reference, assert_same_serving, identity_copy, reference_greedy, vllm_results
 
 from offline.calibration.layers import calibrate_layer
@@ -96,8 +96,8 @@ def test_large_shape_sources_are_named_and_shaped_as_transformers_writes_them(tm
 def other_naming(src, out, fused: bool):
     """The checkpoint `src` as other tools write it: transformers 5's fused experts
     (`save_original_format=False`: experts.gate_up_proj [E, 2I, H], Mixtral's block_sparse_moe saved as
-    mlp), or per-expert tensors under the other projection names in an `mlp` module (llm-compressor's
-    linearised Mixtral: gate_proj/up_proj/down_proj; w1/w3/w2 for the others)."""
+    mlp), or per-expert tensors under the other projection names (what llm-compressor 0.14 writes for
+    a Mixtral it pruned: block_sparse_moe.experts.{e}.gate_proj/up_proj/down_proj; w1/w3/w2 for the others)."""
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
@@ -108,8 +108,7 @@ def other_naming(src, out, fused: bool):
     other = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
     other.update({v: k for k, v in other.items()})
     rename = lambda n: re.sub(r"\.experts\.(\d+)\.(\w+)\.weight$",  # noqa: E731
-                              lambda m: f".experts.{m.group(1)}.{other[m.group(2)]}.weight",
-                              n.replace(".block_sparse_moe.", ".mlp."))
+                              lambda m: f".experts.{m.group(1)}.{other[m.group(2)]}.weight", n)
     shutil.copytree(src, out, ignore=shutil.ignore_patterns("*.safetensors*"))
     for f in src.glob("*.safetensors"):
         save_file({rename(n): t for n, t in load_file(f).items()}, out / f.name, metadata={"format": "pt"})
@@ -145,6 +144,21 @@ def test_a_source_in_another_naming_compresses_to_the_same_checkpoint(sources, t
         assert layers == outs[0][0]
         assert tensors.keys() == outs[0][1].keys()
         assert all(torch.equal(t, outs[0][1][n]) for n, t in tensors.items())
+
+
+def test_a_pruned_mixtral_in_llm_compressor_naming_is_evaluated(sources, tmp_path):
+    """An expert-pruned stock Mixtral as llm-compressor's REAP writes it (4 router rows, experts as
+    gate_proj/up_proj/down_proj): `submoe eval` used to refuse it ("missing tensor ...w1"); it now
+    scores exactly what the same weights score in the canonical naming."""
+    from offline.evaluate import evaluate
+    pruned = tmp_path / "pruned"
+    compress(CompressOptions(model=str(sources["mixtral"]), out=pruned, method="reap", num_experts=4,
+                             export="vanilla", calib=CALIB[:1], samples=4, seq_len=32, progress=False))
+    theirs = other_naming(pruned, tmp_path / "theirs", fused=False)
+    scores = [evaluate(str(m), EVAL[:1], reference=str(sources["mixtral"]), seq_len=64, max_windows=2,
+                       progress=False)["domains"] for m in (pruned, theirs)]
+    assert scores[0] == scores[1]
+    assert next(iter(scores[0].values()))["kl"] > 1e-4  # pruning changed the model: the comparison is not vacuous
 
 
 def test_mixed_or_misshapen_namings_are_refused():
