@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export VLLM_NO_USAGE_STATS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test model corpus quality serving scaling compat clean
+.PHONY: install demo test model corpus quality serving scaling compat gpu-check clean
 
 install: $(STAMP)
 
@@ -75,6 +75,13 @@ serving: $(STAMP)
 compat: $(STAMP)
 	$(PY) -m vllm_submoe.vllm_compat
 	bash scripts/vllm_compat.sh "vllm==0.33.0"
+
+# On a machine with an NVIDIA GPU: the CUDA `vllm`, the test suite, compressed checkpoints served compiled
+# and with FP8 against the reference, and the serving A/B (benchmarks/results/gpu/; scripts/gpu_check.sh).
+gpu-check:
+	@test -n "$(GPU)" || { echo "make gpu-check needs an NVIDIA GPU: nvidia-smi sees none (on a CPU machine: make test)"; exit 2; }
+	$(MAKE) install
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf build demo-out .pytest_cache

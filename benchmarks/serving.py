@@ -302,7 +302,9 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     models = build_models(args.work)
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU",
+    import torch
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, {device}",
               "rounds": args.rounds, "concurrency": CONCURRENCY, "headroom": args.headroom, "models": {},
               "reused_phases": []}
 

@@ -4,6 +4,7 @@ A subprocess keeps vLLM's worker processes and global state out of pytest. With 
 their engines run one after another in this one process (vLLM is imported once), and OUT holds
 {model: results}.
     python tests/vllm_generate.py MODEL [MODEL ...] --prompts PROMPTS.json --out OUT.json [--max-tokens N]
+        [--enforce-eager] [--dtype float32] [--quantization fp8]
 """
 import argparse
 import gc
@@ -14,14 +15,16 @@ for k, v in {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAG
     os.environ.setdefault(k, v)
 
 
-def generate(model: str, prompts: list[list[int]], max_tokens: int, enforce_eager: bool) -> list[dict]:
+def generate(model: str, prompts: list[list[int]], max_tokens: int, enforce_eager: bool, dtype: str = "float32",
+             quantization: str | None = None) -> list[dict]:
     from vllm import LLM, SamplingParams
 
-    # float32 for exact comparisons. On a CPU with AMX, vLLM picks its AMX MLA kernel for DeepSeek's
+    # float32 (the default) for exact comparisons. On a CPU with AMX, vLLM picks its AMX MLA kernel for DeepSeek's
     # latent attention, which takes bf16 weights only: the reference CPU MLA kernel takes float32.
     mla = "kv_lora_rank" in json.load(open(os.path.join(model, "config.json")))
-    llm = LLM(model=model, dtype="float32", max_model_len=512, seed=0, enforce_eager=enforce_eager,
-              **({"attention_backend": "CPU_MLA"} if mla else {}))
+    cpu = not __import__("torch").cuda.is_available()
+    llm = LLM(model=model, dtype=dtype, max_model_len=512, seed=0, enforce_eager=enforce_eager, quantization=quantization,
+              **({"attention_backend": "CPU_MLA"} if mla and cpu else {}))
     params = SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=1, prompt_logprobs=1, ignore_eos=True)
     results = []
     for out in llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False):
@@ -45,9 +48,12 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--max-tokens", type=int, default=12)
     ap.add_argument("--enforce-eager", action="store_true", help="skip torch.compile (faster start-up)")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--quantization", default=None, help="vLLM's --quantization (fp8: online dynamic FP8)")
     args = ap.parse_args()
     prompts = json.load(open(args.prompts))
-    results = {m: generate(m, prompts, args.max_tokens, args.enforce_eager) for m in args.models}
+    results = {m: generate(m, prompts, args.max_tokens, args.enforce_eager, args.dtype, args.quantization)
+               for m in args.models}
     json.dump(results if len(args.models) > 1 else results[args.models[0]], open(args.out, "w"))
 
 
