@@ -66,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--substitute-pruned", action="store_true",
                    help="reap, freq-prune: serve a pruned expert's tokens by the kept expert with the most similar "
                         "outputs (its router row stays) instead of dropping its logit from the top-k (as published)")
+    m.add_argument("--refine-steps", type=int, default=0, metavar="S",
+                   help="any method: after merging, up to S gradient steps on every merged expert's matrices "
+                        "against the source layer's output on the --output-tokens sample, routing fixed; "
+                        "held-out tokens decide when to stop (default 0: off)")
     c.add_argument("--export", choices=("remap", "vanilla"), default="remap",
                    help="remap: N-row router + remap tables (vLLM plugin, per-layer counts); vanilla: N'-row "
                         "router, a stock Mixtral any loader reads (router rows of each group's dominant expert)")
@@ -104,7 +108,7 @@ def run(argv: list[str]) -> int:
             calib=args.calib, samples=args.samples, seq_len=args.seq_len, method_options=options,
             seed=args.seed, device=args.device, force=args.force, output_tokens=args.output_tokens,
             export=args.export, progress=not args.no_progress, calib_batch=args.calib_batch,
-            activation_memory=args.activation_memory, restart=args.restart))
+            activation_memory=args.activation_memory, restart=args.restart, refine_steps=args.refine_steps))
         s = report["sizes"]
         print(f"wrote {args.out}: experts per layer {s['experts_per_layer']}, "
               f"{s['source_weight_bytes'] / 1e6:.2f} MB -> {s['weight_bytes'] / 1e6:.2f} MB, "

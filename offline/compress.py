@@ -25,7 +25,8 @@ from .calibration.activations import Activations
 from .calibration.layers import CalibratedLayer, calibrated_layers, in_groups
 from .calibration.windows import calibration_windows, check_token_ids
 from .methods import LayerResult, Method, make_method, reduce_layers
-from .methods.output_error import output_error
+from .methods.output_error import output_error, served_weights
+from .methods.refine import Refinement, refine
 from .options import CompressError, CompressOptions, layer_budgets
 from .source.architecture import SourceArchitecture
 from .source.checkpoint import LazyCheckpoint
@@ -84,8 +85,17 @@ def reduce_group(group: list[CalibratedLayer], method: Method, budgets: list[int
     on_cpu = [c.experts.to("cpu") for c in group]  # methods run on the CPU; their outputs come from these experts
     results = reduce_layers(method, [(e, replace(c.stats, experts=e)) for e, c in zip(on_cpu, group)],
                             [budgets[c.index] for c in group], opts.seed)
+    if opts.refine_steps:
+        results = [refined(r, replace(c.stats, experts=e), opts) for r, c, e in zip(results, group, on_cpu)]
     seconds = (time.time() - t0) / len(group)
     return [(r, output_error(c.stats, r, opts.export), seconds) for c, r in zip(group, results)]
+
+
+def refined(result: LayerResult, stats, opts: CompressOptions) -> LayerResult:
+    """The layer's merged experts after layer-wise refinement, routed as the export serves them."""
+    experts, info = refine(result.experts, served_weights(stats, result, opts.export), stats,
+                           Refinement(steps=opts.refine_steps, seed=opts.seed))
+    return replace(result, experts=experts, refinement=info)
 
 
 __all__ = ["CompressOptions", "CompressError", "compress", "reduce_and_write", "reduce_group"]

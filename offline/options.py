@@ -36,6 +36,7 @@ class CompressOptions:
     calib_batch: int = 16  # calibration windows through a layer at once: bounds the transient activations
     activation_memory: int = 1 << 30  # bytes of layer activations kept in RAM; more spill to a file
     restart: bool = False  # drop a partial earlier run of this --out instead of resuming it
+    refine_steps: int = 0  # layer-wise refinement after the merge (methods/refine.py): at most this many steps
 
     def fingerprint(self) -> dict:
         """What must match for a partial run to be resumed."""
@@ -74,6 +75,8 @@ def layer_budgets(opts: CompressOptions, config: dict, arch: SourceArchitecture,
     _check_export(opts, arch, {c for c in counts if c is not None})
     if drops and opts.export == "remap":
         _check_drops(arch, {c for c in counts if c is not None})
+    if opts.refine_steps < 0:
+        raise CompressError(f"--refine-steps must be >= 0, got {opts.refine_steps}")
     if opts.output_tokens < 1:
         raise CompressError(f"--output-tokens must be at least 1, got {opts.output_tokens}")
     if opts.calib_batch < 1 or opts.activation_memory < 0:

@@ -104,6 +104,7 @@ def _compress_args(src, out, *extra):
      "--export vanilla needs at least top_k=2 experts per layer"),
     (lambda a: a.extend(["--adaptive"]) or a.__setitem__(a.index("--num-experts") + 1, "3,5"),
      "--adaptive clusters adjacent layers jointly, so their --num-experts must be equal"),
+    (lambda a: a.extend(["--refine-steps", "-1"]), "--refine-steps must be >= 0"),
 ])
 def test_bad_cli_input_gives_one_clear_error_and_no_output(random_source, tmp_path, capsys, change, message):
     args = _compress_args(random_source, tmp_path / "out")
@@ -330,6 +331,24 @@ def test_stages_on_layers_calibrated_once_write_what_a_streamed_run_writes(rando
         assert not (opts.out / "progress.json").exists()
         a, b = _checkpoint_tensors(opts.out), _checkpoint_tensors(random_compressed)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_refinement_lowers_each_layers_held_out_error_and_is_reported(random_source, tmp_path):
+    """--refine-steps on top of a merge: each layer's held-out error is never above the merge's, the
+    report says what it did, and the layers' output errors on the sample come out lower."""
+    from offline.compress import compress
+    from offline.options import CompressOptions
+    args = dict(model=str(random_source), method="average", num_experts=4, calib=CALIB[:2], samples=16, seq_len=64,
+                output_tokens=1024, progress=False)
+    plain = compress(CompressOptions(out=tmp_path / "plain", **args))
+    refined = compress(CompressOptions(out=tmp_path / "refined", refine_steps=100, **args))
+    assert refined["settings"]["refine_steps"] == 100 and "refinement" not in plain["layers"][0]
+    for a, b in zip(plain["layers"], refined["layers"]):
+        r = b["refinement"]
+        assert r["held_out_error_after"] <= r["held_out_error_before"] and r["steps_run"] >= 25
+        assert b["expert_map"] == a["expert_map"]  # the grouping is the merge's
+    assert sum(b["moe_output_relative_error"] for b in refined["layers"]) < \
+        sum(a["moe_output_relative_error"] for a in plain["layers"])
 
 
 def test_compressing_a_compressed_checkpoint_is_refused(random_compressed, tmp_path, capsys):

@@ -308,3 +308,20 @@ def test_a_layer_result_holds_each_merged_expert_once(method):
         for which in ("gate", "up", "down"):
             mine, written = getattr(m.expert, which), getattr(r.experts, which)
             assert mine.dtype == torch.bfloat16 and mine.data_ptr() == written[j].data_ptr()
+
+
+def test_refinement_recovers_a_perturbed_layer_and_never_returns_a_worse_one():
+    """Refining perturbed copies of the source experts (identity map) brings the layer's output back
+    towards the source's on held-out tokens; a step so large that every step hurts keeps the input."""
+    from offline.methods.refine import Refinement, refine
+    from offline.moe_math import Experts
+    experts, stats = random_layer(seed=3, n=4, h=16, i=24, t=2000, router_gain=4.0)
+    g = torch.Generator().manual_seed(0)
+    noisy = Experts(*(m + 0.3 * torch.randn(m.shape, generator=g) for m in (experts.gate, experts.up, experts.down)))
+    weights = stats.gate_weights()
+    out, info = refine(noisy, weights, stats, Refinement(steps=300, lr=0.01, batch=512))
+    assert info["held_out_error_after"] < 0.5 * info["held_out_error_before"]
+    assert not info["kept_merge"] and out.gate.dtype == noisy.gate.dtype
+    same, info = refine(noisy, weights, stats, Refinement(steps=50, lr=100.0, batch=512))
+    assert info["kept_merge"] and info["held_out_error_after"] == info["held_out_error_before"]
+    assert all(torch.equal(a, b) for a, b in zip(same.matrices().values(), noisy.matrices().values()))

@@ -75,6 +75,7 @@ class LayerResult:
     representatives: list[int]  # router row kept per merged expert (vanilla export)
     merges: list[Merge] = field(default_factory=list)
     grouping: Grouping | None = None
+    refinement: dict | None = None  # layer-wise refinement's held-out errors (methods/refine.py)
 
 
 class Method(ABC):

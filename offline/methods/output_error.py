@@ -30,14 +30,17 @@ def duplicate_slot_rate(stats: LayerStats, result: LayerResult) -> float:
     return (served[:, 1:] == served[:, :-1]).sum().item() / max(ids.numel(), 1)
 
 
-@torch.no_grad()
-def output_error(stats: LayerStats, result: LayerResult, export: str = "remap") -> float:
-    """‖served routed-expert output − source's‖ / ‖source's‖ (shared experts add the same to both)."""
+def served_weights(stats: LayerStats, result: LayerResult, export: str = "remap") -> torch.Tensor:
+    """[T, N'] the weight of each merged expert on each sampled token, routed as the export serves it."""
     if export == "remap":
         g = gate_weights(stats.routing, served_logits(stats, result))  # [T, N]; a dropped expert's column is 0
         served_ids = torch.tensor([e or 0 for e in result.expert_map])
-        weights = torch.zeros(len(g), len(result.experts), dtype=g.dtype).index_add_(1, served_ids, g)  # [T, N']
-    else:
-        weights = gate_weights(stats.routing, stats.router_logits[:, result.representatives])
-    served = weighted_expert_sum(stats.tokens, weights, result.experts)
+        return torch.zeros(len(g), len(result.experts), dtype=g.dtype).index_add_(1, served_ids, g)
+    return gate_weights(stats.routing, stats.router_logits[:, result.representatives])
+
+
+@torch.no_grad()
+def output_error(stats: LayerStats, result: LayerResult, export: str = "remap") -> float:
+    """‖served routed-expert output − source's‖ / ‖source's‖ (shared experts add the same to both)."""
+    served = weighted_expert_sum(stats.tokens, served_weights(stats, result, export), result.experts)
     return (torch.linalg.norm(served - stats.moe_output) / torch.linalg.norm(stats.moe_output).clamp_min(1e-30)).item()

@@ -31,6 +31,7 @@ def layer_entry(layer: int, stats, result, output_error: float, seconds: float, 
         "merge": [m.report() for m in result.merges],
         **({"grouping": result.grouping.chosen_by, "held_out_error_by_grouping": result.grouping.held_out_errors}
            if result.grouping is not None and result.grouping.chosen_by else {}),
+        **({"refinement": result.refinement} if result.refinement else {}),
     }
 
 
@@ -41,7 +42,8 @@ def build(opts, method, calib_info: dict, layers: list[dict], experts_per_layer:
         "method": opts.method,
         "method_description": method.description,
         "settings": {"num_experts": opts.num_experts, "seed": opts.seed, "device": opts.device, "export": opts.export,
-                     "expert_output_tokens": opts.output_tokens, **method.settings()},
+                     "expert_output_tokens": opts.output_tokens, "refine_steps": opts.refine_steps,
+                     **method.settings()},
         "source": {"path": str(opts.model), "num_experts": n_src, "weight_bytes": source_bytes},
         "calibration": calib_info,
         "sizes": {"source_weight_bytes": source_bytes, "weight_bytes": out_bytes,
