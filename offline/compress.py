@@ -54,7 +54,9 @@ def compress(opts: CompressOptions) -> dict:
         out = CompressedOutput(work.dir, source, arch, opts, work.state)
         done, resume_file, earlier = out.layers_done, work.dir / "resume.f32", work.state.get("seconds", 0)
         resume = Activations((*windows.shape, arch.config.hidden_size), path=resume_file) if done else None
-        layers = calibrated_layers(source, windows, opts, work.dir, start=done, resume=resume, needs=method.statistics)
+        calibration = {"seconds": 0.0}  # reading each layer and running the calibration through it
+        layers = timed(calibrated_layers(source, windows, opts, work.dir, start=done, resume=resume,
+                                         needs=method.statistics), calibration)
         bar = tqdm(total=len(budgets), initial=done, unit="layer", disable=not opts.progress,
                    desc=f"compress {opts.method} {arch.num_experts}->{opts.num_experts}")
         if done:
@@ -66,7 +68,21 @@ def compress(opts: CompressOptions) -> dict:
             bar.update(len(group))
             del group  # the next layer must not be read while this one is alive
         bar.close()
-        return out.finish(method, calib_info, earlier + time.time() - t0, rss_floor)
+        return out.finish(method, {**calib_info, "seconds_this_run": round(calibration["seconds"], 2)},
+                          earlier + time.time() - t0, rss_floor)
+
+
+def timed(items, clock: dict):
+    """`items`, adding the time spent producing each to clock["seconds"]."""
+    it = iter(items)
+    while True:
+        t0 = time.time()
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        clock["seconds"] += time.time() - t0
+        yield item
 
 
 def reduce_and_write(group: list[CalibratedLayer], method: Method, budgets: list[int | None], opts: CompressOptions,

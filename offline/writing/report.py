@@ -50,6 +50,7 @@ def build(opts, method, calib_info: dict, layers: list[dict], experts_per_layer:
                   "compression_ratio": source_bytes / out_bytes,
                   "experts_per_layer": experts_per_layer},  # 0: a layer without routed experts
         "time_seconds": round(seconds, 2),
+        "reduce_seconds": round(sum(l["seconds"] for l in layers), 2),  # grouping, merging, refining
         "peak_rss_bytes": peak_rss,
         "rss_before_weights_bytes": rss_before_weights,  # of this run's process (a resumed run: its own)
         "layers": layers,
@@ -69,7 +70,8 @@ def to_markdown(r: dict) -> str:
         f"({r['calibration']['tokens']} tokens) from " + ", ".join(r["calibration"]["sources"]),
         f"- weights: {s['source_weight_bytes'] / 1e6:.2f} MB -> {s['weight_bytes'] / 1e6:.2f} MB "
         f"(ratio {s['compression_ratio']:.3f})",
-        f"- time: {r['time_seconds']:.1f} s, peak resident memory {r['peak_rss_bytes'] / 2**20:.0f} MiB "
+        f"- time: {r['time_seconds']:.1f} s (calibration {r['calibration'].get('seconds_this_run', 0):.1f} s, "
+        f"merging {r['reduce_seconds']:.1f} s), peak resident memory {r['peak_rss_bytes'] / 2**20:.0f} MiB "
         f"({r['rss_before_weights_bytes'] / 2**20:.0f} MiB before any weight was read: libraries, tokenizer, "
         f"calibration tokens)",
         "",
