@@ -56,6 +56,14 @@ MAIN_METHODS = ["submoe", "output-lsq", "mergemoe", "hc-smoe", "m-smoe", "reap",
 # Variants measured at the harder ratio only: Sub-MoE's adaptive and † settings, neuron alignment.
 VARIANTS = [("submoe", {"adaptive": True}), ("submoe", {"intra_rank_ratio": 0.5}),
             *[(m, {"align_neurons": True}) for m in ("submoe", "output-lsq", "mergemoe", "m-smoe")]]
+# Configurations added to a committed run with `--add LABEL ...` (at 50% of the experts, every seed):
+# (method, method options, pipeline options). More sampled tokens help every least-squares fit, so
+# MergeMoE is measured on the same 16k tokens as ours.
+ADDED = {
+    "mergemoe@16k": ("mergemoe", {}, {"output_tokens": 16384}),
+    "output-lsq@16k": ("output-lsq", {}, {"output_tokens": 16384}),
+    "output-lsq+refine@16k": ("output-lsq", {}, {"output_tokens": 16384, "refine_steps": 300}),
+}
 FIGURES = ("kl", "top1_agreement", "retention_mean", "retention_worst", "greedy_first_divergence", "perplexity_mean")
 
 
@@ -166,15 +174,17 @@ class Calibrations:
         self.tok = AutoTokenizer.from_pretrained(str(model_dir))
         self.key, self.value = None, None
 
-    def get(self, sources: list[str], samples: int, seed: int):
-        key = (tuple(sources), samples, seed)
+    def get(self, sources: list[str], samples: int, seed: int, output_tokens: int | None = None):
+        output_tokens = output_tokens or self.s.output_tokens
+        key = (tuple(sources), samples, seed, output_tokens)
         if key != self.key:
             self.value = None  # free the previous one first: ~100 MB per calibration here
             windows, info = calibration_windows(self.tok, sources, samples, self.s.seq_len, seed)
+            t0 = time.time()
             opts = CompressOptions(model=str(self.model_dir), out=Path("-"), method="submoe", num_experts=1,
-                                   samples=samples, seq_len=self.s.seq_len, seed=seed,
-                                   output_tokens=self.s.output_tokens)
-            self.key, self.value = key, (list(calibrated_layers(LazyCheckpoint(str(self.model_dir)), windows, opts)), info)
+                                   samples=samples, seq_len=self.s.seq_len, seed=seed, output_tokens=output_tokens)
+            layers = list(calibrated_layers(LazyCheckpoint(str(self.model_dir)), windows, opts))
+            self.key, self.value = key, (layers, {**info, "calibration_seconds": time.time() - t0})
         return self.value
 
 
@@ -194,19 +204,23 @@ def compress_calibrated(opts: CompressOptions, layers: list, calib_info: dict) -
 
 
 def run_one(model_dir: Path, cal: Calibrations, ev: Evaluator, tmp: Path, method: str, options: dict, n: int,
-            seed: int, sources: list[str], samples: int, s: Settings) -> dict:
-    layers, info = cal.get(sources, samples, seed)
+            seed: int, sources: list[str], samples: int, s: Settings, pipeline: dict | None = None) -> dict:
+    """One configuration on one calibration: compress (the pipeline after calibration) and score.
+    `pipeline`: CompressOptions fields beyond the benchmark's (output_tokens, refine_steps)."""
+    pipeline = {"output_tokens": s.output_tokens, **(pipeline or {})}
+    layers, info = cal.get(sources, samples, seed, pipeline["output_tokens"])
     out = tmp / "ckpt"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t0 = time.time()
         report = compress_calibrated(CompressOptions(
             model=str(model_dir), out=out, method=method, num_experts=n, samples=samples, seq_len=s.seq_len,
-            method_options=options, seed=seed, force=True, output_tokens=s.output_tokens, progress=False), layers, info)
+            method_options=options, seed=seed, force=True, progress=False, **pipeline), layers, info)
         merge_seconds = time.time() - t0
     figures = ev.score(out)
     figures.update(method=method, label=label(method, options), options=options, num_experts=n, seed=seed,
                    samples=samples, calib=[domain_name(p) for p in sources], merge_seconds=merge_seconds,
+                   calibration_seconds=info["calibration_seconds"], pipeline=pipeline,
                    weight_bytes=report["sizes"]["weight_bytes"], warnings=sorted({str(w.message) for w in caught}),
                    moe_output_error=statistics.fmean(l["moe_output_relative_error"] for l in report["layers"]),
                    # The grouping's shape per MoE layer: why a method ranks as it does at 64 experts and at 8.
@@ -270,6 +284,25 @@ def run(s: Settings, out_dir: Path) -> dict:
             entry["seconds"], entry["torch_threads"] = round(time.time() - t_start), torch.get_num_threads()
             results["models"][name] = entry
             t_start = time.time()
+    return results
+
+
+def add(s: Settings, labels: list[str], earlier: dict) -> dict:
+    """The committed results with the `ADDED` configurations `labels` (re)measured at 50% of the experts,
+    every seed, each model's summary recomputed; everything else kept as it was."""
+    results = json.loads(json.dumps(earlier))
+    with tempfile.TemporaryDirectory(prefix="submoe-quality-") as td:
+        for name, model_dir in s.models.items():
+            entry = results["models"][name]
+            ev, cal = Evaluator(model_dir, s), Calibrations(model_dir, s)
+            half = min(entry["targets"], key=lambda n: abs(n / entry["source_experts"] - 0.5))
+            runs = [r for r in entry["runs"] if r["label"] not in labels]
+            for seed in s.seeds:
+                for lab in tqdm(labels, desc=f"{name} seed {seed}", unit="run"):
+                    method, options, pipeline = ADDED[lab]
+                    run = run_one(model_dir, cal, ev, Path(td), method, options, half, seed, CALIB, s.samples, s, pipeline)
+                    runs.append({**run, "label": lab})
+            entry["runs"], entry["summary"] = runs, summarise(runs)
     return results
 
 
@@ -439,6 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    ap.add_argument("--add", nargs="+", choices=list(ADDED), metavar="LABEL",
+                    help=f"measure only these configurations (of {list(ADDED)}) at 50%% of the experts and add them to "
+                         "the committed JSON, replacing their earlier rows")
     ap.add_argument("--update", action="store_true",
                     help="keep the other models' results already in the JSON; replace only the models run")
     args = ap.parse_args(argv)
@@ -449,11 +485,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"quality: missing model(s) {missing}: run `make model` (or pass --models)", file=sys.stderr)
         return 2
     s = quick_settings(models) if args.quick else Settings(models=models, seeds=args.seeds)
-    results = run(s, args.out)
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = "quality-quick" if args.quick else "quality"
     earlier = args.out / f"{stem}.json"
-    if args.update and earlier.is_file():
+    if args.add:
+        if not earlier.is_file():
+            print(f"quality: --add extends {earlier}, which does not exist: run the benchmark first", file=sys.stderr)
+            return 2
+        results = add(s, args.add, json.loads(earlier.read_text()))
+    else:
+        results = run(s, args.out)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.update and not args.add and earlier.is_file():
         kept = json.loads(earlier.read_text())["models"]
         for n, entry in kept.items():  # results from before per-model targets: 8 experts, 8->6 and 8->4
             entry.setdefault("source_experts", 8)
