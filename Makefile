@@ -81,7 +81,7 @@ compat: $(STAMP)
 gpu-check:
 	@test -n "$(GPU)" || { echo "make gpu-check needs an NVIDIA GPU: nvidia-smi sees none (on a CPU machine: make test)"; exit 2; }
 	$(MAKE) install
-	bash scripts/gpu_check.sh
+	PY=$(PY) bash scripts/gpu_check.sh
 
 clean:
 	rm -rf build demo-out .pytest_cache

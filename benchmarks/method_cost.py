@@ -37,7 +37,7 @@ def measure(model: Path, n: int, args: list[str], out: Path) -> dict:
     t0 = time.time()
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
     r = json.loads((out / "compression_report.json").read_text())
-    calib = r["calibration"]["seconds_this_run"]
+    calib = r["calibration"]["seconds"]
     return {"wall_seconds": round(time.time() - t0, 1), "compress_seconds": r["time_seconds"],
             "calibration_seconds": calib, "merging_seconds": r["reduce_seconds"],
             "over_calibration": round(r["time_seconds"] / calib, 2), "peak_rss_bytes": r["peak_rss_bytes"]}

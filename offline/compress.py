@@ -53,8 +53,9 @@ def compress(opts: CompressOptions) -> dict:
     with resumable_output_dir(opts.out, opts.force, opts.fingerprint(), opts.restart, protect=source.dir) as work:
         out = CompressedOutput(work.dir, source, arch, opts, work.state)
         done, resume_file, earlier = out.layers_done, work.dir / "resume.f32", work.state.get("seconds", 0)
+        # reading each layer and running the calibration through it, earlier runs of a resumed one included
+        calibration = {"seconds": work.state.get("calibration_seconds", 0.0)}
         resume = Activations((*windows.shape, arch.config.hidden_size), path=resume_file) if done else None
-        calibration = {"seconds": 0.0}  # reading each layer and running the calibration through it
         layers = timed(calibrated_layers(source, windows, opts, work.dir, start=done, resume=resume,
                                          needs=method.statistics), calibration)
         bar = tqdm(total=len(budgets), initial=done, unit="layer", disable=not opts.progress,
@@ -64,11 +65,11 @@ def compress(opts: CompressOptions) -> dict:
         for group in in_groups(layers, method.joint_layers):
             reduce_and_write(group, method, budgets, opts, out)
             group[-1].activations.save_as(resume_file)  # a kill from here on resumes after this group
-            work.save(**out.state(), seconds=earlier + time.time() - t0)
+            work.save(**out.state(), seconds=earlier + time.time() - t0, calibration_seconds=calibration["seconds"])
             bar.update(len(group))
             del group  # the next layer must not be read while this one is alive
         bar.close()
-        return out.finish(method, {**calib_info, "seconds_this_run": round(calibration["seconds"], 2)},
+        return out.finish(method, {**calib_info, "seconds": round(calibration["seconds"], 2)},
                           earlier + time.time() - t0, rss_floor)
 
 
@@ -83,6 +84,7 @@ def timed(items, clock: dict):
             return
         clock["seconds"] += time.time() - t0
         yield item
+        del item  # a finished layer must not stay alive while the next one is read
 
 
 def reduce_and_write(group: list[CalibratedLayer], method: Method, budgets: list[int | None], opts: CompressOptions,

@@ -40,8 +40,10 @@ class CompressOptions:
 
     def fingerprint(self) -> dict:
         """What must match for a partial run to be resumed."""
+        # A field added later is left out at its default, so a partial run from before it still resumes.
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self).items()
-                if k not in ("force", "progress", "restart", "device", "calib_batch", "activation_memory")}
+                if k not in ("force", "progress", "restart", "device", "calib_batch", "activation_memory")
+                and not (k == "refine_steps" and v == 0)}
 
 
 def layer_budgets(opts: CompressOptions, config: dict, arch: SourceArchitecture,

@@ -170,6 +170,8 @@ def test_mixed_or_misshapen_namings_are_refused():
         canonical_sources(mixtral, both)
     with pytest.raises(NamingError, match=r"gate_up_proj has shape \[8, 7, 16\], not \[experts, 2 x intermediate"):
         canonical_sources(mixtral, {"model.layers.0.mlp.experts.gate_up_proj": (8, 7, 16)})
+    with pytest.raises(NamingError, match=r"gate_up_proj has shape \[8, 16, 48\].*hidden size 16"):  # transposed
+        canonical_sources(mixtral, {"model.layers.0.mlp.experts.gate_up_proj": (8, 16, 48)}, hidden=16)
     dense = {"model.layers.0.mlp.gate_proj.weight": (4, 8), "model.layers.1.mlp.shared_experts.up_proj.weight": (4, 8)}
     assert {n: s.name for n, s in canonical_sources(BY_MODEL_TYPE["deepseek_v3"], dense).items()} == \
         {n: n for n in dense}  # a dense MLP and shared experts are not routed experts

@@ -322,6 +322,8 @@ def test_refinement_recovers_a_perturbed_layer_and_never_returns_a_worse_one():
     out, info = refine(noisy, weights, stats, Refinement(steps=300, lr=0.01, batch=512))
     assert info["held_out_error_after"] < 0.5 * info["held_out_error_before"]
     assert not info["kept_merge"] and out.gate.dtype == noisy.gate.dtype
+    _, info = refine(noisy, weights, stats, Refinement(steps=10, lr=0.01, batch=512))  # fewer than check_every
+    assert info["held_out_error_after"] < info["held_out_error_before"]
     same, info = refine(noisy, weights, stats, Refinement(steps=50, lr=100.0, batch=512))
     assert info["kept_merge"] and info["held_out_error_after"] == info["held_out_error_before"]
     assert all(torch.equal(a, b) for a, b in zip(same.matrices().values(), noisy.matrices().values()))

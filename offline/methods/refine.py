@@ -9,6 +9,11 @@ smooth. Each step takes a minibatch of the sample; every fifth sampled token is 
 held-out error decides when to stop and which step's weights to keep (the merge itself when no step
 improves on it). Needs more tokens than the closed-form merges: 16k sampled tokens, not 2k, or it
 overfits within 50 steps (measured on the upcycled stand-in).
+
+Memory: the layer's merged experts in float32 about five times (parameters, gradients, Adam's two
+moments, the best step), on the CPU: fine for the stand-ins, ~5x the merged layer at DeepSeek-V3's
+shape. The held-out tokens are every fifth, as output-lsq's grouping choice uses: the merge's own
+held-out error is then slightly optimistic, which can only make refinement stop early.
 """
 from __future__ import annotations
 
@@ -51,13 +56,16 @@ def refine(experts: Experts, weights: torch.Tensor, stats: LayerStats, r: Refine
     before = best = held_error()
     best_params, since, step = [p.detach().clone() for p in params], 0, 0
     fit = torch.nonzero(~held).flatten()
+    if len(fit) == 0:  # a sample of one token: nothing to fit on
+        return experts, {"held_out_error_before": before, "held_out_error_after": before, "steps_run": 0,
+                         "kept_merge": True}
     gen = torch.Generator().manual_seed(r.seed)
     for step in range(1, r.steps + 1):
         rows = fit[torch.randint(len(fit), (min(r.batch, len(fit)),), generator=gen)]
         opt.zero_grad()
         relative_error(x[rows], weights[rows], Experts(*params), target[rows]).pow(2).backward()
         opt.step()
-        if step % r.check_every == 0:
+        if step % r.check_every == 0 or step == r.steps:  # the last step counts too
             err = held_error()
             if err < best:
                 best, best_params, since = err, [p.detach().clone() for p in params], 0

@@ -63,7 +63,7 @@ class LazyCheckpoint:
                     self._file_of[name] = f
                     shapes[name] = h.get_slice(name).get_shape()
         family = BY_MODEL_TYPE.get(self.config.get("model_type"))  # an unsupported one is refused by its user
-        self._stored: dict[str, Stored] = (canonical_sources(family, shapes) if family
+        self._stored: dict[str, Stored] = (canonical_sources(family, shapes, self.config.get("hidden_size")) if family
                                            else {n: Stored(n) for n in shapes})
         self._handles: dict[Path, object] = {}
 

@@ -51,12 +51,14 @@ class Stored:
         return tensor if self.rows is None else tensor[self.rows]
 
 
-def canonical_sources(family: Family, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Stored]:
+def canonical_sources(family: Family, shapes: Mapping[str, tuple[int, ...]],
+                      hidden: int | None = None) -> dict[str, Stored]:
     """Canonical name -> where it is stored, for every tensor of a checkpoint (`shapes`: stored name
-    -> shape). A canonical name stored twice (two namings mixed) is refused, naming both."""
+    -> shape; `hidden`: the config's hidden size, which a fused tensor's shape must show where this
+    reader expects it). A canonical name stored twice (two namings mixed) is refused, naming both."""
     out: dict[str, Stored] = {}
     for name, shape in shapes.items():
-        for canonical, stored in _canonical(family, name, tuple(shape)):
+        for canonical, stored in _canonical(family, name, tuple(shape), hidden):
             if canonical in out:
                 raise NamingError(f"{canonical} is stored twice, as {out[canonical].name} and as {name}: "
                                   f"a checkpoint holds each tensor under one naming")
@@ -64,7 +66,7 @@ def canonical_sources(family: Family, shapes: Mapping[str, tuple[int, ...]]) -> 
     return out
 
 
-def _canonical(family: Family, name: str, shape: tuple[int, ...]) -> Iterator[tuple[str, Stored]]:
+def _canonical(family: Family, name: str, shape: tuple[int, ...], hidden: int | None) -> Iterator[tuple[str, Stored]]:
     m = _MOE_TENSOR.fullmatch(name)
     if m is None or m.group(3) not in (family.moe_prefix, *MOE_MODULE_ALIASES):
         yield name, Stored(name)
@@ -77,15 +79,18 @@ def _canonical(family: Family, name: str, shape: tuple[int, ...]) -> Iterator[tu
             yield family.expert_tensor(layer, expert, which), Stored(name)
             return
     elif fused := _FUSED.fullmatch(rest):
-        yield from _split_fused(family, layer, name, fused.group(1), shape)
+        yield from _split_fused(family, layer, name, fused.group(1), shape, hidden)
         return
     yield f"{m.group(1)}{family.moe_prefix}.{rest}", Stored(name)
 
 
-def _split_fused(family: Family, layer: int, name: str, kind: str, shape: tuple[int, ...]):
-    if len(shape) != 3 or (kind == FUSED_GATE_UP and shape[1] % 2):
+def _split_fused(family: Family, layer: int, name: str, kind: str, shape: tuple[int, ...], hidden: int | None):
+    hidden_dim = 2 if kind == FUSED_GATE_UP else 1  # a transposed layout ([E, H, 2I]) is not read as this one
+    if len(shape) != 3 or (kind == FUSED_GATE_UP and shape[1] % 2) or \
+            (hidden is not None and shape[hidden_dim] != hidden):
         want = "[experts, 2 x intermediate, hidden]" if kind == FUSED_GATE_UP else "[experts, hidden, intermediate]"
-        raise NamingError(f"fused expert tensor {name} has shape {list(shape)}, not {want}")
+        raise NamingError(f"fused expert tensor {name} has shape {list(shape)}, not {want} "
+                          f"(hidden size {hidden})")
     half = shape[1] // 2
     for e in range(shape[0]):
         if kind == FUSED_GATE_UP:

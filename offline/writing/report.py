@@ -70,7 +70,7 @@ def to_markdown(r: dict) -> str:
         f"({r['calibration']['tokens']} tokens) from " + ", ".join(r["calibration"]["sources"]),
         f"- weights: {s['source_weight_bytes'] / 1e6:.2f} MB -> {s['weight_bytes'] / 1e6:.2f} MB "
         f"(ratio {s['compression_ratio']:.3f})",
-        f"- time: {r['time_seconds']:.1f} s (calibration {r['calibration'].get('seconds_this_run', 0):.1f} s, "
+        f"- time: {r['time_seconds']:.1f} s (calibration {r['calibration'].get('seconds', 0):.1f} s, "
         f"merging {r['reduce_seconds']:.1f} s), peak resident memory {r['peak_rss_bytes'] / 2**20:.0f} MiB "
         f"({r['rss_before_weights_bytes'] / 2**20:.0f} MiB before any weight was read: libraries, tokenizer, "
         f"calibration tokens)",
