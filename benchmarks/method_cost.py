@@ -14,33 +14,27 @@ import argparse
 import json
 import os
 import platform
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-CALIB = sorted(str(p) for p in (ROOT / "data" / "calib").glob("*.jsonl"))
+from quality import ROOT, Settings, cost_run
+
 MODELS = {"upcycled 8->4": (ROOT / "models" / "tiny-mixtral-8e", 4),
           "from-scratch 8->4": (ROOT / "models" / "tiny-mixtral-8e-scratch", 4),
           "fine-grained 64->32": (ROOT / "models" / "tiny-qwen2-moe-64e", 32)}
 # The project's method as the quality benchmark measures it (quality.py: output-lsq+refine@16k), and
 # its closed-form part alone.
-CONFIGS = {"output-lsq+refine@16k": ["--method", "output-lsq", "--output-tokens", "16384", "--refine-steps", "300"],
-           "output-lsq@16k": ["--method", "output-lsq", "--output-tokens", "16384"]}
+CONFIGS = {"output-lsq+refine@16k": ("output-lsq", ("--output-tokens", "16384", "--refine-steps", "300")),
+           "output-lsq@16k": ("output-lsq", ("--output-tokens", "16384"))}
 
 
-def measure(model: Path, n: int, args: list[str], out: Path) -> dict:
-    cmd = [sys.executable, "-m", "submoe", "compress", "--model", str(model), "--out", str(out), "--num-experts", str(n),
-           "--calib", *CALIB, "--no-progress", "--force", *args]
-    t0 = time.time()
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
-    r = json.loads((out / "compression_report.json").read_text())
-    calib = r["calibration"]["seconds"]
-    return {"wall_seconds": round(time.time() - t0, 1), "compress_seconds": r["time_seconds"],
-            "calibration_seconds": calib, "merging_seconds": r["reduce_seconds"],
-            "over_calibration": round(r["time_seconds"] / calib, 2), "peak_rss_bytes": r["peak_rss_bytes"]}
+def measure(model: Path, n: int, method: str, extra: tuple[str, ...], tmp: Path) -> dict:
+    r = cost_run(model, method, n, Settings(models={}, seeds=[0]), tmp, extra)  # the CLI's default calibration
+    return {"wall_seconds": round(r["wall_seconds"], 1), "compress_seconds": r["compress_seconds"],
+            "calibration_seconds": r["calibration_seconds"], "merging_seconds": r["merging_seconds"],
+            "over_calibration": round(r["compress_seconds"] / r["calibration_seconds"], 2),
+            "peak_rss_bytes": r["peak_rss_bytes"]}
 
 
 def main() -> None:
@@ -50,8 +44,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="submoe-cost-") as td:
         for name, (model, n) in MODELS.items():
-            for label, cfg in CONFIGS.items():
-                rows.append({"model": name, "config": label, **measure(model, n, cfg, Path(td) / "out")})
+            for label, (method, extra) in CONFIGS.items():
+                rows.append({"model": name, "config": label, **measure(model, n, method, extra, Path(td))})
                 print(json.dumps(rows[-1]), flush=True)
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU",
               "rows": rows}

@@ -246,16 +246,18 @@ def summarise(runs: list[dict], keys=("label", "num_experts")) -> list[dict]:
     return rows
 
 
-def cost_run(model_dir: Path, method: str, n: int, s: Settings, tmp: Path) -> dict:
-    """A real `submoe compress` in a fresh process: wall time and peak resident memory as a user sees them."""
+def cost_run(model_dir: Path, method: str, n: int, s: Settings, tmp: Path, extra: tuple[str, ...] = ()) -> dict:
+    """A real `submoe compress` in a fresh process (`extra`: more of its options): wall time, the report's
+    calibration and merging times, and peak resident memory, as a user sees them."""
     out = tmp / f"cost-{method}"
     cmd = [sys.executable, "-m", "submoe", "compress", "--model", str(model_dir), "--out", str(out), "--method",
            method, "--num-experts", str(n), "--samples", str(s.samples), "--seq-len", str(s.seq_len), "--calib", *CALIB,
-           "--no-progress", "--force"]
+           "--no-progress", "--force", *extra]
     t0 = time.time()
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
     report = json.loads((out / "compression_report.json").read_text())
     return {"method": method, "num_experts": n, "wall_seconds": time.time() - t0, "compress_seconds": report["time_seconds"],
+            "calibration_seconds": report["calibration"]["seconds"], "merging_seconds": report["reduce_seconds"],
             "peak_rss_bytes": report["peak_rss_bytes"]}
 
 
@@ -269,7 +271,7 @@ def run(s: Settings, out_dir: Path) -> dict:
         for name, model_dir in s.models.items():
             ev, cal = Evaluator(model_dir, s), Calibrations(model_dir, s)
             targets = targets_of(name, model_dir, s)
-            half = targets[min(range(len(targets)), key=lambda i: abs(targets[i] / source_experts(model_dir) - 0.5))]
+            half = half_target(targets, source_experts(model_dir))
             plan = [(m, {}, n) for n in targets for m in s.methods] + [(m, o, half) for m, o in s.variants]
             runs = []
             for seed in s.seeds:
@@ -295,7 +297,7 @@ def add(s: Settings, labels: list[str], earlier: dict) -> dict:
         for name, model_dir in s.models.items():
             entry = results["models"][name]
             ev, cal = Evaluator(model_dir, s), Calibrations(model_dir, s)
-            half = min(entry["targets"], key=lambda n: abs(n / entry["source_experts"] - 0.5))
+            half = half_target(entry["targets"], entry["source_experts"])
             runs = [r for r in entry["runs"] if r["label"] not in labels]
             for seed in s.seeds:
                 for lab in tqdm(labels, desc=f"{name} seed {seed}", unit="run"):
@@ -304,6 +306,11 @@ def add(s: Settings, labels: list[str], earlier: dict) -> dict:
                     runs.append({**run, "label": lab})
             entry["runs"], entry["summary"] = runs, summarise(runs)
     return results
+
+
+def half_target(targets: list[int], source: int) -> int:
+    """The target expert count closest to 50% of the source's."""
+    return min(targets, key=lambda n: abs(n / source - 0.5))
 
 
 def source_experts(model_dir: Path) -> int:

@@ -17,12 +17,13 @@ for k, v in {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAG
 
 def generate(model: str, prompts: list[list[int]], max_tokens: int, enforce_eager: bool, dtype: str = "float32",
              quantization: str | None = None) -> list[dict]:
+    import torch
     from vllm import LLM, SamplingParams
 
     # float32 (the default) for exact comparisons. On a CPU with AMX, vLLM picks its AMX MLA kernel for DeepSeek's
     # latent attention, which takes bf16 weights only: the reference CPU MLA kernel takes float32.
     mla = "kv_lora_rank" in json.load(open(os.path.join(model, "config.json")))
-    cpu = not __import__("torch").cuda.is_available()
+    cpu = not torch.cuda.is_available()
     llm = LLM(model=model, dtype=dtype, max_model_len=512, seed=0, enforce_eager=enforce_eager, quantization=quantization,
               **({"attention_backend": "CPU_MLA"} if mla and cpu else {}))
     params = SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=1, prompt_logprobs=1, ignore_eos=True)

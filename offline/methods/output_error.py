@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..calibration.stats import LayerStats, gate_weights
-from ..moe_math import weighted_expert_sum
+from ..moe_math import Experts, weighted_expert_sum
 from .base import LayerResult
 
 
@@ -39,8 +39,13 @@ def served_weights(stats: LayerStats, result: LayerResult, export: str = "remap"
     return gate_weights(stats.routing, stats.router_logits[:, result.representatives])
 
 
+def relative_error(x: torch.Tensor, weights: torch.Tensor, experts: Experts, target: torch.Tensor) -> torch.Tensor:
+    """‖Σ_j weights[:, j] E_j(x) − target‖ / ‖target‖ (differentiable: refinement minimises it)."""
+    served = weighted_expert_sum(x, weights, experts)
+    return torch.linalg.norm(served - target) / torch.linalg.norm(target).clamp_min(1e-30)
+
+
 @torch.no_grad()
 def output_error(stats: LayerStats, result: LayerResult, export: str = "remap") -> float:
     """‖served routed-expert output − source's‖ / ‖source's‖ (shared experts add the same to both)."""
-    served = weighted_expert_sum(stats.tokens, served_weights(stats, result, export), result.experts)
-    return (torch.linalg.norm(served - stats.moe_output) / torch.linalg.norm(stats.moe_output).clamp_min(1e-30)).item()
+    return relative_error(stats.tokens, served_weights(stats, result, export), result.experts, stats.moe_output).item()

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from ..calibration.stats import LayerStats
-from ..moe_math import Experts, weighted_expert_sum
+from ..moe_math import Experts
+from .output_error import relative_error
 
 
 @dataclass(frozen=True)
@@ -33,11 +34,6 @@ class Refinement:
     check_every: int = 25  # held-out error measured every this many steps ...
     patience: int = 4  # ... and the run stops after this many checks without improving
     seed: int = 0
-
-
-def relative_error(x: torch.Tensor, weights: torch.Tensor, experts: Experts, target: torch.Tensor) -> torch.Tensor:
-    served = weighted_expert_sum(x, weights, experts)
-    return torch.linalg.norm(served - target) / torch.linalg.norm(target).clamp_min(1e-30)
 
 
 def refine(experts: Experts, weights: torch.Tensor, stats: LayerStats, r: Refinement) -> tuple[Experts, dict]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from vllm_submoe.check import open_safetensors, read_config
+from vllm_submoe.check import read_config, tensor_shapes
 from vllm_submoe.checkpoint_format import safetensors_bytes
 from vllm_submoe.errors import SubMoEError
 from vllm_submoe.families import BY_MODEL_TYPE
@@ -55,13 +55,9 @@ class LazyCheckpoint:
         if not files:
             raise CheckpointError(f"{self.dir} has no *.safetensors weights (only safetensors are read; "
                                   f"convert .bin checkpoints first)")
-        self._file_of: dict[str, Path] = {}
-        shapes: dict[str, list[int]] = {}
-        for f in files:
-            with open_safetensors(f) as h:
-                for name in h.keys():
-                    self._file_of[name] = f
-                    shapes[name] = h.get_slice(name).get_shape()
+        headers = tensor_shapes(self.dir)
+        self._file_of: dict[str, Path] = {name: f for name, (_, f) in headers.items()}
+        shapes = {name: shape for name, (shape, _) in headers.items()}
         family = BY_MODEL_TYPE.get(self.config.get("model_type"))  # an unsupported one is refused by its user
         self._stored: dict[str, Stored] = (canonical_sources(family, shapes, self.config.get("hidden_size")) if family
                                            else {n: Stored(n) for n in shapes})
