@@ -71,7 +71,7 @@ def test_calibration_computes_only_the_statistics_a_method_reads_and_they_are_th
     acc = Accumulator(len(experts), full.tokens.shape[1], needs=make_method(method).statistics, chunk_bytes=4096)
     acc.add(full.tokens, full.router_logits, full.routing, experts)
     alone = acc.stats(full.tokens, experts, full.router_logits, full.routing, full.samples)
-    for name in ("output_gram", "mean_outputs", "logit_gram", "saliency"):
+    for name in ("output_gram", "mean_outputs", "gated_mean_outputs", "logit_gram", "saliency"):
         if name in make_method(method).statistics:
             torch.testing.assert_close(getattr(alone, name), getattr(full, name), atol=1e-9, rtol=1e-6)
         else:
@@ -79,6 +79,78 @@ def test_calibration_computes_only_the_statistics_a_method_reads_and_they_are_th
     a, b = (reduce_layer(make_method(method), experts, s, 3, seed=0) for s in (alone, full))
     assert a.expert_map == b.expert_map
     torch.testing.assert_close(a.experts.down, b.experts.down)
+
+
+def _authors_pseudo_group(saliency, expert_logits, k, gate_logits, group_size):
+    """SamsungSAILMontreal/ream ream/ream.py::pseudo_group, as published (numpy loops), for checking ours."""
+    import numpy as np
+    import torch.nn.functional as F
+    x = F.normalize(gate_logits.float().T, dim=-1, eps=1e-8)
+    d_gate = torch.cdist(x, x).numpy()
+    sim_gate = 1 - d_gate / d_gate.max()
+    n = expert_logits.shape[0]
+    d = np.zeros((n, n), dtype=np.float32)
+    for i in range(n):
+        for j in range(i + 1, n):
+            sim = ((F.cosine_similarity(expert_logits[i], expert_logits[j]) + 1) / 2).mean().item()
+            d[i, j] = d[j, i] = 1 - (sim + sim_gate[i, j]) / 2
+    centroids = np.argsort(saliency.numpy(), kind="stable")[::-1].copy()[:k]
+    labels = np.zeros(n) - 1
+    labels[centroids] = np.arange(k)
+    for c in centroids:
+        group = [c]
+        for ind in np.argsort(d[c], kind="stable"):
+            if ind != c and labels[ind] == -1:
+                group.append(ind)
+            if len(group) >= group_size:
+                break
+        for ind in group:
+            labels[ind] = labels[c]
+        if (labels >= 0).all():
+            break
+    return sorted(sorted(np.flatnonzero(labels == j).tolist()) for j in range(k)), sorted(centroids.tolist())
+
+
+@pytest.mark.parametrize("n,k,group_size", [(8, 4, 16), (8, 3, 3), (32, 16, 4)])
+def test_ream_groups_as_the_authors_code_does(n, k, group_size):
+    """Our REAM grouping, from statistics accumulated over the tokens, equals the authors' pseudo_group
+    run on every token's gate-weighted expert outputs and router logits."""
+    from offline.methods.ream import REAM
+    experts, stats = random_layer(seed=21 + n + group_size, n=n, t=256)
+    probs = torch.softmax(stats.router_logits.double(), -1)
+    gated_mean = (stats.expert_outputs(range(n)).double() * probs.T[:, :, None]).mean(1, keepdim=True)  # [N, 1, H]
+    clusters, centroids = _authors_pseudo_group(stats.saliency.float(), gated_mean.float(), k, stats.router_logits,
+                                                group_size)
+    g = REAM(group_size=group_size).group(stats, k, 0, experts)
+    assert sorted(sorted(c) for c in g.clusters) == clusters and sorted(g.centres) == centroids
+    assert all(c in members for c, members in zip(g.centres, g.clusters))
+    if group_size == 16:  # the most salient centroid gathers every other non-centroid (pseudo-pruning)
+        top = int(torch.argmax(stats.saliency))
+        assert sorted(next(c for c in g.clusters if top in c)) == sorted({top} | set(range(n)) - set(g.centres))
+
+
+def test_ream_merge_aligns_permuted_copies_and_weighs_by_saliency():
+    """Permuted copies of one expert merge back into it (activation + weight alignment); a cluster of one
+    is its centroid; the merged router rows (vanilla) are the centroids'; bad --group-size is refused."""
+    experts, stats = random_layer(seed=9, t=256)
+    g = torch.Generator().manual_seed(3)
+    perms = [torch.randperm(24, generator=g) for _ in range(8)]
+    copies = Experts(torch.stack([experts.gate[0][p] for p in perms]), torch.stack([experts.up[0][p] for p in perms]),
+                     torch.stack([experts.down[0][:, p] for p in perms]))
+    stats = sample_stats(copies, stats.tokens, stats.router_logits)
+    r = reduce_layer(make_method("ream", group_size=0), copies, stats, 2, seed=0)
+    for j, members in enumerate(r.clusters):
+        out = expert_forward(stats.tokens, r.experts.gate[j], r.experts.up[j], r.experts.down[j])
+        torch.testing.assert_close(out, stats.expert_outputs([0])[0], atol=1e-4, rtol=1e-4)
+        sal = stats.saliency[members].double()
+        assert r.merges[j].weights == pytest.approx((sal / sal.sum()).tolist(), abs=1e-6)
+        assert r.representatives[j] == int(members[torch.argmax(sal)])
+    one = reduce_layer(make_method("ream"), experts, random_layer(seed=9, t=256)[1], 7, seed=0)
+    for j, members in enumerate(one.clusters):
+        if len(members) == 1:
+            torch.testing.assert_close(one.experts.down[j], experts.down[members[0]], atol=0, rtol=0)
+    with pytest.raises(MethodError, match="--group-size 2 cannot cover 32 experts"):
+        reduce_layer(make_method("ream", group_size=2), *random_layer(seed=1, n=32), 8, seed=0)
 
 
 def test_reap_keeps_the_highest_scoring_experts_and_its_score_is_the_papers():

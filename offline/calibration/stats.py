@@ -1,7 +1,8 @@
 """What calibration measures on one MoE layer: the statistics every method works from.
 
 Two kinds. Statistics a method publishes are accumulated over *every* calibration token as the
-layer streams past: routing frequency, REAP's saliency, each expert's mean output (HC-SMoE), and
+layer streams past: routing frequency, REAP's saliency, each expert's mean output (HC-SMoE) and
+mean gate-weighted output (REAM), and
 two N x N Gram matrices, of the experts' outputs (output similarity: Sub-MoE's grouping) and of
 the router logits (M-SMoE's). A seeded token sample keeps per-token MoE inputs, router logits and
 the source's routed output, for what needs them token by token (least squares, held-out errors);
@@ -25,6 +26,7 @@ class LayerStats:
     experts: Experts  # the source experts, for their outputs on the sample (`expert_outputs`)
     moe_output: torch.Tensor | None = None  # [T, H] the source's routed output Σ_n g_tn E_n(x_t) on the sample
     mean_outputs: torch.Tensor | None = None  # [N, H] each expert's mean output over all tokens
+    gated_mean_outputs: torch.Tensor | None = None  # [N, H] mean over all tokens of p_n(x) E_n(x) (REAM)
     output_gram: torch.Tensor | None = None  # [N, N] Σ_t <E_i(x_t), E_j(x_t)> over all tokens
     logit_gram: torch.Tensor | None = None  # [N, N] Σ_t l_ti l_tj over all tokens
     saliency: torch.Tensor | None = None  # [N] REAP: mean over routed tokens of p_j(x) ‖E_j(x)‖
@@ -66,7 +68,8 @@ def gate_weights(routing: Routing, router_logits: torch.Tensor) -> torch.Tensor:
     return torch.zeros(router_logits.shape, dtype=w.dtype).scatter_(1, ids, w)
 
 
-ALL_STATISTICS = frozenset({"output_gram", "mean_outputs", "logit_gram", "saliency"})
+ALL_STATISTICS = frozenset({"output_gram", "mean_outputs", "gated_mean_outputs", "logit_gram", "saliency"})
+EVERY_EXPERT = frozenset({"output_gram", "mean_outputs", "gated_mean_outputs"})  # every expert on every token
 
 
 class Accumulator:
@@ -84,6 +87,7 @@ class Accumulator:
         self.chunk = max(1, min(256, chunk_bytes // (8 * max(1, n) * hidden)))
         self.selections = torch.zeros(n, dtype=f64)
         self.output_sum, self.output_gram = torch.zeros(n, hidden, dtype=f64), torch.zeros(n, n, dtype=f64)
+        self.gated_sum = torch.zeros(n, hidden, dtype=f64)
         self.logit_gram = torch.zeros(n, n, dtype=f64)
         self.saliency_sum, self.routed = torch.zeros(n, dtype=f64), torch.zeros(n, dtype=f64)
         self.count = 0
@@ -98,7 +102,7 @@ class Accumulator:
             self.logit_gram += (lg.T @ lg).cpu()
         probs = routing.scores(lg)  # REAP's gate: the raw scores over all experts (softmax, or V3's sigmoid)
         routed = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, ids, True)
-        if self.needs & {"output_gram", "mean_outputs"}:
+        if self.needs & EVERY_EXPERT:
             self._every_expert(x, probs, routed, experts)
         elif "saliency" in self.needs:
             for e in torch.nonzero(routed.any(0)).flatten().tolist():  # each expert on its routed tokens only
@@ -117,6 +121,8 @@ class Accumulator:
             for e in range(len(experts)):
                 y[e] = expert_forward(xs, *experts.expert(e))
             self.output_sum += y.sum(1).cpu()
+            if "gated_mean_outputs" in self.needs:
+                self.gated_sum += torch.einsum("tn,nth->nh", probs[rows], y).cpu()
             flat = y.reshape(len(y), -1)
             self.output_gram += (flat @ flat.T).cpu()
             norms = torch.linalg.vector_norm(y, dim=-1).T  # [c, N]
@@ -127,6 +133,8 @@ class Accumulator:
         return LayerStats(frequency=self.selections / self.selections.sum(), tokens=tokens, experts=experts,
                           router_logits=router_logits, moe_output=moe_output,
                           mean_outputs=(self.output_sum / max(self.count, 1)).float() if "mean_outputs" in self.needs else None,
+                          gated_mean_outputs=(self.gated_sum / max(self.count, 1)).float()
+                          if "gated_mean_outputs" in self.needs else None,
                           output_gram=self.output_gram if "output_gram" in self.needs else None,
                           logit_gram=self.logit_gram if "logit_gram" in self.needs else None,
                           saliency=torch.where(self.routed > 0, self.saliency_sum / self.routed.clamp_min(1), 0.0)

@@ -8,11 +8,12 @@ from .baselines import Average, FrequencyPrune, RandomMerge
 from .hcsmoe import HCSMoE, MSMoE
 from .mergemoe import CalibrationWarning, MergeMoE
 from .output_lsq import OutputLSQ
+from .ream import REAM
 from .reap import REAP
 from .submoe import SubMoE
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (
-    SubMoE, OutputLSQ, MergeMoE, HCSMoE, MSMoE, REAP, FrequencyPrune, Average, RandomMerge)}
+    SubMoE, OutputLSQ, MergeMoE, HCSMoE, MSMoE, REAP, REAM, FrequencyPrune, Average, RandomMerge)}
 
 
 def method_options(name: str) -> set[str]:

@@ -87,7 +87,8 @@ class Method(ABC):
     align_neurons: bool = False  # permute members' neurons to the centre's before merging
     drops_experts: bool = False  # some router experts' logits leave the top-k (format v2)
     # The all-token statistics it reads (calibration computes only these): "output_gram", "mean_outputs",
-    # "logit_gram", "saliency". Every expert on every token is the costly part: only the first two need it.
+    # "gated_mean_outputs", "logit_gram", "saliency". Every expert on every token is the costly part: only
+    # the first three need it.
     statistics: frozenset[str] = ALL_STATISTICS
 
     def settings(self) -> dict:
