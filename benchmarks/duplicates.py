@@ -23,20 +23,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.quality import CALIB, MAIN_METHODS, MODELS, Calibrations, Settings, compress_calibrated, source_experts
+from benchmarks.quality import CALIB, MAIN_METHODS, MODELS, Calibrations, Settings, source_experts
+from offline.compress import compress
 from offline.options import CompressOptions
 
 PRUNING = {"reap", "freq-prune"}  # keep experts unchanged and drop the rest: no two slots share one
 
 
 def measure(name: str, model_dir: Path, s: Settings, tmp: Path) -> dict:
-    cal, n = Calibrations(model_dir, s), source_experts(model_dir) // 2
-    layers, info = cal.get(CALIB, s.samples, 0)
+    cal, n = Calibrations(model_dir, s, tmp), source_experts(model_dir) // 2
+    stats, _ = cal.get(CALIB, s.samples, 0)
     rows = {}
     for method in [m for m in MAIN_METHODS if m not in PRUNING]:
-        report = compress_calibrated(CompressOptions(
-            model=str(model_dir), out=tmp / "ckpt", method=method, num_experts=n, samples=s.samples,
-            seq_len=s.seq_len, seed=0, force=True, output_tokens=s.output_tokens, progress=False), layers, info)
+        report = compress(CompressOptions(model=str(model_dir), out=tmp / "ckpt", method=method, num_experts=n,
+                                          seed=0, force=True, progress=False, stats=str(stats)))
         per_layer = [l["duplicate_slot_rate"] for l in report["layers"]]
         rows[method] = {"mean": statistics.fmean(per_layer), "per_layer": per_layer}
         print(f"{name} {method}: {rows[method]['mean']:.4f} {per_layer}", flush=True)

@@ -8,8 +8,8 @@ Calibration comes from the shipped calibration split (all domains, round-robin),
 from the held-out split of every domain: perplexity, KL(original || compressed), top-1
 agreement and greedy-continuation agreement, with retention (original / compressed perplexity)
 as mean and worst domain. Every figure is mean and spread over calibration seeds. Each
-(model, seed) is calibrated once and every method runs the pipeline's later stages on those
-layers (`compress_calibrated`): the statistics do not depend on the method, so they share one sample.
+(model, seed) is calibrated once (`submoe calibrate`) and every method is a `submoe compress --stats`
+on that statistics file: the statistics do not depend on the method, so they share one sample.
 Writes benchmarks/results/quality.{json,md} and quality*.png.
 """
 from __future__ import annotations
@@ -33,17 +33,11 @@ from transformers import AutoTokenizer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from offline.calibration.layers import calibrated_layers, in_groups
-from offline.calibration.windows import calibration_windows, token_windows
-from offline.compress import reduce_and_write
+from offline.calibration.stats_file import CalibrateOptions, calibrate
+from offline.calibration.windows import token_windows
+from offline.compress import compress
 from offline.evaluate import compare, first_divergence, greedy_continuations, load_reference, next_token_logprobs
-from offline.methods import make_method
-from offline.options import CompressOptions, layer_budgets
-from offline.source.architecture import SourceArchitecture
-from offline.source.checkpoint import LazyCheckpoint
-from offline.writing.output import CompressedOutput
-from offline.writing.report import rss_bytes
-from offline.writing.workdir import resumable_output_dir
+from offline.options import CompressOptions
 from vllm_submoe.texts import domain_name, read_texts
 
 MODELS = {"upcycled": ROOT / "models" / "tiny-mixtral-8e", "from-scratch": ROOT / "models" / "tiny-mixtral-8e-scratch",
@@ -63,6 +57,10 @@ ADDED = {
     "mergemoe@16k": ("mergemoe", {}, {"output_tokens": 16384}),
     "output-lsq@16k": ("output-lsq", {}, {"output_tokens": 16384}),
     "output-lsq+refine@16k": ("output-lsq", {}, {"output_tokens": 16384, "refine_steps": 300}),
+    # REAM as published: the centroids' router rows (an N'-row checkpoint); neuron activations on 16k
+    # sampled tokens (the authors sample 32k). And the same merge served through the remap tables.
+    "ream": ("ream", {}, {"export": "vanilla", "output_tokens": 16384}),
+    "ream+remap": ("ream", {}, {"output_tokens": 16384}),
 }
 FIGURES = ("kl", "top1_agreement", "retention_mean", "retention_worst", "greedy_first_divergence", "perplexity_mean")
 
@@ -167,40 +165,22 @@ class SharedExpertShare:
 
 
 class Calibrations:
-    """Calibrated layers of one source model, computed once per (data, samples, seed)."""
+    """The statistics file of one source model, calibrated once per (data, samples, seed, sampled tokens)."""
 
-    def __init__(self, model_dir: Path, s: Settings):
-        self.model_dir, self.s = model_dir, s
-        self.tok = AutoTokenizer.from_pretrained(str(model_dir))
+    def __init__(self, model_dir: Path, s: Settings, tmp: Path):
+        self.model_dir, self.s, self.dir = model_dir, s, tmp / "stats"
         self.key, self.value = None, None
 
-    def get(self, sources: list[str], samples: int, seed: int, output_tokens: int | None = None):
+    def get(self, sources: list[str], samples: int, seed: int, output_tokens: int | None = None) -> tuple[Path, dict]:
         output_tokens = output_tokens or self.s.output_tokens
         key = (tuple(sources), samples, seed, output_tokens)
         if key != self.key:
-            self.value = None  # free the previous one first: ~100 MB per calibration here
-            windows, info = calibration_windows(self.tok, sources, samples, self.s.seq_len, seed)
             t0 = time.time()
-            opts = CompressOptions(model=str(self.model_dir), out=Path("-"), method="submoe", num_experts=1,
-                                   samples=samples, seq_len=self.s.seq_len, seed=seed, output_tokens=output_tokens)
-            layers = list(calibrated_layers(LazyCheckpoint(str(self.model_dir)), windows, opts))
-            self.key, self.value = key, (layers, {**info, "calibration_seconds": time.time() - t0})
+            meta = calibrate(CalibrateOptions(model=str(self.model_dir), out=self.dir, calib=sources, samples=samples,
+                                              seq_len=self.s.seq_len, seed=seed, output_tokens=output_tokens,
+                                              force=True, progress=False))
+            self.key, self.value = key, (self.dir, {**meta["calibration"], "calibration_seconds": time.time() - t0})
         return self.value
-
-
-def compress_calibrated(opts: CompressOptions, layers: list, calib_info: dict) -> dict:
-    """The pipeline after calibration, on layers calibrated once: reduce each group of layers and
-    write the checkpoint into `opts.out` (replaced; nothing to resume). Returns the report."""
-    t0 = time.time()
-    source = LazyCheckpoint(opts.model)
-    arch = SourceArchitecture.of(source.config)
-    method = make_method(opts.method, **opts.method_options)
-    budgets = layer_budgets(opts, source.config, arch, drops=method.drops_experts)
-    with resumable_output_dir(opts.out, True, opts.fingerprint(), restart=True, protect=source.dir) as work:
-        out = CompressedOutput(work.dir, source, arch, opts)
-        for group in in_groups(layers, method.joint_layers):
-            reduce_and_write(group, method, budgets, opts, out)
-        return out.finish(method, calib_info, time.time() - t0, rss_bytes())
 
 
 def run_one(model_dir: Path, cal: Calibrations, ev: Evaluator, tmp: Path, method: str, options: dict, n: int,
@@ -208,14 +188,14 @@ def run_one(model_dir: Path, cal: Calibrations, ev: Evaluator, tmp: Path, method
     """One configuration on one calibration: compress (the pipeline after calibration) and score.
     `pipeline`: CompressOptions fields beyond the benchmark's (output_tokens, refine_steps)."""
     pipeline = {"output_tokens": s.output_tokens, **(pipeline or {})}
-    layers, info = cal.get(sources, samples, seed, pipeline["output_tokens"])
+    stats, info = cal.get(sources, samples, seed, pipeline["output_tokens"])
     out = tmp / "ckpt"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t0 = time.time()
-        report = compress_calibrated(CompressOptions(
-            model=str(model_dir), out=out, method=method, num_experts=n, samples=samples, seq_len=s.seq_len,
-            method_options=options, seed=seed, force=True, progress=False, **pipeline), layers, info)
+        report = compress(CompressOptions(
+            model=str(model_dir), out=out, method=method, num_experts=n, method_options=options, seed=seed,
+            force=True, progress=False, stats=str(stats), **{k: v for k, v in pipeline.items() if k != "output_tokens"}))
         merge_seconds = time.time() - t0
     figures = ev.score(out)
     figures.update(method=method, label=label(method, options), options=options, num_experts=n, seed=seed,
@@ -269,7 +249,7 @@ def run(s: Settings, out_dir: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="submoe-quality-") as td:
         tmp = Path(td)
         for name, model_dir in s.models.items():
-            ev, cal = Evaluator(model_dir, s), Calibrations(model_dir, s)
+            ev, cal = Evaluator(model_dir, s), Calibrations(model_dir, s, tmp)
             targets = targets_of(name, model_dir, s)
             half = half_target(targets, source_experts(model_dir))
             plan = [(m, {}, n) for n in targets for m in s.methods] + [(m, o, half) for m, o in s.variants]
@@ -296,7 +276,7 @@ def add(s: Settings, labels: list[str], earlier: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix="submoe-quality-") as td:
         for name, model_dir in s.models.items():
             entry = results["models"][name]
-            ev, cal = Evaluator(model_dir, s), Calibrations(model_dir, s)
+            ev, cal = Evaluator(model_dir, s), Calibrations(model_dir, s, Path(td))
             half = half_target(entry["targets"], entry["source_experts"])
             runs = [r for r in entry["runs"] if r["label"] not in labels]
             for seed in s.seeds:

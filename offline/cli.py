@@ -1,9 +1,12 @@
-"""`submoe compress` and `submoe eval`: compress a Mixture-of-Experts checkpoint, and measure what it cost.
+"""`submoe compress`, `submoe calibrate` and `submoe eval`: compress a Mixture-of-Experts checkpoint
+(calibrating once for many compressions if wished), and measure what it cost.
 
     submoe compress --model SRC --out DST --method submoe --num-experts 4 --calib data/calib/*.jsonl
+    submoe calibrate --model SRC --out STATS --calib data/calib/*.jsonl
+    submoe compress --model SRC --out DST --method reap --num-experts 4 --stats STATS
     submoe eval --model DST --reference SRC --data data/eval/*.jsonl --json eval.json
 
-`submoe` (submoe.cli) dispatches these two here; `main` also runs them on its own.
+`submoe` (submoe.cli) dispatches these here; `main` also runs them on its own.
 """
 from __future__ import annotations
 
@@ -15,10 +18,15 @@ from pathlib import Path
 
 from vllm_submoe.errors import SubMoEError
 
+from .calibration.stats import ALL_STATISTICS
+from .calibration.stats_file import CalibrateOptions, calibrate
 from .compress import compress
 from .evaluate import evaluate, to_table
 from .methods import METHODS
-from .options import CompressOptions
+from .options import CompressError, CompressOptions
+
+# Calibration settings: `compress` takes them unless --stats fixes them (None there = not given).
+CALIBRATION = {"calib": [], "samples": 256, "seq_len": 256, "output_tokens": 2048}
 
 
 def _counts(text: str) -> int | list[int]:
@@ -48,12 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}")
     c.add_argument("--num-experts", required=True, type=_counts,
                    help="experts per layer after merging: N, or N0,N1,... one per layer")
-    c.add_argument("--calib", nargs="+", default=[], metavar="FILE",
-                   help=".jsonl/.txt calibration files (one per domain) or hf:DATASET[:CONFIG[:SPLIT]]")
-    c.add_argument("--samples", type=int, default=256, help="calibration windows (default 256)")
-    c.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window (default 256)")
-    c.add_argument("--output-tokens", type=int, default=2048,
-                   help="sampled tokens on which every expert's output is measured (default 2048)")
+    _calibration_args(c, given_only=True)
+    c.add_argument("--stats", metavar="DIR", help="statistics written by `submoe calibrate` for this model: used "
+                   "instead of calibrating (any method and ratio; the calibration settings are the file's)")
     m = c.add_argument_group("method options (each applies to the methods named)")
     rank = m.add_mutually_exclusive_group()
     rank.add_argument("--rank", type=int, help="submoe: rank kept per merged matrix")
@@ -66,25 +71,26 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--substitute-pruned", action="store_true",
                    help="reap, freq-prune: serve a pruned expert's tokens by the kept expert with the most similar "
                         "outputs (its router row stays) instead of dropping its logit from the top-k (as published)")
+    m.add_argument("--group-size", type=int, metavar="C",
+                   help="ream: most experts a centroid gathers (default 16, as published; 0: each expert joins "
+                        "its closest centroid, MC-SMoE's rule)")
     m.add_argument("--refine-steps", type=int, default=0, metavar="S",
                    help="any method: after merging, up to S gradient steps on every merged expert's matrices "
                         "against the source layer's output on the --output-tokens sample, routing fixed; "
                         "held-out tokens decide when to stop (default 0: off)")
     c.add_argument("--export", choices=("remap", "vanilla"), default="remap",
                    help="remap: N-row router + remap tables (vLLM plugin, per-layer counts); vanilla: N'-row "
-                        "router, a stock Mixtral any loader reads (router rows of each group's dominant expert)")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where each layer is computed (one at a time)")
-    big = c.add_argument_group("big models (memory and resuming)")
-    big.add_argument("--calib-batch", type=int, default=16,
-                     help="calibration windows run through a layer at once (default 16)")
-    big.add_argument("--activation-memory", type=_bytes, default=1 << 30, metavar="SIZE",
-                     help="calibration activations kept in RAM, e.g. 512M or 4G (default 1G); beyond it they "
-                          "spill to a file in the work directory")
-    big.add_argument("--restart", action="store_true",
-                     help="discard a partial earlier run of this --out instead of resuming it")
-    c.add_argument("--force", action="store_true", help="replace an existing --out directory")
-    c.add_argument("--no-progress", action="store_true")
+                        "router, a stock Mixtral any loader reads (router rows of each group's dominant expert, or its centroid)")
+    _run_args(c)
+
+    k = sub.add_parser("calibrate", help="measure every MoE layer's statistics once, for `compress --stats`")
+    k.add_argument("--model", required=True, help="source checkpoint directory (or hub id)")
+    k.add_argument("--out", required=True, type=Path, help="statistics directory (must not exist unless --force)")
+    _calibration_args(k, given_only=False)
+    k.add_argument("--statistics", nargs="+", choices=sorted(ALL_STATISTICS), default=sorted(ALL_STATISTICS),
+                   help="all-token statistics to compute (default all: every method can use the file; "
+                        "saliency and logit_gram alone skip running every expert on every token)")
+    _run_args(k)
 
     e = sub.add_parser("eval", help="per-domain perplexity, KL and top-1 agreement against a reference")
     e.add_argument("--model", required=True)
@@ -97,16 +103,60 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _calibration_args(p: argparse.ArgumentParser, given_only: bool) -> None:
+    d = {k: None for k in CALIBRATION} if given_only else CALIBRATION
+    p.add_argument("--calib", nargs="+", default=d["calib"], metavar="FILE",
+                   help=".jsonl/.txt calibration files (one per domain) or hf:DATASET[:CONFIG[:SPLIT]]")
+    p.add_argument("--samples", type=int, default=d["samples"], help="calibration windows (default 256)")
+    p.add_argument("--seq-len", type=int, default=d["seq_len"], help="tokens per calibration window (default 256)")
+    p.add_argument("--output-tokens", type=int, default=d["output_tokens"],
+                   help="sampled tokens on which every expert's output is measured (default 2048)")
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where each layer is computed (one at a time)")
+    big = p.add_argument_group("big models (memory and resuming)")
+    big.add_argument("--calib-batch", type=int, default=16,
+                     help="calibration windows run through a layer at once (default 16)")
+    big.add_argument("--activation-memory", type=_bytes, default=1 << 30, metavar="SIZE",
+                     help="calibration activations kept in RAM, e.g. 512M or 4G (default 1G); beyond it they "
+                          "spill to a file in the work directory")
+    big.add_argument("--restart", action="store_true",
+                     help="discard a partial earlier run of this --out instead of resuming it")
+    p.add_argument("--force", action="store_true", help="replace an existing --out directory")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _compress_calibration(args) -> dict:
+    """The calibration settings given to `compress`; with --stats none may be (the file's are used)."""
+    given = {k: getattr(args, k) for k in CALIBRATION if getattr(args, k) is not None}
+    if args.stats and given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise CompressError(f"--stats {args.stats} fixes the calibration, so {flags} cannot be given with it: drop "
+                            f"{flags}, or calibrate anew (`submoe calibrate` with them, or compress without --stats)")
+    return {**CALIBRATION, **given}
+
+
 def run(argv: list[str]) -> int:
-    """Run `compress ...` or `eval ...`; a user error is raised as a `SubMoEError`."""
+    """Run `compress ...`, `calibrate ...` or `eval ...`; a user error is raised as a `SubMoEError`."""
     args = _parser().parse_args(argv)
-    if args.command == "compress":
+    if args.command == "calibrate":
+        meta = calibrate(CalibrateOptions(
+            model=args.model, out=args.out, calib=args.calib, samples=args.samples, seq_len=args.seq_len,
+            seed=args.seed, output_tokens=args.output_tokens, statistics=frozenset(args.statistics),
+            device=args.device, force=args.force, restart=args.restart, progress=not args.no_progress,
+            calib_batch=args.calib_batch, activation_memory=args.activation_memory))
+        c = meta["calibration"]
+        print(f"wrote {args.out}: {len(meta['moe_layers'])} MoE layers, {c['tokens']} calibration tokens, "
+              f"{c['seconds']:.1f} s; use it with `submoe compress --stats {args.out}`")
+    elif args.command == "compress":
         options = {k: getattr(args, k) for k in ("rank", "rank_ratio", "adaptive", "intra_rank_ratio",
-                                                 "align_neurons", "substitute_pruned")}
+                                                 "align_neurons", "substitute_pruned", "group_size")}
         report = compress(CompressOptions(
             model=args.model, out=args.out, method=args.method, num_experts=args.num_experts,
-            calib=args.calib, samples=args.samples, seq_len=args.seq_len, method_options=options,
-            seed=args.seed, device=args.device, force=args.force, output_tokens=args.output_tokens,
+            **_compress_calibration(args), method_options=options,
+            seed=args.seed, device=args.device, force=args.force, stats=args.stats,
             export=args.export, progress=not args.no_progress, calib_batch=args.calib_batch,
             activation_memory=args.activation_memory, restart=args.restart, refine_steps=args.refine_steps))
         s = report["sizes"]

@@ -9,8 +9,8 @@
               tokenizer and report, in a work directory that survives a killed run and resumes it (writing/)
 
 Hidden states move on through the *source* layer, so the statistics do not depend on the method:
-the quality benchmark calibrates once and runs `reduce_and_write` into a `CompressedOutput` per
-method.
+`submoe calibrate` writes them once (calibration/stats_file.py) and `compress --stats DIR` reads
+them instead of calibrating, for any method and ratio (the quality benchmark works that way).
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from transformers import AutoTokenizer
 
 from .calibration.activations import Activations
 from .calibration.layers import CalibratedLayer, calibrated_layers, in_groups
+from .calibration.stats_file import StatsFile, stats_layers
 from .calibration.windows import calibration_windows, check_token_ids
 from .methods import LayerResult, Method, make_method, reduce_layers
 from .methods.output_error import output_error, served_weights
@@ -45,9 +46,14 @@ def compress(opts: CompressOptions) -> dict:
     if not source.has_tokenizer():
         raise CompressError(f"{source.dir} has no tokenizer.json / tokenizer_config.json: calibration text "
                             f"cannot be tokenized, and the output could not be served")
-    tokenizer = AutoTokenizer.from_pretrained(str(source.dir))
-    windows, calib_info = calibration_windows(tokenizer, opts.calib, opts.samples, opts.seq_len, opts.seed)
-    check_token_ids(windows, source.config.get("vocab_size"), source.dir)
+    stats = StatsFile(opts.stats) if opts.stats else None
+    if stats:
+        stats.check(source, method.statistics, opts.method)
+        opts, calib_info = stats.applied_to(opts), stats.calibration
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(source.dir))
+        windows, calib_info = calibration_windows(tokenizer, opts.calib, opts.samples, opts.seq_len, opts.seed)
+        check_token_ids(windows, source.config.get("vocab_size"), source.dir)
     rss_floor = rss_bytes()  # what no layer adds to: libraries, tokenizer, calibration tokens
 
     with resumable_output_dir(opts.out, opts.force, opts.fingerprint(), opts.restart, protect=source.dir) as work:
@@ -55,21 +61,30 @@ def compress(opts: CompressOptions) -> dict:
         done, resume_file, earlier = out.layers_done, work.dir / "resume.f32", work.state.get("seconds", 0)
         # reading each layer and running the calibration through it, earlier runs of a resumed one included
         calibration = {"seconds": work.state.get("calibration_seconds", 0.0)}
-        resume = Activations((*windows.shape, arch.config.hidden_size), path=resume_file) if done else None
-        layers = timed(calibrated_layers(source, windows, opts, work.dir, start=done, resume=resume,
-                                         needs=method.statistics), calibration)
+        if stats:
+            layers = timed(stats_layers(source, stats, start=done), calibration)
+        else:
+            resume = Activations((*windows.shape, arch.config.hidden_size), path=resume_file) if done else None
+            layers = timed(calibrated_layers(source, windows, opts, work.dir, start=done, resume=resume,
+                                             needs=method.statistics), calibration)
         bar = tqdm(total=len(budgets), initial=done, unit="layer", disable=not opts.progress,
                    desc=f"compress {opts.method} {arch.num_experts}->{opts.num_experts}")
         if done:
             bar.write(f"resuming {opts.out} after its first {done} finished layers", file=sys.stderr)
         for group in in_groups(layers, method.joint_layers):
             reduce_and_write(group, method, budgets, opts, out)
-            group[-1].activations.save_as(resume_file)  # a kill from here on resumes after this group
+            if group[-1].activations is not None:  # a kill from here on resumes after this group
+                group[-1].activations.save_as(resume_file)
             work.save(**out.state(), seconds=earlier + time.time() - t0, calibration_seconds=calibration["seconds"])
             bar.update(len(group))
             del group  # the next layer must not be read while this one is alive
         bar.close()
-        return out.finish(method, {**calib_info, "seconds": round(calibration["seconds"], 2)},
+        # seconds: this run's reading and calibrating (with --stats, reading; the calibration's own time is
+        # the statistics file's, kept as calibrate_seconds)
+        calib_info = {**calib_info, "seconds": round(calibration["seconds"], 2)}
+        if stats:
+            calib_info.update(statistics_file=str(opts.stats), calibrate_seconds=stats.calibration["seconds"])
+        return out.finish(method, calib_info,
                           earlier + time.time() - t0, rss_floor)
 
 

@@ -37,13 +37,14 @@ class CompressOptions:
     activation_memory: int = 1 << 30  # bytes of layer activations kept in RAM; more spill to a file
     restart: bool = False  # drop a partial earlier run of this --out instead of resuming it
     refine_steps: int = 0  # layer-wise refinement after the merge (methods/refine.py): at most this many steps
+    stats: str | None = None  # a `submoe calibrate` directory: its statistics instead of calibrating
 
     def fingerprint(self) -> dict:
         """What must match for a partial run to be resumed."""
         # A field added later is left out at its default, so a partial run from before it still resumes.
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self).items()
                 if k not in ("force", "progress", "restart", "device", "calib_batch", "activation_memory")
-                and not (k == "refine_steps" and v == 0)}
+                and not (k == "refine_steps" and v == 0) and not (k == "stats" and v is None)}
 
 
 def layer_budgets(opts: CompressOptions, config: dict, arch: SourceArchitecture,

@@ -1,6 +1,7 @@
 """`submoe`: compress a Mixture-of-Experts checkpoint, measure what it cost, load-test it served.
 
     submoe compress --model SRC --out DST --method submoe --num-experts 4 --calib data/calib/*.jsonl
+    submoe calibrate --model SRC --out STATS --calib data/calib/*.jsonl   (then compress --stats STATS)
     submoe eval --model DST --reference SRC --data data/eval/*.jsonl --json eval.json
     submoe loadtest SRC DST --data data/eval/*.jsonl --labels original,compressed --concurrency 1,4,16,64
     submoe check DST
@@ -22,6 +23,7 @@ from vllm_submoe.errors import SubMoEError
 # SubMoEError for a user error.
 COMMANDS = {
     "compress": ("offline.cli:run", True, "merge experts; write a checkpoint vLLM serves with the plugin"),
+    "calibrate": ("offline.cli:run", True, "measure every layer's statistics once; reuse them with compress --stats"),
     "eval": ("offline.cli:run", True, "per-domain perplexity, KL, top-1 agreement against a reference"),
     "loadtest": ("serving.loadtest.cli:main", False, "one seeded workload against each deployment, side by side"),
     "check": ("vllm_submoe.check:main", False, "validate a compressed checkpoint from its files, as vllm serve does"),

@@ -311,29 +311,6 @@ def test_streaming_holds_one_layer_and_builds_it_without_copies(tmp_path):
     assert alive_at_read == [0, 0, 0, 0]
 
 
-def test_stages_on_layers_calibrated_once_write_what_a_streamed_run_writes(random_source, random_compressed,
-                                                                            tmp_path):
-    """The quality benchmark calibrates once and runs the later stages per method: that path keeps
-    no resume state, and (twice into one --out) writes the streamed run's checkpoint."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from quality import compress_calibrated
-    from transformers import AutoTokenizer
-
-    from offline.calibration.layers import calibrated_layers
-    from offline.calibration.windows import calibration_windows
-    from offline.options import CompressOptions
-    opts = CompressOptions(model=str(random_source), out=tmp_path / "out", method="submoe", num_experts=4,
-                           calib=CALIB[:2], samples=8, seq_len=64, progress=False, force=True)
-    windows, info = calibration_windows(AutoTokenizer.from_pretrained(str(random_source)), opts.calib, 8, 64, 0)
-    layers = list(calibrated_layers(LazyCheckpoint(random_source), windows, opts))
-    for _ in range(2):
-        compress_calibrated(opts, layers, info)
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-        assert not (opts.out / "progress.json").exists()
-        a, b = _checkpoint_tensors(opts.out), _checkpoint_tensors(random_compressed)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
 def test_refinement_lowers_each_layers_held_out_error_and_is_reported(random_source, tmp_path):
     """--refine-steps on top of a merge: each layer's held-out error is never above the merge's, the
     report says what it did, and the layers' output errors on the sample come out lower."""

@@ -17,12 +17,15 @@ class OutputExistsError(SubMoEError):
     """An output directory that must not be written: it exists, overlaps the source, or holds another run."""
 
 
-def _replaceable(path: Path) -> bool:
+REPORT = "compression_report.json"  # what marks a directory as `submoe compress`'s output
+
+
+def _replaceable(path: Path, marker: str = REPORT) -> bool:
     """--force replaces only what a previous run wrote (or an empty directory), never e.g. ~/models."""
-    return path.is_dir() and (not any(path.iterdir()) or (path / "compression_report.json").is_file())
+    return path.is_dir() and (not any(path.iterdir()) or (path / marker).is_file())
 
 
-def check_output_dir(dst: Path, force: bool, protect: Path | None = None) -> Path:
+def check_output_dir(dst: Path, force: bool, protect: Path | None = None, marker: str = REPORT) -> Path:
     """The resolved output path, if writing there is allowed: an existing `dst` is kept unless `force`
     (and then only a previous output); `protect` (the source) can never be the output or inside it."""
     dst = Path(dst).resolve()
@@ -33,9 +36,10 @@ def check_output_dir(dst: Path, force: bool, protect: Path | None = None) -> Pat
     if dst.exists():
         if not force:
             raise OutputExistsError(f"output {dst} already exists: choose another --out or pass --force to replace it")
-        if not _replaceable(dst):
-            raise OutputExistsError(f"--force replaces only an earlier `submoe compress` output or an empty directory, "
-                                  f"and {dst} is neither: choose another --out")
+        if not _replaceable(dst, marker):
+            what = "`submoe compress` output" if marker == REPORT else f"output of this command (it has {marker})"
+            raise OutputExistsError(f"--force replaces only an earlier {what} or an empty directory, "
+                                    f"and {dst} is neither: choose another --out")
     dst.parent.mkdir(parents=True, exist_ok=True)
     return dst
 
@@ -72,11 +76,11 @@ class Progress:
 
 @contextmanager
 def resumable_output_dir(dst: Path, force: bool, fingerprint: dict, restart: bool = False,
-                         protect: Path | None = None):
+                         protect: Path | None = None, marker: str = REPORT):
     """Like `atomic_output_dir`, but the work directory `.{name}.partial` beside `dst` survives a
     failed or killed run, and a later run with the same settings (`fingerprint`) gets its
     `Progress` back to continue from there. Different settings are refused unless `restart`."""
-    dst = check_output_dir(dst, force, protect)
+    dst = check_output_dir(dst, force, protect, marker)
     partial = dst.parent / f".{dst.name}.partial"
     progress_file = partial / "progress.json"
     if partial.exists() and (restart or not progress_file.is_file()):

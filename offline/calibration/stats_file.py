@@ -1,0 +1,203 @@
+"""Calibrate once, compress many: `submoe calibrate` writes every MoE layer's statistics to a
+directory, and `submoe compress --stats DIR` merges from them without running the calibration again.
+
+    DIR/statistics.json      format, the source's identity, the calibration's settings, what was computed
+    DIR/layer-007.safetensors  one MoE layer's LayerStats tensors (written as the layer streams past)
+
+Statistics are measured on the *source's* hidden states, so they do not depend on the method or the
+expert count: any method whose statistics the file holds, at any ratio, reuses them. The run is
+resumable like `compress` (a `.DIR.partial` work directory; a rerun continues after the last layer).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+from transformers import AutoTokenizer
+
+from vllm_submoe.errors import SubMoEError
+
+from ..source.architecture import SourceArchitecture
+from ..source.checkpoint import LazyCheckpoint
+from ..writing.workdir import resumable_output_dir
+from .activations import Activations
+from .layers import CalibratedLayer, calibrated_layers
+from .stats import ALL_STATISTICS, LayerStats
+from .windows import calibration_windows, check_token_ids
+
+FORMAT = 1
+META = "statistics.json"
+PER_TOKEN = ("frequency", "tokens", "router_logits", "moe_output")  # always there
+
+
+class StatsFileError(SubMoEError):
+    """A statistics directory that cannot serve this compression."""
+
+
+@dataclass
+class CalibrateOptions:
+    model: str
+    out: Path
+    calib: list[str] = field(default_factory=list)
+    samples: int = 256
+    seq_len: int = 256
+    seed: int = 0
+    output_tokens: int = 2048
+    statistics: frozenset[str] = ALL_STATISTICS
+    device: str = "cpu"
+    force: bool = False
+    restart: bool = False
+    progress: bool = True
+    calib_batch: int = 16
+    activation_memory: int = 1 << 30
+
+    def fingerprint(self) -> dict:
+        return {"model": str(self.model), "calib": self.calib, "samples": self.samples, "seq_len": self.seq_len,
+                "seed": self.seed, "output_tokens": self.output_tokens, "statistics": sorted(self.statistics)}
+
+
+def source_identity(ckpt: LazyCheckpoint) -> dict:
+    """What ties statistics to the weights they were measured on: config, and per weight file its size
+    and a hash of its first and last MiB (headers and the tensors there; cheap at any model size)."""
+    files = {}
+    for f in sorted(ckpt.dir.glob("*.safetensors")):
+        size, h = f.stat().st_size, hashlib.sha256()
+        with f.open("rb") as fh:
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            h.update(fh.read(1 << 20))
+        files[f.name] = {"bytes": size, "sha256_ends": h.hexdigest()}
+    return {"config": ckpt.config, "files": files}
+
+
+def calibrate(opts: CalibrateOptions) -> dict:
+    """Stream the source a layer at a time and write each MoE layer's statistics to `opts.out`;
+    returns the metadata written to statistics.json."""
+    t0 = time.time()
+    unknown = set(opts.statistics) - ALL_STATISTICS
+    if unknown:
+        raise StatsFileError(f"unknown statistics {sorted(unknown)}; choose from {sorted(ALL_STATISTICS)}")
+    source = LazyCheckpoint(opts.model)
+    arch = SourceArchitecture.of(source.config)
+    if opts.output_tokens < 1 or opts.calib_batch < 1:
+        raise StatsFileError(f"--output-tokens and --calib-batch must be at least 1, got {opts.output_tokens} "
+                             f"and {opts.calib_batch}")
+    if not source.has_tokenizer():
+        raise StatsFileError(f"{source.dir} has no tokenizer.json / tokenizer_config.json: calibration text "
+                             f"cannot be tokenized")
+    windows, info = calibration_windows(AutoTokenizer.from_pretrained(str(source.dir)), opts.calib, opts.samples,
+                                        opts.seq_len, opts.seed)
+    check_token_ids(windows, source.config.get("vocab_size"), source.dir)
+    with resumable_output_dir(opts.out, opts.force, opts.fingerprint(), opts.restart, protect=source.dir,
+                              marker=META) as work:
+        done, resume_file = work.state.get("layers_done", 0), work.dir / "resume.f32"
+        resume = Activations((*windows.shape, arch.config.hidden_size), path=resume_file) if done else None
+        layers = calibrated_layers(source, windows, opts, work.dir, start=done, resume=resume, needs=opts.statistics)
+        for layer in tqdm(layers, total=len(arch.moe_layers()), initial=done, unit="layer", disable=not opts.progress,
+                          desc=f"calibrate {source.dir.name}"):
+            if layer.stats is not None:
+                save_layer(layer.stats, work.dir / layer_file(layer.index))
+            layer.activations.save_as(resume_file)
+            work.save(layers_done=layer.index + 1, seconds=work.state.get("seconds", 0) + time.time() - t0)
+            t0 = time.time()
+            del layer
+        resume_file.unlink(missing_ok=True)
+        for f in work.dir.glob("x-*.f32"):
+            f.unlink()
+        meta = {"format": FORMAT, "source": source_identity(source), "model": str(opts.model),
+                "calibration": {**info, "output_tokens": opts.output_tokens,
+                                "seconds": round(work.state.get("seconds", 0), 2)},
+                "statistics": sorted(opts.statistics), "moe_layers": [i for i, m in enumerate(arch.moe_layers()) if m]}
+        (work.dir / META).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def layer_file(index: int) -> str:
+    return f"layer-{index:03d}.safetensors"
+
+
+def save_layer(stats: LayerStats, path: Path) -> None:
+    tensors = {k: getattr(stats, k) for k in (*PER_TOKEN, *sorted(ALL_STATISTICS)) if getattr(stats, k) is not None}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"samples": str(stats.samples)})
+    tmp.replace(path)
+
+
+class StatsFile:
+    """A finished statistics directory, checked against the source and the method that will read it."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        meta = self.dir / META
+        if not meta.is_file():
+            partial = self.dir.parent / f".{self.dir.name}.partial"
+            hint = (f" ({partial} holds an unfinished run: rerun the same `submoe calibrate` to finish it)"
+                    if partial.exists() else " (write one with `submoe calibrate`)")
+            raise StatsFileError(f"{self.dir} is not a statistics directory: it has no {META}{hint}")
+        self.meta = json.loads(meta.read_text())
+        if self.meta.get("format") != FORMAT:
+            raise StatsFileError(f"{self.dir} is statistics format {self.meta.get('format')}, this version reads "
+                                 f"{FORMAT}: rerun `submoe calibrate`")
+        self.statistics = frozenset(self.meta["statistics"])
+        self.calibration = self.meta["calibration"]
+
+    def check(self, source: LazyCheckpoint, needs: frozenset[str], method: str) -> None:
+        """One clear error if these statistics cannot stand in for calibrating `source` for `method`."""
+        if source_identity(source) != self.meta["source"]:
+            raise StatsFileError(f"{self.dir} was calibrated on {self.meta['model']}, whose weights or config differ "
+                                 f"from {source.dir}: calibrate this model (`submoe calibrate --model {source.dir}`)")
+        missing = sorted(needs - self.statistics)
+        if missing:
+            raise StatsFileError(f"--method {method} needs the statistics {missing}, which {self.dir} lacks (it holds "
+                                 f"{sorted(self.statistics)}): rerun `submoe calibrate` without --statistics, or "
+                                 f"compress without --stats")
+        for i in self.meta["moe_layers"]:  # every layer's header now: a bad file fails before anything is written
+            path = self.dir / layer_file(i)
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    keys = set(f.keys())
+            except Exception as e:  # missing, truncated or foreign
+                raise StatsFileError(f"cannot read {path} ({type(e).__name__}: {e}): rerun `submoe calibrate`") from None
+            if not keys >= {*PER_TOKEN, *needs}:
+                raise StatsFileError(f"{path} lacks {sorted({*PER_TOKEN, *needs} - keys)}: rerun `submoe calibrate`")
+
+    def applied_to(self, opts):
+        """`opts` (CompressOptions) with the calibration settings these statistics were measured with."""
+        c = self.calibration
+        return replace(opts, calib=[s["path"] for s in c["sources"].values()], samples=c["requested_samples"],
+                       seq_len=c["seq_len"], output_tokens=c["output_tokens"])
+
+    def layer(self, index: int, experts, routing) -> LayerStats:
+        path = self.dir / layer_file(index)
+        try:
+            tensors = load_file(str(path))
+            with safe_open(str(path), framework="pt") as f:
+                samples = int(f.metadata()["samples"])
+        except Exception as e:  # truncated or foreign file
+            raise StatsFileError(f"cannot read {path} ({type(e).__name__}: {e}): rerun `submoe calibrate`") from None
+        return LayerStats(experts=experts, routing=routing, samples=samples, **tensors)
+
+
+def stats_layers(ckpt: LazyCheckpoint, stats: StatsFile, start: int = 0) -> Iterator[CalibratedLayer]:
+    """The source one decoder layer at a time, as `calibrated_layers` yields it, its statistics read
+    from `stats` instead of measured (no activations: nothing runs through the layers)."""
+    arch = SourceArchitecture.of(ckpt.config)
+    names = ckpt.names()
+    for l, is_moe in enumerate(arch.moe_layers()):
+        if l < start:
+            continue
+        tensors = {n: ckpt.get(n).clone() for n in arch.non_expert_names(names, l)}
+        experts = arch.read_experts(ckpt, l, arch.num_experts) if is_moe else None
+        router = tensors[arch.layout.router_tensor(l)].float() if is_moe else None
+        ckpt.release()
+        layer_stats = stats.layer(l, experts, arch.layer_routing(l, tensors)) if is_moe else None
+        yield CalibratedLayer(l, tensors, experts, router, layer_stats)
+        del tensors, experts, router, layer_stats
