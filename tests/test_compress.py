@@ -1,11 +1,10 @@
 """`submoe compress` / `submoe eval` end to end on a random Mixtral, and every bad input."""
 import json
 import shutil
-import sys
 
 import pytest
 import torch
-from conftest import CALIB, EVAL, ROOT, tree_digest, write_config
+from conftest import CALIB, EVAL, tree_digest, write_config
 from safetensors import safe_open
 
 from offline.cli import main as cli
