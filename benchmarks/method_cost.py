@@ -25,7 +25,7 @@ MODELS = {"upcycled 8->4": (ROOT / "models" / "tiny-mixtral-8e", 4),
           "fine-grained 64->32": (ROOT / "models" / "tiny-qwen2-moe-64e", 32)}
 # The project's method as the quality benchmark measures it (quality.py: output-lsq+refine@16k), and
 # its closed-form part alone.
-CONFIGS = {"output-lsq+refine@16k": ("output-lsq", ("--output-tokens", "16384", "--refine-steps", "300")),
+CONFIGS = {"output-lsq+refine@16k": ("output-lsq", ("--output-tokens", "16384", "--refine-steps", "100")),
            "output-lsq@16k": ("output-lsq", ("--output-tokens", "16384"))}
 
 

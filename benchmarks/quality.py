@@ -56,7 +56,7 @@ VARIANTS = [("submoe", {"adaptive": True}), ("submoe", {"intra_rank_ratio": 0.5}
 ADDED = {
     "mergemoe@16k": ("mergemoe", {}, {"output_tokens": 16384}),
     "output-lsq@16k": ("output-lsq", {}, {"output_tokens": 16384}),
-    "output-lsq+refine@16k": ("output-lsq", {}, {"output_tokens": 16384, "refine_steps": 300}),
+    "output-lsq+refine@16k": ("output-lsq", {}, {"output_tokens": 16384, "refine_steps": 100}),
     # REAM as published: the centroids' router rows (an N'-row checkpoint); neuron activations on 16k
     # sampled tokens (the authors sample 32k). And the same merge served through the remap tables.
     "ream": ("ream", {}, {"export": "vanilla", "output_tokens": 16384}),

@@ -40,13 +40,19 @@ def least_squares_down(hidden: torch.Tensor, target: torch.Tensor, prior: torch.
     """W [H, I] minimising ‖target − hidden Wᵀ‖² (+ ridge·tr(hᵀh)/I · ‖W − prior‖²), in fp64.
 
     hidden [T, I], target [T, H]. Without ridge it is the minimum-norm solution Y P⁺."""
-    p, y = hidden.double(), target.double()
     if ridge == 0:
-        return torch.linalg.lstsq(p, y, driver="gelsd").solution.T.to(hidden.dtype)
-    gram = p.T @ p
-    lam = ridge * gram.diagonal().mean().clamp_min(1e-12)
-    rhs = p.T @ y + lam * prior.double().T
-    return torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=gram.dtype), rhs).T.to(hidden.dtype)
+        return torch.linalg.lstsq(hidden.double(), target.double(), driver="gelsd").solution.T.to(hidden.dtype)
+    return ridge_fits(hidden, target, prior, (ridge,))[ridge]
+
+
+def ridge_fits(hidden: torch.Tensor, target: torch.Tensor, prior: torch.Tensor,
+               ridges: tuple[float, ...]) -> dict[float, torch.Tensor]:
+    """`least_squares_down` for each ridge > 0, the Gram matrix and Pᵀy computed once for all."""
+    p, y = hidden.double(), target.double()
+    gram, pty, prior64 = p.T @ p, p.T @ y, prior.double().T
+    eye, scale = torch.eye(len(gram), dtype=gram.dtype), gram.diagonal().mean().clamp_min(1e-12)
+    return {r: torch.linalg.solve(gram + (r * scale) * eye, pty + (r * scale) * prior64).T.to(hidden.dtype)
+            for r in ridges}
 
 
 def with_down(merge: Merge, down: torch.Tensor, **figures) -> Merge:

@@ -21,7 +21,7 @@ from ..moe_math import Experts, expert_hidden
 from .base import Grouping, Merge, WeightMerge, reduce_layer
 from .clustering import kmeans_clusters, output_features
 from .hcsmoe import mean_output_clusters, router_centres
-from .merging import frequency_weighted, least_squares_down, with_down
+from .merging import frequency_weighted, least_squares_down, ridge_fits, with_down
 from .output_error import output_error
 
 RIDGES = (1e-3, 1e-2, 1e-1, 1.0)
@@ -79,7 +79,7 @@ class OutputLSQ(WeightMerge):
         def held_error(w: torch.Tensor) -> float:
             return torch.linalg.norm(target[held] - hidden[held] @ w.T).item()
 
-        fits = {r: least_squares_down(hidden[~held], target[~held], prior=prior, ridge=r) for r in RIDGES}
+        fits = ridge_fits(hidden[~held], target[~held], prior, RIDGES)
         errors = {**{r: held_error(w) for r, w in fits.items()}, "average": held_error(prior)}
         ridge = min(errors, key=errors.get)
         down = prior if ridge == "average" else least_squares_down(hidden, target, prior=prior, ridge=ridge)

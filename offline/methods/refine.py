@@ -10,6 +10,12 @@ held-out error decides when to stop and which step's weights to keep (the merge 
 improves on it). Needs more tokens than the closed-form merges: 16k sampled tokens, not 2k, or it
 overfits within 50 steps (measured on the upcycled stand-in).
 
+The steps end with one sweep of exact least squares over the down projections, merged expert by
+merged expert (Gauss-Seidel): W_D_j fitted to what the other merged experts leave of the source's
+output on the tokens j serves. The output is linear in each W_D, so this lands where many more
+gradient steps would: 100 steps and the sweep reach the layer error 300 steps alone did, in half
+the time (measured on the upcycled stand-in). Kept only if the held-out error improves.
+
 Memory: the layer's merged experts in float32 about five times (parameters, gradients, Adam's two
 moments, the best step), on the CPU: fine for the stand-ins, ~5x the merged layer at DeepSeek-V3's
 shape. The held-out tokens are every fifth, as output-lsq's grouping choice uses: the merge's own
@@ -22,14 +28,17 @@ from dataclasses import dataclass
 import torch
 
 from ..calibration.stats import LayerStats
-from ..moe_math import Experts
+from ..moe_math import Experts, expert_hidden, weighted_expert_sum
+from .merging import least_squares_down
 from .output_error import relative_error
+
+DOWN_RIDGE = 1e-2  # the W_D sweep's ridge towards the refined W_D, relative to the mean Gram diagonal
 
 
 @dataclass(frozen=True)
 class Refinement:
     steps: int = 0  # at most this many optimiser steps (0: off)
-    lr: float = 0.02  # Adam's step, relative to each matrix's RMS
+    lr: float = 0.03  # Adam's step, relative to each matrix's RMS
     batch: int = 1024  # sampled tokens per step (measured: KL 0.0665 against 0.0661 for full-sample steps, 10x faster)
     check_every: int = 25  # held-out error measured every this many steps ...
     patience: int = 4  # ... and the run stops after this many checks without improving
@@ -50,7 +59,7 @@ def refine(experts: Experts, weights: torch.Tensor, stats: LayerStats, r: Refine
             return relative_error(x[held], weights[held], Experts(*params), target[held]).item()
 
     before = best = held_error()
-    best_params, since, step = [p.detach().clone() for p in params], 0, 0
+    best_params, since, step, history = [p.detach().clone() for p in params], 0, 0, []
     fit = torch.nonzero(~held).flatten()
     if len(fit) == 0:  # a sample of one token: nothing to fit on
         return experts, {"held_out_error_before": before, "held_out_error_after": before, "steps_run": 0,
@@ -63,11 +72,43 @@ def refine(experts: Experts, weights: torch.Tensor, stats: LayerStats, r: Refine
         opt.step()
         if step % r.check_every == 0 or step == r.steps:  # the last step counts too
             err = held_error()
+            history.append(round(err, 6))
             if err < best:
                 best, best_params, since = err, [p.detach().clone() for p in params], 0
             elif (since := since + 1) >= r.patience:
                 break
-    out = Experts(*(p.to(t.dtype) for p, t in zip(best_params, (experts.gate, experts.up, experts.down))))
+    refined = Experts(*best_params)
+    swept = down_sweep(refined, x, weights, target, ~held)
+    swept_error = relative_error(x[held], weights[held], swept, target[held]).item()
+    sweep_kept = swept_error < best
+    if sweep_kept:
+        refined, best = swept, swept_error
+    out = Experts(*(p.to(t.dtype) for p, t in zip(refined.matrices().values(), (experts.gate, experts.up, experts.down))))
     return out, {"held_out_error_before": before, "held_out_error_after": best, "steps_run": step,
-                 "kept_merge": best >= before}
+                 "kept_merge": best >= before, "held_out_errors": history,  # one per check
+                 "down_sweep_kept": sweep_kept}
+
+
+@torch.no_grad()
+def down_sweep(experts: Experts, x: torch.Tensor, weights: torch.Tensor, target: torch.Tensor,
+               fit: torch.Tensor) -> Experts:
+    """One Gauss-Seidel sweep over the merged experts' W_D: each refitted by ridge least squares (towards
+    its current value) to target − Σ_{i≠j} weights_i E_i(x), on the `fit` tokens it serves. Holds one
+    expert's activations at a time (no T x N' x I tensor)."""
+    out = weighted_expert_sum(x, weights, experts)
+    downs = list(experts.down)
+    for j in range(len(experts)):
+        rows = torch.nonzero(weights[:, j]).flatten()
+        if len(rows) == 0:
+            continue
+        hidden = expert_hidden(x[rows], experts.gate[j], experts.up[j]) * weights[rows, j, None]
+        own = hidden @ downs[j].T
+        on_fit = fit[rows]
+        if on_fit.sum() < 10:
+            continue
+        new = least_squares_down(hidden[on_fit], (target[rows] - out[rows] + own)[on_fit], prior=downs[j],
+                                 ridge=DOWN_RIDGE)
+        out[rows] += hidden @ new.T - own
+        downs[j] = new
+    return Experts(experts.gate, experts.up, torch.stack(downs))
 
