@@ -57,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--num-experts", required=True, type=_counts,
                    help="experts per layer after merging: N, or N0,N1,... one per layer")
     _calibration_args(c, given_only=True)
+    c.add_argument("--sequential", action="store_true",
+                   help="calibrate each layer on the hidden states the compressed layers before it produce, its "
+                        "target the source model's hidden state there (error-compensating; about twice the "
+                        "calibration work; statistics then depend on the method, so not with --stats)")
     c.add_argument("--stats", metavar="DIR", help="statistics written by `submoe calibrate` for this model: used "
                    "instead of calibrating (any method and ratio; the calibration settings are the file's)")
     m = c.add_argument_group("method options (each applies to the methods named)")
@@ -156,7 +160,7 @@ def run(argv: list[str]) -> int:
         report = compress(CompressOptions(
             model=args.model, out=args.out, method=args.method, num_experts=args.num_experts,
             **_compress_calibration(args), method_options=options,
-            seed=args.seed, device=args.device, force=args.force, stats=args.stats,
+            seed=args.seed, device=args.device, force=args.force, stats=args.stats, sequential=args.sequential,
             export=args.export, progress=not args.no_progress, calib_batch=args.calib_batch,
             activation_memory=args.activation_memory, restart=args.restart, refine_steps=args.refine_steps))
         s = report["sizes"]

@@ -22,11 +22,11 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from .calibration.activations import Activations
-from .calibration.layers import CalibratedLayer, calibrated_layers, in_groups
+from .calibration.layers import CalibratedLayer, advance_compressed, calibrated_layers, in_groups
 from .calibration.stats_file import StatsFile, stats_layers
 from .calibration.windows import calibration_windows, check_token_ids
 from .methods import LayerResult, Method, make_method, reduce_layers
-from .methods.output_error import output_error, served_weights
+from .methods.output_error import output_error, served_gate_weights, served_weights
 from .methods.refine import Refinement, refine
 from .options import CompressError, CompressOptions, layer_budgets
 from .source.architecture import SourceArchitecture
@@ -43,6 +43,9 @@ def compress(opts: CompressOptions) -> dict:
     arch = SourceArchitecture.of(source.config)
     method = make_method(opts.method, **opts.method_options)
     budgets = layer_budgets(opts, source.config, arch, drops=method.drops_experts)
+    if opts.sequential and method.joint_layers > 1:
+        raise CompressError("--sequential merges a layer before calibrating the next, --adaptive groups adjacent "
+                            "layers jointly: drop one")
     if not source.has_tokenizer():
         raise CompressError(f"{source.dir} has no tokenizer.json / tokenizer_config.json: calibration text "
                             f"cannot be tokenized, and the output could not be served")
@@ -59,22 +62,32 @@ def compress(opts: CompressOptions) -> dict:
     with resumable_output_dir(opts.out, opts.force, opts.fingerprint(), opts.restart, protect=source.dir) as work:
         out = CompressedOutput(work.dir, source, arch, opts, work.state)
         done, resume_file, earlier = out.layers_done, work.dir / "resume.f32", work.state.get("seconds", 0)
+        resume_source = work.dir / "resume-source.f32"  # sequential calibration's source stream
         # reading each layer and running the calibration through it, earlier runs of a resumed one included
         calibration = {"seconds": work.state.get("calibration_seconds", 0.0)}
         if stats:
             layers = timed(stats_layers(source, stats, start=done), calibration)
         else:
-            resume = Activations((*windows.shape, arch.config.hidden_size), path=resume_file) if done else None
+            shape = (*windows.shape, arch.config.hidden_size)
+            resume = Activations(shape, path=resume_file) if done else None
+            resume_src = Activations(shape, path=resume_source) if done and opts.sequential else None
             layers = timed(calibrated_layers(source, windows, opts, work.dir, start=done, resume=resume,
-                                             needs=method.statistics), calibration)
+                                             needs=method.statistics, sequential=opts.sequential,
+                                             resume_source=resume_src), calibration)
         bar = tqdm(total=len(budgets), initial=done, unit="layer", disable=not opts.progress,
                    desc=f"compress {opts.method} {arch.num_experts}->{opts.num_experts}")
         if done:
             bar.write(f"resuming {opts.out} after its first {done} finished layers", file=sys.stderr)
         for group in in_groups(layers, method.joint_layers):
-            reduce_and_write(group, method, budgets, opts, out)
+            results = reduce_and_write(group, method, budgets, opts, out)
+            if opts.sequential and results[0] is not None:  # the compressed stream moves on through the merge
+                t_advance = time.time()
+                advance(group[0], results[0], opts.export)
+                calibration["seconds"] += time.time() - t_advance  # calibration work: counted as such
             if group[-1].activations is not None:  # a kill from here on resumes after this group
                 group[-1].activations.save_as(resume_file)
+            if group[-1].source_activations is not None:
+                group[-1].source_activations.save_as(resume_source)
             work.save(**out.state(), seconds=earlier + time.time() - t0, calibration_seconds=calibration["seconds"])
             bar.update(len(group))
             del group  # the next layer must not be read while this one is alive
@@ -103,9 +116,18 @@ def timed(items, clock: dict):
 
 
 def reduce_and_write(group: list[CalibratedLayer], method: Method, budgets: list[int | None], opts: CompressOptions,
-                     out: CompressedOutput) -> None:
-    for layer, (result, error, seconds) in zip(group, reduce_group(group, method, budgets, opts)):
+                     out: CompressedOutput) -> list[LayerResult | None]:
+    reduced = reduce_group(group, method, budgets, opts)
+    for layer, (result, error, seconds) in zip(group, reduced):
         out.add(layer, result, error, seconds)
+    return [r for r, _, _ in reduced]
+
+
+def advance(layer: CalibratedLayer, result: LayerResult, export: str) -> None:
+    """Sequential calibration: the compressed stream after `layer` becomes the merged layer's output."""
+    dev = layer.router.device
+    advance_compressed(layer, lambda logits: served_gate_weights(layer.stats.routing, logits, result, export),
+                       result.experts.to(dev))
 
 
 def reduce_group(group: list[CalibratedLayer], method: Method, budgets: list[int | None],

@@ -38,13 +38,15 @@ class CompressOptions:
     restart: bool = False  # drop a partial earlier run of this --out instead of resuming it
     refine_steps: int = 0  # layer-wise refinement after the merge (methods/refine.py): at most this many steps
     stats: str | None = None  # a `submoe calibrate` directory: its statistics instead of calibrating
+    sequential: bool = False  # calibrate each layer on the compressed layers' hidden states (calibration/layers.py)
 
     def fingerprint(self) -> dict:
         """What must match for a partial run to be resumed."""
         # A field added later is left out at its default, so a partial run from before it still resumes.
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self).items()
                 if k not in ("force", "progress", "restart", "device", "calib_batch", "activation_memory")
-                and not (k == "refine_steps" and v == 0) and not (k == "stats" and v is None)}
+                and not (k == "refine_steps" and v == 0) and not (k == "stats" and v is None)
+                and not (k == "sequential" and not v)}
 
 
 def layer_budgets(opts: CompressOptions, config: dict, arch: SourceArchitecture,
@@ -78,6 +80,9 @@ def layer_budgets(opts: CompressOptions, config: dict, arch: SourceArchitecture,
     _check_export(opts, arch, {c for c in counts if c is not None})
     if drops and opts.export == "remap":
         _check_drops(arch, {c for c in counts if c is not None})
+    if opts.sequential and opts.stats:
+        raise CompressError(f"--sequential calibrates each layer on what the *compressed* layers before it produce, "
+                            f"which depends on the method and ratio, so it cannot reuse --stats {opts.stats}: drop one")
     if opts.refine_steps < 0:
         raise CompressError(f"--refine-steps must be >= 0, got {opts.refine_steps}")
     if opts.output_tokens < 1:

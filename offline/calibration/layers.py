@@ -4,12 +4,18 @@ Per layer: read its tensors (memory-mapped), run the calibration hidden states t
 batches, measure routing and expert outputs, hand the layer on, and free it before the next is
 read. Hidden states move on through the *source* layer, so the statistics do not depend on the
 method (the quality benchmark calibrates once and compresses many times).
+
+Sequential (error-compensating) calibration instead calibrates layer l on the hidden states the
+*compressed* layers before it produce, and sets the routed experts' target to what would bring
+the layer's output back to the *source model's* hidden state there: a source stream runs beside
+the compressed one, and once the consumer has merged layer l, `advance_compressed` moves the
+compressed stream on through the merged layer. Such statistics depend on the method.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -32,6 +38,13 @@ class CalibratedLayer:
     router: torch.Tensor | None  # [N, H] float32
     stats: LayerStats | None
     activations: Activations | None = None  # the calibration hidden states after this layer
+    # Sequential calibration: the source model's hidden states after this layer, and what
+    # `advance_compressed` needs to move the compressed stream through the merged layer.
+    source_activations: Activations | None = None
+    inputs: Activations | None = None
+    module: torch.nn.Module | None = None
+    rotary: Rotary | None = None
+    batch: int = 16
 
 
 def _check_finite(t: torch.Tensor, what: str, layer) -> None:
@@ -43,22 +56,27 @@ def _check_finite(t: torch.Tensor, what: str, layer) -> None:
 @torch.no_grad()
 def calibrate_batches(layer, source: Activations, target: Activations, rotary: Rotary, router: torch.Tensor | None,
                       experts: Experts | None, routing: Routing, sample: torch.Tensor, batch: int,
-                      device: torch.device | str = "cpu", needs: frozenset[str] = ALL_STATISTICS) -> LayerStats | None:
+                      device: torch.device | str = "cpu", needs: frozenset[str] = ALL_STATISTICS,
+                      source_next: Activations | None = None) -> LayerStats | None:
     """Run the calibration windows through one source layer, `batch` windows at a time, from `source`
     into `target` (the next layer's input): routing frequency over all tokens; MoE inputs, router
     logits and the routed output on the sampled tokens (in `sample`'s order, whatever the batching). A layer without routed
     experts (router None) only moves the activations on. The statistics methods publish are
-    accumulated over every token (`Accumulator`): those in `needs`."""
+    accumulated over every token (`Accumulator`): those in `needs`. With `source_next` (sequential
+    calibration: the source model's hidden states after this layer) the routed output's target on the
+    sample is what brings this layer's output to those, not the source experts' own output."""
     windows, length, hidden = source.shape
     n = router.shape[0] if router is not None else 0
     acc = Accumulator(n, hidden, needs)
     tokens, logits_s = torch.empty(len(sample), hidden), torch.empty(len(sample), n)
+    short = torch.zeros(len(sample), hidden)  # sequential: source hidden state − this layer's output
     sample = sample.cpu()
     for start in range(0, windows, batch):
         stop = min(start + batch, windows)
         h = attention_half(layer, source.read(start, stop).to(device), rotary)
         moe_in = layer.post_attention_layernorm(h)
-        target.write(start, h + layer.mlp(moe_in))
+        new = h + layer.mlp(moe_in)
+        target.write(start, new)
         if router is None:
             continue
         flat = moe_in.reshape(-1, hidden)
@@ -68,10 +86,14 @@ def calibrate_batches(layer, source: Activations, target: Activations, rotary: R
         here = torch.nonzero((sample >= start * length) & (sample < stop * length)).flatten()
         rows = (sample[here] - start * length).to(flat.device)
         tokens[here], logits_s[here] = flat[rows].cpu(), logits[rows].cpu()
+        if source_next is not None:
+            short[here] = (source_next.read(start, stop).to(device).reshape(-1, hidden)[rows]
+                           - new.reshape(-1, hidden)[rows]).cpu()
     if router is None:
         return None
     routed = weighted_expert_sum(tokens.to(device), gate_weights(routing, logits_s).to(device), experts).cpu()
-    stats = acc.stats(tokens, experts, logits_s, routing, windows, moe_output=routed)
+    stats = acc.stats(tokens, experts, logits_s, routing, windows,
+                      moe_output=routed + short if source_next is not None else routed)
     _check_finite(stats.moe_output, "expert outputs", layer)
     if stats.output_gram is not None:
         _check_finite(stats.output_gram, "expert outputs", layer)
@@ -90,11 +112,14 @@ def calibrate_layer(layer, x: torch.Tensor, rotary: Rotary, router: torch.Tensor
 
 def calibrated_layers(ckpt: LazyCheckpoint, windows: torch.Tensor, opts: CompressOptions, workdir: Path | None = None,
                       start: int = 0, resume: Activations | None = None,
-                      needs: frozenset[str] = ALL_STATISTICS) -> Iterator[CalibratedLayer]:
+                      needs: frozenset[str] = ALL_STATISTICS, sequential: bool = False,
+                      resume_source: Activations | None = None) -> Iterator[CalibratedLayer]:
     """Stream the source one decoder layer at a time: read it, run the calibration hidden states
     through it (`opts.calib_batch` windows at a time; activations over `opts.activation_memory`
     spill to files in `workdir`), yield it with its statistics. `start` > 0 continues a run from
-    `resume`, the activations after layer start-1. Only the all-token statistics in `needs` are computed."""
+    `resume`, the activations after layer start-1. Only the all-token statistics in `needs` are computed.
+    `sequential`: a source stream runs beside (`resume_source` continues it), and the consumer must call
+    `advance_compressed` on each MoE layer before asking for the next."""
     arch = SourceArchitecture.of(ckpt.config)
     dev, names = torch.device(opts.device), ckpt.names()
     shape = (*windows.shape, arch.config.hidden_size)
@@ -102,11 +127,13 @@ def calibrated_layers(ckpt: LazyCheckpoint, windows: torch.Tensor, opts: Compres
     def store(name: str) -> Activations:
         return Activations.create(shape, workdir, name, opts.activation_memory) if workdir else Activations(shape)
 
-    x = resume
+    x, x_src = resume, resume_source
     if x is None:
         x, embed = store("x-0.f32"), ckpt.get("model.embed_tokens.weight")
+        x_src = store("s-0.f32") if sequential else None
         for a in range(0, len(windows), opts.calib_batch):
-            x.write(a, embed[windows[a:a + opts.calib_batch]])
+            for stream in (x, x_src) if sequential else (x,):
+                stream.write(a, embed[windows[a:a + opts.calib_batch]])
         del embed
     rotary = arch.rotary(windows.shape[1], device=dev)
     gen = torch.Generator().manual_seed(opts.seed)
@@ -121,11 +148,18 @@ def calibrated_layers(ckpt: LazyCheckpoint, windows: torch.Tensor, opts: Compres
         layer = arch.build_layer(l, tensors, experts).to(dev)  # only this layer is on the device
         out = store(f"x-{(l + 1) % 2}.f32")
         routing = arch.layer_routing(l, tensors) if is_moe else arch.routing
-        stats = calibrate_batches(layer, x, out, rotary, router, experts, routing, sample, opts.calib_batch, dev, needs)
+        source_next = None
+        if sequential:  # the source model's own hidden states move on beside the compressed ones
+            source_next = store(f"s-{(l + 1) % 2}.f32")
+            calibrate_batches(layer, x_src, source_next, rotary, None, None, routing, sample, opts.calib_batch, dev)
+        stats = calibrate_batches(layer, x, out, rotary, router, experts, routing, sample, opts.calib_batch, dev, needs,
+                                  source_next=source_next)
+        seq = dict(source_activations=source_next, inputs=x, module=layer, rotary=rotary,
+                   batch=opts.calib_batch) if sequential else {}
         del layer
-        x = out
-        yield CalibratedLayer(l, tensors, experts, router, stats, activations=x)
-        del tensors, experts, router, stats  # the consumer holds the layer now; the next one must not overlap it
+        x, x_src = out, source_next
+        yield CalibratedLayer(l, tensors, experts, router, stats, activations=x, **seq)
+        del tensors, experts, router, stats, seq  # the consumer holds the layer now; the next one must not overlap it
 
 
 def in_groups(layers: Iterable[CalibratedLayer], size: int) -> Iterator[list[CalibratedLayer]]:
@@ -144,3 +178,21 @@ def in_groups(layers: Iterable[CalibratedLayer], size: int) -> Iterator[list[Cal
             group = []
     if group:
         yield group
+
+
+@torch.no_grad()
+def advance_compressed(layer: CalibratedLayer, served: Callable[[torch.Tensor], torch.Tensor],
+                       merged: Experts) -> None:
+    """Sequential calibration: rewrite `layer.activations` (the source layer's output on the compressed
+    stream) as the merged layer's, by swapping the routed experts' output: `served(logits)` gives each
+    merged expert's weight per token [T, N'] from the N router logits, as the export serves them."""
+    module, dev = layer.module, layer.router.device
+    windows, length, hidden = layer.inputs.shape
+    for start in range(0, windows, layer.batch):
+        stop = min(start + layer.batch, windows)
+        h = attention_half(module, layer.inputs.read(start, stop).to(dev), layer.rotary)
+        flat = module.post_attention_layernorm(h).reshape(-1, hidden)
+        logits = flat @ layer.router.T
+        delta = (weighted_expert_sum(flat, served(logits).to(dev), merged)
+                 - weighted_expert_sum(flat, gate_weights(layer.stats.routing, logits), layer.experts))
+        layer.activations.write(start, layer.activations.read(start, stop).to(dev) + delta.view(stop - start, length, hidden))

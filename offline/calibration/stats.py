@@ -65,7 +65,7 @@ class LayerStats:
 def gate_weights(routing: Routing, router_logits: torch.Tensor) -> torch.Tensor:
     """[T, N] routing weight of each of the N logits' experts per token (0 outside its top-k)."""
     w, ids = routing(router_logits)
-    return torch.zeros(router_logits.shape, dtype=w.dtype).scatter_(1, ids, w)
+    return torch.zeros(router_logits.shape, dtype=w.dtype, device=w.device).scatter_(1, ids, w)
 
 
 ALL_STATISTICS = frozenset({"output_gram", "mean_outputs", "gated_mean_outputs", "logit_gram", "saliency"})

@@ -16,8 +16,12 @@ from .base import LayerResult
 def served_logits(stats: LayerStats, result: LayerResult) -> torch.Tensor:
     """The N router logits as the remap export's router sees them: the served router never picks a
     dropped expert (its logit is -inf)."""
-    dropped = torch.tensor([e is None for e in result.expert_map])
-    return stats.router_logits.masked_fill(dropped, float("-inf")) if dropped.any() else stats.router_logits
+    return remapped_logits(stats.router_logits, result)
+
+
+def remapped_logits(logits: torch.Tensor, result: LayerResult) -> torch.Tensor:
+    dropped = torch.tensor([e is None for e in result.expert_map], device=logits.device)
+    return logits.masked_fill(dropped, float("-inf")) if dropped.any() else logits
 
 
 @torch.no_grad()
@@ -32,11 +36,16 @@ def duplicate_slot_rate(stats: LayerStats, result: LayerResult) -> float:
 
 def served_weights(stats: LayerStats, result: LayerResult, export: str = "remap") -> torch.Tensor:
     """[T, N'] the weight of each merged expert on each sampled token, routed as the export serves it."""
+    return served_gate_weights(stats.routing, stats.router_logits, result, export)
+
+
+def served_gate_weights(routing, logits: torch.Tensor, result: LayerResult, export: str = "remap") -> torch.Tensor:
+    """[T, N'] each merged expert's weight on tokens whose N router logits are `logits`, as the export serves it."""
     if export == "remap":
-        g = gate_weights(stats.routing, served_logits(stats, result))  # [T, N]; a dropped expert's column is 0
-        served_ids = torch.tensor([e or 0 for e in result.expert_map])
-        return torch.zeros(len(g), len(result.experts), dtype=g.dtype).index_add_(1, served_ids, g)
-    return gate_weights(stats.routing, stats.router_logits[:, result.representatives])
+        g = gate_weights(routing, remapped_logits(logits, result))  # [T, N]; a dropped expert's column is 0
+        served_ids = torch.tensor([e or 0 for e in result.expert_map], device=g.device)
+        return torch.zeros(len(g), len(result.experts), dtype=g.dtype, device=g.device).index_add_(1, served_ids, g)
+    return gate_weights(routing, logits[:, result.representatives])
 
 
 def relative_error(x: torch.Tensor, weights: torch.Tensor, experts: Experts, target: torch.Tensor) -> torch.Tensor:
