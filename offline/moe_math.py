@@ -125,7 +125,8 @@ def weighted_expert_sum(x: torch.Tensor, weights: torch.Tensor, experts: Experts
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in torch.nonzero((weights != 0).any(0)).flatten().tolist():
         rows = torch.nonzero(weights[:, e]).flatten()
-        out.index_add_(0, rows, expert_forward(x[rows], *experts.expert(e)) * weights[rows, e, None])
+        matrices = (m.to(x.dtype) for m in experts.expert(e))  # bf16 experts on float32 tokens: one at a time
+        out.index_add_(0, rows, expert_forward(x[rows], *matrices) * weights[rows, e, None])
     return out
 
 

@@ -16,10 +16,11 @@ output on the tokens j serves. The output is linear in each W_D, so this lands w
 gradient steps would: 100 steps and the sweep reach the layer error 300 steps alone did, in half
 the time (measured on the upcycled stand-in). Kept only if the held-out error improves.
 
-Memory: the layer's merged experts in float32 about five times (parameters, gradients, Adam's two
-moments, the best step), on the CPU: fine for the stand-ins, ~5x the merged layer at DeepSeek-V3's
-shape. The held-out tokens are every fifth, as output-lsq's grouping choice uses: the merge's own
-held-out error is then slightly optimistic, which can only make refinement stop early.
+Memory: the merged experts being refined in float32 about five times (parameters, gradients, Adam's
+two moments, the best step), at most `chunk_bytes` (1 GiB) of them at once: the whole layer on the
+stand-ins, 6 of DeepSeek-V3's 128 merged experts at a time; beside them two copies of the merged
+layer as written. The held-out tokens are every fifth, as output-lsq's grouping choice uses: the
+merge's own held-out error is then slightly optimistic, which can only make refinement stop early.
 """
 from __future__ import annotations
 
@@ -43,14 +44,73 @@ class Refinement:
     check_every: int = 25  # held-out error measured every this many steps ...
     patience: int = 4  # ... and the run stops after this many checks without improving
     seed: int = 0
+    chunk_bytes: int = 1 << 30  # float32 parameters refined at once (x5 in use with Adam's state and the best step)
 
 
 def refine(experts: Experts, weights: torch.Tensor, stats: LayerStats, r: Refinement) -> tuple[Experts, dict]:
     """`experts` [N', ...] refined so that Σ_j weights[:, j] E'_j(x) approaches the source's routed output
     on the sample (`weights` [T, N']: each merged expert's served routing weight). Returns the refined
-    experts in the input's dtype and the held-out error before and after."""
+    experts in the input's dtype and the held-out error before and after.
+
+    Merged experts whose float32 copies exceed `r.chunk_bytes` are refined a chunk at a time, the
+    others' output held fixed (Adam's state is 4x the parameters: DeepSeek-V3's 128 merged experts
+    at once would take ~113 GB); on the stand-ins the whole layer is one chunk."""
     held = torch.arange(len(stats.tokens)) % 5 == 0
     x, target = stats.tokens.float(), stats.moe_output.float()
+    fit = torch.nonzero(~held).flatten()
+
+    def layer_error(e: Experts) -> float:
+        with torch.no_grad():
+            return relative_error(x[held], weights[held], e, target[held]).item()
+
+    before = layer_error(experts)
+    if len(fit) == 0:  # a sample of one token: nothing to fit on
+        return experts, {"held_out_error_before": before, "held_out_error_after": before, "steps_run": 0,
+                         "kept_merge": True}
+    gen = torch.Generator().manual_seed(r.seed)
+    chunks = expert_chunks(experts, r.chunk_bytes)
+    if len(chunks) == 1:
+        refined, steps, history = descend(experts, x, weights, target, held, fit, r, gen)
+    else:  # the others' output fixed: each chunk fits what they leave of the target
+        with torch.no_grad():
+            served = weighted_expert_sum(x, weights, experts)
+        mats, steps, history = [list(m) for m in experts.matrices().values()], 0, []
+        for chunk in chunks:
+            part = Experts(*(torch.stack([m[j] for j in chunk]) for m in mats))
+            w = weights[:, chunk]
+            with torch.no_grad():
+                others = served - weighted_expert_sum(x, w, part)
+            new, n, h = descend(part, x, w, target - others, held, fit, r, gen)
+            with torch.no_grad():
+                served = others + weighted_expert_sum(x, w, new)
+            for m, t in zip(mats, new.matrices().values()):
+                for i, j in enumerate(chunk):
+                    m[j] = t[i].to(m[j].dtype)
+            steps, history = steps + n, history + [h]
+        refined = Experts(*(torch.stack(m) for m in mats))
+    best = layer_error(refined)
+    swept = down_sweep(refined, x, weights, target, ~held)
+    swept_error = layer_error(swept)
+    sweep_kept = swept_error < best
+    if sweep_kept:
+        refined, best = swept, swept_error
+    out = Experts(*(p.to(t.dtype) for p, t in zip(refined.matrices().values(), (experts.gate, experts.up, experts.down))))
+    return out, {"held_out_error_before": before, "held_out_error_after": best, "steps_run": steps,
+                 "kept_merge": best >= before, "held_out_errors": history,  # one per check (per chunk)
+                 "down_sweep_kept": sweep_kept, "chunks": len(chunks)}
+
+
+def expert_chunks(experts: Experts, budget: int) -> list[list[int]]:
+    """Consecutive merged experts whose float32 matrices fit `budget` bytes together (at least one each)."""
+    per = 4 * sum(m[0].numel() for m in experts.matrices().values())
+    size = max(1, budget // per)
+    return [list(range(a, min(a + size, len(experts)))) for a in range(0, len(experts), size)]
+
+
+def descend(experts: Experts, x: torch.Tensor, weights: torch.Tensor, target: torch.Tensor, held: torch.Tensor,
+            fit: torch.Tensor, r: Refinement, gen: torch.Generator) -> tuple[Experts, int, list[float]]:
+    """Minibatch Adam on all of `experts`' matrices (float32 copies) against `target`; the best step on
+    the held-out tokens (or the input): (experts, steps run, held-out error per check)."""
     params = [t.detach().float().clone().requires_grad_(True) for t in (experts.gate[:], experts.up[:], experts.down[:])]
     opt = torch.optim.Adam([{"params": [p], "lr": r.lr * p.detach().pow(2).mean().sqrt().item()} for p in params])
 
@@ -58,13 +118,8 @@ def refine(experts: Experts, weights: torch.Tensor, stats: LayerStats, r: Refine
         with torch.no_grad():
             return relative_error(x[held], weights[held], Experts(*params), target[held]).item()
 
-    before = best = held_error()
+    best = held_error()
     best_params, since, step, history = [p.detach().clone() for p in params], 0, 0, []
-    fit = torch.nonzero(~held).flatten()
-    if len(fit) == 0:  # a sample of one token: nothing to fit on
-        return experts, {"held_out_error_before": before, "held_out_error_after": before, "steps_run": 0,
-                         "kept_merge": True}
-    gen = torch.Generator().manual_seed(r.seed)
     for step in range(1, r.steps + 1):
         rows = fit[torch.randint(len(fit), (min(r.batch, len(fit)),), generator=gen)]
         opt.zero_grad()
@@ -77,16 +132,7 @@ def refine(experts: Experts, weights: torch.Tensor, stats: LayerStats, r: Refine
                 best, best_params, since = err, [p.detach().clone() for p in params], 0
             elif (since := since + 1) >= r.patience:
                 break
-    refined = Experts(*best_params)
-    swept = down_sweep(refined, x, weights, target, ~held)
-    swept_error = relative_error(x[held], weights[held], swept, target[held]).item()
-    sweep_kept = swept_error < best
-    if sweep_kept:
-        refined, best = swept, swept_error
-    out = Experts(*(p.to(t.dtype) for p, t in zip(refined.matrices().values(), (experts.gate, experts.up, experts.down))))
-    return out, {"held_out_error_before": before, "held_out_error_after": best, "steps_run": step,
-                 "kept_merge": best >= before, "held_out_errors": history,  # one per check
-                 "down_sweep_kept": sweep_kept}
+    return Experts(*best_params), step, history
 
 
 @torch.no_grad()
@@ -101,14 +147,15 @@ def down_sweep(experts: Experts, x: torch.Tensor, weights: torch.Tensor, target:
         rows = torch.nonzero(weights[:, j]).flatten()
         if len(rows) == 0:
             continue
-        hidden = expert_hidden(x[rows], experts.gate[j], experts.up[j]) * weights[rows, j, None]
-        own = hidden @ downs[j].T
+        hidden = expert_hidden(x[rows], experts.gate[j].float(), experts.up[j].float()) * weights[rows, j, None]
+        down = downs[j].float()
+        own = hidden @ down.T
         on_fit = fit[rows]
         if on_fit.sum() < 10:
             continue
-        new = least_squares_down(hidden[on_fit], (target[rows] - out[rows] + own)[on_fit], prior=downs[j],
+        new = least_squares_down(hidden[on_fit], (target[rows] - out[rows] + own)[on_fit], prior=down,
                                  ridge=DOWN_RIDGE)
         out[rows] += hidden @ new.T - own
-        downs[j] = new
+        downs[j] = new.to(downs[j].dtype)
     return Experts(experts.gate, experts.up, torch.stack(downs))
 
