@@ -36,10 +36,14 @@ def test_quick_run_writes_json_markdown_and_plots_for_every_method(tmp_path):
     assert "## Main table" in md and all(f"| {lab} |" in md for lab in labels)
     assert (tmp_path / "quality-quick.png").stat().st_size > 10_000
     assert (tmp_path / "quality-quick_ablations.png").stat().st_size > 10_000
-    # --add measures one more configuration and keeps every earlier row as it was
-    assert quality.main(["--quick", "--models", "upcycled", "--out", str(tmp_path), "--add", "output-lsq@16k"]) == 0
+    # --add measures more configurations (one calibrating within its run: sequential) and keeps every
+    # earlier row as it was
+    more = {"output-lsq@16k", "reap+seq"}
+    assert quality.main(["--quick", "--models", "upcycled", "--out", str(tmp_path), "--add", *sorted(more)]) == 0
     added = json.loads((tmp_path / "quality-quick.json").read_text())["models"]["upcycled"]
-    assert {r["label"] for r in added["summary"]} == labels | {"output-lsq@16k"}
-    assert [r for r in added["summary"] if r["label"] != "output-lsq@16k"] == m["summary"]
+    assert {r["label"] for r in added["summary"]} == labels | more
+    assert [r for r in added["summary"] if r["label"] not in more] == m["summary"]
     new = next(r for r in added["runs"] if r["label"] == "output-lsq@16k")
     assert new["pipeline"]["output_tokens"] == 16384 and new["kl"] > 0 and new["calibration_seconds"] > 0
+    seq = next(r for r in added["runs"] if r["label"] == "reap+seq")
+    assert seq["pipeline"]["sequential"] and seq["kl"] > 0 and seq["calibration_seconds"] > 0
