@@ -61,6 +61,11 @@ ADDED = {
     # sampled tokens (the authors sample 32k). And the same merge served through the remap tables.
     "ream": ("ream", {}, {"export": "vanilla", "output_tokens": 16384}),
     "ream+remap": ("ream", {}, {"output_tokens": 16384}),
+    # Sequential (error-compensating) calibration: REAM's authors and llm-compressor's REAP calibrate so.
+    "ream+seq": ("ream", {}, {"export": "vanilla", "output_tokens": 16384, "sequential": True}),
+    "reap+seq": ("reap", {}, {"sequential": True}),
+    "output-lsq+seq@16k": ("output-lsq", {}, {"output_tokens": 16384, "sequential": True}),
+    "output-lsq+refine+seq@16k": ("output-lsq", {}, {"output_tokens": 16384, "refine_steps": 100, "sequential": True}),
 }
 FIGURES = ("kl", "top1_agreement", "retention_mean", "retention_worst", "greedy_first_divergence", "perplexity_mean")
 
@@ -188,15 +193,21 @@ def run_one(model_dir: Path, cal: Calibrations, ev: Evaluator, tmp: Path, method
     """One configuration on one calibration: compress (the pipeline after calibration) and score.
     `pipeline`: CompressOptions fields beyond the benchmark's (output_tokens, refine_steps)."""
     pipeline = {"output_tokens": s.output_tokens, **(pipeline or {})}
-    stats, info = cal.get(sources, samples, seed, pipeline["output_tokens"])
+    if pipeline.get("sequential"):  # statistics that depend on the merges: calibrated within the run
+        calibration, info = dict(calib=sources, samples=samples, seq_len=s.seq_len), None
+    else:
+        stats, info = cal.get(sources, samples, seed, pipeline["output_tokens"])
+        calibration = dict(stats=str(stats))
     out = tmp / "ckpt"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t0 = time.time()
-        report = compress(CompressOptions(
-            model=str(model_dir), out=out, method=method, num_experts=n, method_options=options, seed=seed,
-            force=True, progress=False, stats=str(stats), **{k: v for k, v in pipeline.items() if k != "output_tokens"}))
+        report = compress(CompressOptions(model=str(model_dir), out=out, method=method, num_experts=n,
+                                          method_options=options, seed=seed, force=True, progress=False,
+                                          **calibration, **pipeline))
         merge_seconds = time.time() - t0
+    if info is None:
+        info = {"calibration_seconds": report["calibration"]["seconds"]}
     figures = ev.score(out)
     figures.update(method=method, label=label(method, options), options=options, num_experts=n, seed=seed,
                    samples=samples, calib=[domain_name(p) for p in sources], merge_seconds=merge_seconds,
