@@ -438,3 +438,43 @@ def test_refinement_in_chunks_keeps_the_others_fixed_and_still_improves_the_laye
                        Refinement(steps=100, lr=0.01, batch=512, chunk_bytes=one))
     assert info["chunks"] == 4 and len(info["held_out_errors"]) == 4 and out.gate.dtype == torch.bfloat16
     assert info["held_out_error_after"] < 0.7 * info["held_out_error_before"]
+
+
+def _authors_merge(experts, group, saliency, tokens, pca_dim=64):
+    """SamsungSAILMontreal/ream ream/merger.py::Merger._merge ('logits+weights'), transcribed: PCA of the
+    layer's unit-normalised neuron rows, Hungarian on activation + weight distances, saliency-weighted sum."""
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment
+
+    def normalize_rows(x):
+        return x / (torch.linalg.norm(x, dim=-1, keepdim=True) + 1e-8)
+
+    weights = torch.stack([torch.cat([experts.gate[e], experts.up[e], experts.down[e].T], 1) for e in range(len(experts))])
+    x = normalize_rows(weights).flatten(0, 1)
+    x = x - x.mean(dim=-2, keepdim=True)
+    torch.manual_seed(0)
+    _, s, v = torch.pca_lowrank(x, q=pca_dim)
+    feats = normalize_rows((x @ (v[:, :pca_dim] * s[:pca_dim])).reshape(len(experts), -1, pca_dim))
+    act = torch.stack([(torch.nn.functional.silu(tokens @ experts.gate[e].T) * (tokens @ experts.up[e].T)).T
+                       for e in range(len(experts))])  # [E, I, T]
+    w = saliency[group].numpy() / saliency[group].numpy().sum()
+    merged = [m[group[0]].float() * w[0] for m in (experts.gate, experts.up, experts.down)]
+    for j, idx in enumerate(group[1:]):
+        cost = torch.cdist(normalize_rows(act[group[0]]), normalize_rows(act[idx])).numpy()
+        cost = cost + torch.cdist(feats[group[0]], feats[idx]).numpy()
+        _, perm = linear_sum_assignment(cost)
+        perm = torch.from_numpy(np.asarray(perm))
+        for k, m in enumerate((experts.gate[idx][perm], experts.up[idx][perm], experts.down[idx][:, perm])):
+            merged[k] = merged[k] + float(w[j + 1]) * m.float()
+    return merged
+
+
+def test_ream_merge_is_the_authors_merge():
+    """Our REAM merge of one group equals the authors' `_merge` on the same tokens and saliency."""
+    from offline.methods.ream import ream_merge, ream_saliency, weight_pca
+    experts, stats = random_layer(seed=31, n=8, h=32, i=40, t=300)
+    group = [int(i) for i in torch.argsort(stats.saliency, descending=True)[:4]]  # centroid first
+    ours = ream_merge(experts, sorted(group), group[0], ream_saliency(stats), stats.tokens, weight_pca(experts))
+    theirs = _authors_merge(experts, group, ream_saliency(stats), stats.tokens)
+    for a, b in zip(ours.expert.matrices().values(), theirs):
+        torch.testing.assert_close(a[0], b, atol=1e-5, rtol=1e-5)
