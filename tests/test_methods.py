@@ -427,16 +427,17 @@ def test_down_sweep_fits_each_down_projection_to_what_the_others_leave():
 
 def test_refinement_in_chunks_keeps_the_others_fixed_and_still_improves_the_layer():
     """A memory budget of one merged expert refines them one at a time (each against what the others
-    leave): the layer still improves on held-out tokens, in the input's dtype."""
+    leave, written back in place): the layer still improves on held-out tokens, in the input's dtype."""
     from offline.methods.refine import Refinement, expert_chunks, refine
     experts, stats = random_layer(seed=3, n=4, h=16, i=24, t=2000, router_gain=4.0)
     g = torch.Generator().manual_seed(0)
     noisy = Experts(*(m + 0.3 * torch.randn(m.shape, generator=g) for m in experts.matrices().values()))
     one = 4 * 3 * 16 * 24  # one expert's float32 bytes
     assert expert_chunks(noisy, one) == [[0], [1], [2], [3]] and expert_chunks(noisy, 3 * one) == [[0, 1, 2], [3]]
-    out, info = refine(noisy.to(torch.bfloat16), stats.gate_weights(), stats,
-                       Refinement(steps=100, lr=0.01, batch=512, chunk_bytes=one))
+    merged = noisy.to(torch.bfloat16)
+    out, info = refine(merged, stats.gate_weights(), stats, Refinement(steps=100, lr=0.01, batch=512, chunk_bytes=one))
     assert info["chunks"] == 4 and len(info["held_out_errors"]) == 4 and out.gate.dtype == torch.bfloat16
+    assert out.gate.data_ptr() == merged.gate.data_ptr()  # written back in place: the layer is never held twice
     assert info["held_out_error_after"] < 0.7 * info["held_out_error_before"]
 
 

@@ -18,9 +18,10 @@ the time (measured on the upcycled stand-in). Kept only if the held-out error im
 
 Memory: the merged experts being refined in float32 about five times (parameters, gradients, Adam's
 two moments, the best step), at most `chunk_bytes` (1 GiB) of them at once: the whole layer on the
-stand-ins, 6 of DeepSeek-V3's 128 merged experts at a time; beside them two copies of the merged
-layer as written. The held-out tokens are every fifth, as output-lsq's grouping choice uses: the
-merge's own held-out error is then slightly optimistic, which can only make refinement stop early.
+stand-ins, 6 of DeepSeek-V3's 128 merged experts at a time, written back into the merged layer
+(which is then held once, and its W_D twice during the closing sweep). The held-out tokens are
+every fifth, as output-lsq's grouping choice uses: the merge's own held-out error is then slightly
+optimistic, which can only make refinement stop early.
 """
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ def refine(experts: Experts, weights: torch.Tensor, stats: LayerStats, r: Refine
 
     Merged experts whose float32 copies exceed `r.chunk_bytes` are refined a chunk at a time, the
     others' output held fixed (Adam's state is 4x the parameters: DeepSeek-V3's 128 merged experts
-    at once would take ~113 GB); on the stand-ins the whole layer is one chunk."""
+    at once would take ~113 GB), and each refined chunk is written back into `experts` in place;
+    on the stand-ins the whole layer is one chunk (`experts` untouched)."""
     held = torch.arange(len(stats.tokens)) % 5 == 0
     x, target = stats.tokens.float(), stats.moe_output.float()
     fit = torch.nonzero(~held).flatten()
@@ -71,23 +73,23 @@ def refine(experts: Experts, weights: torch.Tensor, stats: LayerStats, r: Refine
     chunks = expert_chunks(experts, r.chunk_bytes)
     if len(chunks) == 1:
         refined, steps, history = descend(experts, x, weights, target, held, fit, r, gen)
-    else:  # the others' output fixed: each chunk fits what they leave of the target
+    else:  # the others' output fixed: each chunk fits what they leave of the target, written back in place
         with torch.no_grad():
             served = weighted_expert_sum(x, weights, experts)
-        mats, steps, history = [list(m) for m in experts.matrices().values()], 0, []
+        steps, history = 0, []
         for chunk in chunks:
-            part = Experts(*(torch.stack([m[j] for j in chunk]) for m in mats))
+            part = Experts(*(torch.stack([m[j] for j in chunk]) for m in experts.matrices().values()))
             w = weights[:, chunk]
             with torch.no_grad():
                 others = served - weighted_expert_sum(x, w, part)
             new, n, h = descend(part, x, w, target - others, held, fit, r, gen)
             with torch.no_grad():
                 served = others + weighted_expert_sum(x, w, new)
-            for m, t in zip(mats, new.matrices().values()):
-                for i, j in enumerate(chunk):
-                    m[j] = t[i].to(m[j].dtype)
+                for m, t in zip(experts.matrices().values(), new.matrices().values()):
+                    for i, j in enumerate(chunk):
+                        m[j].copy_(t[i])  # into the merged layer itself: it is never held twice
             steps, history = steps + n, history + [h]
-        refined = Experts(*(torch.stack(m) for m in mats))
+        refined = experts
     best = layer_error(refined)
     swept = down_sweep(refined, x, weights, target, ~held)
     swept_error = layer_error(swept)
@@ -140,9 +142,11 @@ def down_sweep(experts: Experts, x: torch.Tensor, weights: torch.Tensor, target:
                fit: torch.Tensor) -> Experts:
     """One Gauss-Seidel sweep over the merged experts' W_D: each refitted by ridge least squares (towards
     its current value) to target − Σ_{i≠j} weights_i E_i(x), on the `fit` tokens it serves. Holds one
-    expert's activations at a time (no T x N' x I tensor)."""
+    expert's activations at a time (no T x N' x I tensor) and one new W_D stack."""
     out = weighted_expert_sum(x, weights, experts)
-    downs = list(experts.down)
+    downs = torch.empty(experts.down.shape, dtype=experts.down.dtype)
+    for j in range(len(experts)):
+        downs[j] = experts.down[j]
     for j in range(len(experts)):
         rows = torch.nonzero(weights[:, j]).flatten()
         if len(rows) == 0:
@@ -156,6 +160,6 @@ def down_sweep(experts: Experts, x: torch.Tensor, weights: torch.Tensor, target:
         new = least_squares_down(hidden[on_fit], (target[rows] - out[rows] + own)[on_fit], prior=down,
                                  ridge=DOWN_RIDGE)
         out[rows] += hidden @ new.T - own
-        downs[j] = new.to(downs[j].dtype)
-    return Experts(experts.gate, experts.up, torch.stack(downs))
+        downs[j] = new
+    return Experts(experts.gate, experts.up, downs)
 
