@@ -78,7 +78,7 @@ def compress(src: Path, out: Path, samples: int, *extra: str, method: str = "sub
             "layer_bytes": layer, "activation_copy_bytes": activation_copy, "samples": samples, "extra": list(extra),
             "peak_above_floor_in_layers": round(above / layer, 2), "peak_anon_bytes": peak_anon,
             "peak_anon_in_layers": round(peak_anon / layer, 2), "compress_seconds": report["time_seconds"],
-            "moe_layers": sum(1 for l in report["layers"])}
+            "calibration_seconds": report["calibration"]["seconds"], "moe_layers": sum(1 for l in report["layers"])}
 
 
 # Real layer shapes (config fields of the published models), random bf16 weights: `layers` is the
@@ -111,19 +111,21 @@ def shape_source(name: str, layers: int) -> Path:
     return src
 
 
-def shape_row(name: str, method: str, layers: int) -> dict:
+def shape_row(name: str, method: str, layers: int, samples: int = CALIB["samples"], extra: tuple[str, ...] = ()) -> dict:
     """One method 50% on a few layers of a real shape: memory in stored layers, seconds per layer,
-    and the whole model's compression time extrapolated from them."""
+    the whole run against its calibration, and the whole model's time extrapolated from them.
+    `extra`: more `submoe compress` options (e.g. the project's method at its best)."""
     from vllm_submoe.checkpoint_format import layout_for
     f = SHAPES[name]["fields"]
     n = f[layout_for({"model_type": SHAPES[name]["model_type"]}).num_experts_field]
     hidden, inter = f["hidden_size"], f["moe_intermediate_size"]
     layer = 3 * n * hidden * inter * 2
-    row = compress(shape_source(name, layers), BUILD / "out", CALIB["samples"], method=method, num_experts=n // 2,
+    row = compress(shape_source(name, layers), BUILD / "out", samples, *extra, method=method, num_experts=n // 2,
                    layer=layer, hidden=hidden)
     per_layer = row["compress_seconds"] / row["moe_layers"]
     return {"shape": name, "method": method, "experts": f"{n}->{n // 2}", "hidden": hidden, "intermediate": inter,
             "layers": layers, **row, "seconds_per_layer": round(per_layer, 1),
+            "over_calibration": round(row["compress_seconds"] / max(row["calibration_seconds"], 1e-9), 2),
             "model_layers": SHAPES[name]["layers"], "extrapolated_hours": round(per_layer * SHAPES[name]["layers"] / 3600, 2)}
 
 
@@ -183,14 +185,18 @@ def markdown(rows: list[dict], spill: list[dict], shapes: list[dict]) -> str:
                          f"{r['wall_seconds']:.0f} s |")
     if shapes:
         lines += ["", f"Real layer shapes, {shapes[0]['layers']} layers each, 50% of the experts, "
-                  f"{CALIB['samples'] * CALIB['seq_len'] // 1024}k calibration tokens:", "",
+                  f"{CALIB['samples'] * CALIB['seq_len'] // 1024}k calibration tokens unless the method says:", "",
                   "| shape | method | experts | one layer (bf16) | peak RSS - before, in bf16 layers | "
-                  "peak anonymous memory, in bf16 layers | s per layer | whole model (extrapolated) | measured |",
-                  "|---|---|---|---:|---:|---:|---:|---:|---|"]
+                  "peak anonymous memory, in bf16 layers | s per layer | whole / calibration | "
+                  "whole model (extrapolated) | measured |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
         for r in shapes:
             anon = f"{r['peak_anon_bytes'] / GiB:.2f} GiB ({r['peak_anon_in_layers']})" if "peak_anon_bytes" in r else "–"
-            lines.append(f"| {r['shape']} | {r['method']} | {r['experts']} | {r['layer_bytes'] / GiB:.2f} GiB | "
+            method = " ".join([r["method"], *r.get("extra", [])]
+                              + ([f"({r['samples']} windows)"] if r.get("samples", CALIB["samples"]) != CALIB["samples"] else []))
+            lines.append(f"| {r['shape']} | {method} | {r['experts']} | {r['layer_bytes'] / GiB:.2f} GiB | "
                          f"{r['peak_above_floor_in_layers']} | {anon} | {r['seconds_per_layer']} | "
+                         f"{r.get('over_calibration', '–')} | "
                          f"{r['extrapolated_hours']} h ({r['model_layers']} layers) | {measured(r)} |")
     return "\n".join(lines) + "\n"
 
@@ -200,6 +206,9 @@ def main() -> None:
     ap.add_argument("--layers", default="6,22,46", help="decoder layers of each model (about 0.19 GB each); '' for none")
     ap.add_argument("--shapes", default="Qwen3-30B-A3B", help=f"real layer shapes to run, of {list(SHAPES)}; '' for none")
     ap.add_argument("--methods", default="submoe,output-lsq,reap", help="methods run on each real shape")
+    ap.add_argument("--shape-samples", type=int, default=CALIB["samples"], help="calibration windows for the shape rows")
+    ap.add_argument("--shape-args", default="", help="more `submoe compress` options for the shape rows, e.g. "
+                    "'--output-tokens 16384 --refine-steps 100' (the project's method at its best)")
     ap.add_argument("--no-spill", dest="spill", action="store_false", help="skip the activation-spilling comparison")
     ap.add_argument("--update", action="store_true", help="keep the parts of the JSON not run this time")
     ap.add_argument("--keep", action="store_true", help="keep the generated models in build/scaling")
@@ -218,7 +227,7 @@ def main() -> None:
             shutil.rmtree(src)
     for name in [n for n in args.shapes.split(",") if n]:
         for method in args.methods.split(","):
-            shapes.append(shape_row(name, method, SHAPE_LAYERS))
+            shapes.append(shape_row(name, method, SHAPE_LAYERS, args.shape_samples, tuple(args.shape_args.split())))
             print(json.dumps(shapes[-1]), flush=True)
         if not args.keep:
             shutil.rmtree(BUILD / f"{name}-{SHAPE_LAYERS}l")
