@@ -19,12 +19,11 @@ import time
 from dataclasses import replace
 
 from tqdm import tqdm
-from transformers import AutoTokenizer
 
 from .calibration.activations import Activations
 from .calibration.layers import CalibratedLayer, advance_compressed, calibrated_layers, in_groups
 from .calibration.stats_file import StatsFile, stats_layers
-from .calibration.windows import calibration_windows, check_token_ids
+from .calibration.windows import source_windows
 from .methods import LayerResult, Method, make_method, reduce_layers
 from .methods.output_error import output_error, served_gate_weights, served_weights
 from .methods.refine import Refinement, refine
@@ -54,9 +53,7 @@ def compress(opts: CompressOptions) -> dict:
         stats.check(source, method.statistics, opts.method)
         opts, calib_info = stats.applied_to(opts), stats.calibration
     else:
-        tokenizer = AutoTokenizer.from_pretrained(str(source.dir))
-        windows, calib_info = calibration_windows(tokenizer, opts.calib, opts.samples, opts.seq_len, opts.seed)
-        check_token_ids(windows, source.config.get("vocab_size"), source.dir)
+        windows, calib_info = source_windows(source, opts.calib, opts.samples, opts.seq_len, opts.seed)
     rss_floor = rss_bytes()  # what no layer adds to: libraries, tokenizer, calibration tokens
 
     with resumable_output_dir(opts.out, opts.force, opts.fingerprint(), opts.restart, protect=source.dir) as work:

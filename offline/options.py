@@ -2,7 +2,7 @@
 before anything is read or written."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -15,6 +15,9 @@ from .source.architecture import SourceArchitecture
 
 class CompressError(SubMoEError):
     """Compression settings that cannot work for this model."""
+
+
+ADDED_LATER = ("refine_steps", "stats", "sequential")  # fields newer than some resumable partial runs
 
 
 @dataclass
@@ -43,10 +46,10 @@ class CompressOptions:
     def fingerprint(self) -> dict:
         """What must match for a partial run to be resumed."""
         # A field added later is left out at its default, so a partial run from before it still resumes.
+        defaults = {f.name: f.default for f in fields(self) if f.name in ADDED_LATER}
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self).items()
                 if k not in ("force", "progress", "restart", "device", "calib_batch", "activation_memory")
-                and not (k == "refine_steps" and v == 0) and not (k == "stats" and v is None)
-                and not (k == "sequential" and not v)}
+                and not (k in defaults and v == defaults[k])}
 
 
 def layer_budgets(opts: CompressOptions, config: dict, arch: SourceArchitecture,
@@ -85,6 +88,12 @@ def layer_budgets(opts: CompressOptions, config: dict, arch: SourceArchitecture,
                             f"which depends on the method and ratio, so it cannot reuse --stats {opts.stats}: drop one")
     if opts.refine_steps < 0:
         raise CompressError(f"--refine-steps must be >= 0, got {opts.refine_steps}")
+    check_calibration(opts)
+    return counts
+
+
+def check_calibration(opts) -> None:
+    """The calibration settings `compress` and `calibrate` share (their options objects), or one clear error."""
     if opts.output_tokens < 1:
         raise CompressError(f"--output-tokens must be at least 1, got {opts.output_tokens}")
     if opts.calib_batch < 1 or opts.activation_memory < 0:
@@ -92,7 +101,6 @@ def layer_budgets(opts: CompressOptions, config: dict, arch: SourceArchitecture,
                             f"{opts.calib_batch} and {opts.activation_memory}")
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise CompressError("--device cuda was given but no CUDA device is visible: use --device cpu")
-    return counts
 
 
 def _check_export(opts: CompressOptions, arch: SourceArchitecture, moe_counts: set[int]) -> None:

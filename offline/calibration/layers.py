@@ -141,10 +141,7 @@ def calibrated_layers(ckpt: LazyCheckpoint, windows: torch.Tensor, opts: Compres
         sample = torch.randperm(windows.numel(), generator=gen)[: opts.output_tokens]  # drawn for every layer
         if l < start:
             continue
-        tensors = {n: ckpt.get(n).clone() for n in arch.non_expert_names(names, l)}  # owned: see release()
-        experts = arch.read_experts(ckpt, l, arch.num_experts, device=dev) if is_moe else None  # as stored
-        router = tensors[arch.layout.router_tensor(l)].to(dev, torch.float32) if is_moe else None
-        ckpt.release()
+        tensors, experts, router = read_layer(ckpt, arch, names, l, is_moe, dev)
         layer = arch.build_layer(l, tensors, experts).to(dev)  # only this layer is on the device
         out = store(f"x-{(l + 1) % 2}.f32")
         routing = arch.layer_routing(l, tensors) if is_moe else arch.routing
@@ -160,6 +157,17 @@ def calibrated_layers(ckpt: LazyCheckpoint, windows: torch.Tensor, opts: Compres
         x, x_src = out, source_next
         yield CalibratedLayer(l, tensors, experts, router, stats, activations=x, **seq)
         del tensors, experts, router, stats, seq  # the consumer holds the layer now; the next one must not overlap it
+
+
+def read_layer(ckpt: LazyCheckpoint, arch: SourceArchitecture, names: list[str], l: int, is_moe: bool,
+               device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], Experts | None, torch.Tensor | None]:
+    """One decoder layer as read: its non-expert tensors (owned copies, see `LazyCheckpoint.release`),
+    its experts as stored (views on the CPU) and its router in float32; the files are released after."""
+    tensors = {n: ckpt.get(n).clone() for n in arch.non_expert_names(names, l)}
+    experts = arch.read_experts(ckpt, l, arch.num_experts, device=device) if is_moe else None
+    router = tensors[arch.layout.router_tensor(l)].to(device, torch.float32) if is_moe else None
+    ckpt.release()
+    return tensors, experts, router
 
 
 def in_groups(layers: Iterable[CalibratedLayer], size: int) -> Iterator[list[CalibratedLayer]]:

@@ -18,19 +18,19 @@ from pathlib import Path
 from typing import Iterator
 
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
-from transformers import AutoTokenizer
 
 from vllm_submoe.errors import SubMoEError
 
+from ..options import check_calibration
 from ..source.architecture import SourceArchitecture
 from ..source.checkpoint import LazyCheckpoint
 from ..writing.workdir import resumable_output_dir
 from .activations import Activations
-from .layers import CalibratedLayer, calibrated_layers
+from .layers import CalibratedLayer, calibrated_layers, read_layer
 from .stats import ALL_STATISTICS, LayerStats
-from .windows import calibration_windows, check_token_ids
+from .windows import source_windows
 
 FORMAT = 1
 META = "statistics.json"
@@ -84,17 +84,13 @@ def calibrate(opts: CalibrateOptions) -> dict:
     unknown = set(opts.statistics) - ALL_STATISTICS
     if unknown:
         raise StatsFileError(f"unknown statistics {sorted(unknown)}; choose from {sorted(ALL_STATISTICS)}")
+    check_calibration(opts)
     source = LazyCheckpoint(opts.model)
     arch = SourceArchitecture.of(source.config)
-    if opts.output_tokens < 1 or opts.calib_batch < 1:
-        raise StatsFileError(f"--output-tokens and --calib-batch must be at least 1, got {opts.output_tokens} "
-                             f"and {opts.calib_batch}")
     if not source.has_tokenizer():
         raise StatsFileError(f"{source.dir} has no tokenizer.json / tokenizer_config.json: calibration text "
                              f"cannot be tokenized")
-    windows, info = calibration_windows(AutoTokenizer.from_pretrained(str(source.dir)), opts.calib, opts.samples,
-                                        opts.seq_len, opts.seed)
-    check_token_ids(windows, source.config.get("vocab_size"), source.dir)
+    windows, info = source_windows(source, opts.calib, opts.samples, opts.seq_len, opts.seed)
     with resumable_output_dir(opts.out, opts.force, opts.fingerprint(), opts.restart, protect=source.dir,
                               marker=META) as work:
         done, resume_file = work.state.get("layers_done", 0), work.dir / "resume.f32"
@@ -160,11 +156,7 @@ class StatsFile:
                                  f"compress without --stats")
         for i in self.meta["moe_layers"]:  # every layer's header now: a bad file fails before anything is written
             path = self.dir / layer_file(i)
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    keys = set(f.keys())
-            except Exception as e:  # missing, truncated or foreign
-                raise StatsFileError(f"cannot read {path} ({type(e).__name__}: {e}): rerun `submoe calibrate`") from None
+            keys, _ = read_layer_file(path, tensors=False)
             if not keys >= {*PER_TOKEN, *needs}:
                 raise StatsFileError(f"{path} lacks {sorted({*PER_TOKEN, *needs} - keys)}: rerun `submoe calibrate`")
 
@@ -175,14 +167,20 @@ class StatsFile:
                        seq_len=c["seq_len"], output_tokens=c["output_tokens"])
 
     def layer(self, index: int, experts, routing) -> LayerStats:
-        path = self.dir / layer_file(index)
-        try:
-            tensors = load_file(str(path))
-            with safe_open(str(path), framework="pt") as f:
-                samples = int(f.metadata()["samples"])
-        except Exception as e:  # truncated or foreign file
-            raise StatsFileError(f"cannot read {path} ({type(e).__name__}: {e}): rerun `submoe calibrate`") from None
+        _, (tensors, samples) = read_layer_file(self.dir / layer_file(index))
         return LayerStats(experts=experts, routing=routing, samples=samples, **tensors)
+
+
+def read_layer_file(path: Path, tensors: bool = True) -> tuple[set[str], tuple[dict, int] | None]:
+    """A layer file's tensor names, and (with `tensors`) its tensors and sample count, in one opening;
+    a missing, truncated or foreign file is one clear error."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            loaded = ({k: f.get_tensor(k) for k in keys}, int(f.metadata()["samples"])) if tensors else None
+    except Exception as e:
+        raise StatsFileError(f"cannot read {path} ({type(e).__name__}: {e}): rerun `submoe calibrate`") from None
+    return keys, loaded
 
 
 def stats_layers(ckpt: LazyCheckpoint, stats: StatsFile, start: int = 0) -> Iterator[CalibratedLayer]:
@@ -193,10 +191,7 @@ def stats_layers(ckpt: LazyCheckpoint, stats: StatsFile, start: int = 0) -> Iter
     for l, is_moe in enumerate(arch.moe_layers()):
         if l < start:
             continue
-        tensors = {n: ckpt.get(n).clone() for n in arch.non_expert_names(names, l)}
-        experts = arch.read_experts(ckpt, l, arch.num_experts) if is_moe else None
-        router = tensors[arch.layout.router_tensor(l)].float() if is_moe else None
-        ckpt.release()
+        tensors, experts, router = read_layer(ckpt, arch, names, l, is_moe)
         layer_stats = stats.layer(l, experts, arch.layer_routing(l, tensors)) if is_moe else None
         yield CalibratedLayer(l, tensors, experts, router, layer_stats)
         del tensors, experts, router, layer_stats

@@ -38,6 +38,15 @@ def check_token_ids(windows: torch.Tensor, vocab_size: int | None, tokenizer_dir
     return windows
 
 
+def source_windows(source, sources: list[str], samples: int, seq_len: int, seed: int) -> tuple[torch.Tensor, dict]:
+    """`calibration_windows` tokenized by the source checkpoint's own tokenizer, the ids checked
+    against its vocabulary (`source`: a LazyCheckpoint)."""
+    from transformers import AutoTokenizer
+    windows, info = calibration_windows(AutoTokenizer.from_pretrained(str(source.dir)), sources, samples, seq_len, seed)
+    check_token_ids(windows, source.config.get("vocab_size"), source.dir)
+    return windows, info
+
+
 def calibration_windows(tokenizer, sources: list[str], samples: int, seq_len: int, seed: int) -> tuple[torch.Tensor, dict]:
     """`samples` windows of `seq_len` tokens, spread round-robin over the sources (domains)."""
     if samples < 1:

@@ -13,13 +13,9 @@ from ..moe_math import Experts, weighted_expert_sum
 from .base import LayerResult
 
 
-def served_logits(stats: LayerStats, result: LayerResult) -> torch.Tensor:
+def remapped_logits(logits: torch.Tensor, result: LayerResult) -> torch.Tensor:
     """The N router logits as the remap export's router sees them: the served router never picks a
     dropped expert (its logit is -inf)."""
-    return remapped_logits(stats.router_logits, result)
-
-
-def remapped_logits(logits: torch.Tensor, result: LayerResult) -> torch.Tensor:
     dropped = torch.tensor([e is None for e in result.expert_map], device=logits.device)
     return logits.masked_fill(dropped, float("-inf")) if dropped.any() else logits
 
@@ -29,7 +25,7 @@ def duplicate_slot_rate(stats: LayerStats, result: LayerResult) -> float:
     """Share of the served top-k slots (remap export) that reach a merged expert another slot of the
     same token already reaches. vLLM's fused kernel computes such an expert once per slot and adds
     the weights, so this is the share of routed-expert FLOPs that folding duplicates would save."""
-    _, ids = stats.routing(served_logits(stats, result))
+    _, ids = stats.routing(remapped_logits(stats.router_logits, result))
     served = torch.tensor([e or 0 for e in result.expert_map])[ids].sort(dim=-1).values
     return (served[:, 1:] == served[:, :-1]).sum().item() / max(ids.numel(), 1)
 

@@ -144,9 +144,7 @@ def down_sweep(experts: Experts, x: torch.Tensor, weights: torch.Tensor, target:
     its current value) to target − Σ_{i≠j} weights_i E_i(x), on the `fit` tokens it serves. Holds one
     expert's activations at a time (no T x N' x I tensor) and one new W_D stack."""
     out = weighted_expert_sum(x, weights, experts)
-    downs = torch.empty(experts.down.shape, dtype=experts.down.dtype)
-    for j in range(len(experts)):
-        downs[j] = experts.down[j]
+    downs = torch.stack([experts.down[j] for j in range(len(experts))])  # the new W_D, filled expert by expert
     for j in range(len(experts)):
         rows = torch.nonzero(weights[:, j]).flatten()
         if len(rows) == 0:
