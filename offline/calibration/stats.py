@@ -44,9 +44,9 @@ class LayerStats:
         """[T, N] the source routing weight of every expert on every sampled token (0 if not in its top-k)."""
         return gate_weights(self.routing, self.router_logits)
 
-    def expert_outputs(self, members: list[int]) -> torch.Tensor:
-        """[k, T, H] float32: the members' outputs on the sampled tokens, computed now."""
-        return all_expert_outputs(self.tokens, self.experts, members)
+    def expert_outputs(self, members: list[int], rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[k, T, H] float32: the members' outputs on the sampled tokens (those `rows` picks), computed now."""
+        return all_expert_outputs(self.tokens if rows is None else self.tokens[rows], self.experts, members)
 
     def subset(self, rows: torch.Tensor) -> "LayerStats":
         """The same layer's statistics with a subset of the sampled tokens (all-token figures unchanged)."""
@@ -79,11 +79,13 @@ class Accumulator:
     saliency needs each expert on its routed tokens only."""
 
     def __init__(self, num_experts: int, hidden: int, needs: frozenset[str] = ALL_STATISTICS,
-                 chunk_bytes: int = 256 << 20):
+                 chunk_bytes: int = 4 << 30):
         n, f64 = num_experts, torch.float64
         self.needs = needs
-        # Every expert's float64 outputs on a chunk of tokens at a time: 256 tokens, fewer at large shapes
-        # (a DeepSeek-V3 layer's 256 experts x hidden 7168 take 14 MiB per token).
+        # Every expert's float64 outputs on a chunk of 256 tokens at a time (fewer only past `chunk_bytes`).
+        # Each chunk reads and upcasts every expert's weights once, so the chunk must not shrink with the
+        # shape: a DeepSeek-V3 layer (21 GB of experts, 14 MiB of outputs per token) then streams from
+        # disk once per 256 tokens (3.8 GB of outputs), where a 256 MB budget re-read it every 18.
         self.chunk = max(1, min(256, chunk_bytes // (8 * max(1, n) * hidden)))
         self.selections = torch.zeros(n, dtype=f64)
         self.output_sum, self.output_gram = torch.zeros(n, hidden, dtype=f64), torch.zeros(n, n, dtype=f64)
