@@ -71,7 +71,8 @@ class OutputLSQ(WeightMerge):
         g, x = g[routed], stats.tokens[routed]
         # Row t: the cluster's contribution to the source MoE output, Σ_i g_ti E_i(x_t), against the
         # merged expert's, (Σ_i g_ti) W_D p(x_t): scaling p by the row weight makes it one LS problem.
-        target = torch.einsum("tk,ktd->td", g.float(), stats.expert_outputs(members)[:, routed])
+        # The members run on the routed tokens only: at DeepSeek-V3's shape a pair of experts serves ~6%.
+        target = torch.einsum("tk,ktd->td", g.float(), stats.expert_outputs(members, routed))
         hidden = expert_hidden(x, avg.expert.gate[0], avg.expert.up[0]) * g.sum(1, keepdim=True).to(x.dtype)
         held = torch.arange(len(x)) % 5 == 0
         prior = avg.expert.down[0]
