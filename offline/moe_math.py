@@ -119,14 +119,17 @@ def all_expert_outputs(x: torch.Tensor, experts: Experts, members: list[int] | N
     return torch.stack([expert_forward(x, *experts.expert(e)) for e in (range(len(experts)) if members is None else members)])
 
 
-def weighted_expert_sum(x: torch.Tensor, weights: torch.Tensor, experts: Experts) -> torch.Tensor:
-    """Σ_e weights[:, e] · E_e(x) for tokens x [T, H] and weights [T, E]: a routed MoE output, float32.
-    Each expert runs only on the tokens it weighs, one at a time: nothing of size E x T x H exists."""
+def weighted_expert_sum(x: torch.Tensor, weights: torch.Tensor, experts: Experts,
+                        members: list[int] | None = None) -> torch.Tensor:
+    """Σ_e weights[:, e] · E_e(x) for tokens x [T, H] and weights [T, E]: a routed MoE output, float32
+    (with `members`, column i weighs expert members[i]). Each expert runs only on the tokens it
+    weighs, one at a time: nothing of size E x T x H exists."""
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    for e in torch.nonzero((weights != 0).any(0)).flatten().tolist():
-        rows = torch.nonzero(weights[:, e]).flatten()
+    for col in torch.nonzero((weights != 0).any(0)).flatten().tolist():
+        rows = torch.nonzero(weights[:, col]).flatten()
+        e = col if members is None else members[col]
         matrices = (m.to(x.dtype) for m in experts.expert(e))  # bf16 experts on float32 tokens: one at a time
-        out.index_add_(0, rows, expert_forward(x[rows], *matrices) * weights[rows, e, None])
+        out.index_add_(0, rows, expert_forward(x[rows], *matrices) * weights[rows, col, None])
     return out
 
 

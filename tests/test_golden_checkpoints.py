@@ -6,13 +6,16 @@ recorded: a refactor of the pipeline must not move one bit of any tensor or expe
 The digests cover every tensor's name, dtype, shape and bytes and the `submoe` block's maps.
 Float results differ in their last bits between CPU kernel families (MKL, oneDNN and ATen take
 their AVX-512 and AMX paths where the CPU has them), so digests are recorded per family; on a CPU
-of a family without digests the test is skipped, saying how to record them.
+of a family without digests the test is skipped, saying how to record them. A case whose digest
+is null in a family was changed on purpose and checked on another family only (its bits may have
+moved here): it is not compared there, a warning names it, until `--record` runs on such a CPU.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -64,8 +67,6 @@ def checkpoint_digest(path: Path) -> str:
 
 
 def compress_case(model: Path, out: Path, method: str, experts, options: dict, export: str) -> Path:
-    import warnings
-
     from offline.compress import compress
     from offline.options import CompressOptions
     with warnings.catch_warnings():
@@ -87,12 +88,17 @@ def golden() -> dict:
 
 @pytest.mark.parametrize("model", list(MODELS))
 def test_every_method_writes_the_recorded_checkpoint(model, golden, tmp_path):
-    changed = []
+    changed, unrecorded = [], [label for label, *_ in CASES if golden[model][label] is None]
     for label, method, experts, options, export in CASES:
+        if label in unrecorded:
+            continue
         got = checkpoint_digest(compress_case(MODELS[model], tmp_path / label, method, experts, options, export))
         if got != golden[model][label]:
             changed.append(label)
     assert not changed, f"{model}: these checkpoints changed bits: {changed}"
+    if unrecorded:
+        warnings.warn(f"{model}: no digest for {unrecorded} on {kernel_family()} CPUs (changed on purpose since they "
+                      f"were recorded, checked on another family): record them with `python tests/test_golden_checkpoints.py --record`")
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--record"]:

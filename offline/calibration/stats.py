@@ -44,9 +44,9 @@ class LayerStats:
         """[T, N] the source routing weight of every expert on every sampled token (0 if not in its top-k)."""
         return gate_weights(self.routing, self.router_logits)
 
-    def expert_outputs(self, members: list[int], rows: torch.Tensor | None = None) -> torch.Tensor:
-        """[k, T, H] float32: the members' outputs on the sampled tokens (those `rows` picks), computed now."""
-        return all_expert_outputs(self.tokens if rows is None else self.tokens[rows], self.experts, members)
+    def expert_outputs(self, members: list[int]) -> torch.Tensor:
+        """[k, T, H] float32: the members' outputs on the sampled tokens, computed now."""
+        return all_expert_outputs(self.tokens, self.experts, members)
 
     def subset(self, rows: torch.Tensor) -> "LayerStats":
         """The same layer's statistics with a subset of the sampled tokens (all-token figures unchanged)."""

@@ -20,9 +20,15 @@ def weighted_sum(mats: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return torch.einsum("k,kij->ij", weights.float(), mats.float())
 
 
-def weighted_average(experts: Experts, members: list[int], weights: torch.Tensor) -> Experts:
-    """Σ w_i W_i for each of W_G, W_U, W_D (leading dim 1)."""
-    return Experts(*(weighted_sum(m[members], weights).unsqueeze(0) for m in experts.matrices().values()))
+def weighted_average(experts: Experts, members: list[int], weights: torch.Tensor,
+                     block_bytes: int = 1 << 30) -> Experts:
+    """Σ w_i W_i for each of W_G, W_U, W_D (leading dim 1), a block of rows at a time within
+    `block_bytes` of float32 copies: a cluster of 100 DeepSeek-V3 experts at once takes 6 GB a matrix."""
+    def one(m: torch.Tensor) -> torch.Tensor:
+        step = max(1, block_bytes // (4 * len(members) * m.shape[2]))
+        return torch.cat([weighted_sum(torch.stack([m[i][a:a + step] for i in members]), weights)
+                          for a in range(0, m.shape[1], step)])
+    return Experts(*(one(m).unsqueeze(0) for m in experts.matrices().values()))
 
 
 def frequency_weighted(experts: Experts, members: list[int], stats: LayerStats) -> Merge:
