@@ -97,8 +97,9 @@ def test_every_method_writes_the_recorded_checkpoint(model, golden, tmp_path):
             changed.append(label)
     assert not changed, f"{model}: these checkpoints changed bits: {changed}"
     if unrecorded:
-        warnings.warn(f"{model}: no digest for {unrecorded} on {kernel_family()} CPUs (changed on purpose since they "
-                      f"were recorded, checked on another family): record them with `python tests/test_golden_checkpoints.py --record`")
+        warnings.warn(f"{model}: no digest for {unrecorded} on {kernel_family()} CPUs (changed on purpose since "
+                      f"they were recorded, checked on another family): record them with "
+                      f"`python tests/test_golden_checkpoints.py --record`")
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--record"]:
