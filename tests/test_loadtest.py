@@ -8,6 +8,7 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import httpx
 import numpy as np
 import openai
 import pytest
@@ -70,7 +71,7 @@ def test_stream_completion_times_first_token_gaps_and_end_on_the_clock():
 
 
 def test_stream_completion_records_failures_instead_of_raising():
-    refused = openai.APIConnectionError(request=SimpleNamespace(method="POST", url="http://x"))
+    refused = openai.APIConnectionError(request=httpx.Request("POST", "http://x"))
     r = asyncio.run(stream_completion(FakeClient(error=refused), "m", "p", 4, clock=ScriptedClock([0.0, 2.0])))
     assert not r.ok and r.error.startswith("APIConnectionError") and r.e2e == 2.0
     empty = asyncio.run(stream_completion(FakeClient([chunk(usage=None)]), "m", "p", 4, clock=ScriptedClock([0, 1])))
@@ -257,6 +258,28 @@ def test_launcher_binds_localhost_passes_the_api_key_and_opts_in_to_the_route():
     assert plugins_with_compression_route("submoe,other") == "submoe,other"
     installed = plugins_with_compression_route(None).split(",")
     assert "submoe" in installed and installed.count("submoe") == 1
+
+
+def test_cpu_workers_get_the_thread_binding_vllm_needs(monkeypatch):
+    """vLLM's CPU build binds each worker to a NUMA node of its own and refuses more workers than nodes:
+    the launcher splits the CPUs between the workers instead, unless the user chose a binding."""
+    from serving.launcher import ServerError, cpu_thread_binding, parallel_world_size
+    assert parallel_world_size(["--dtype", "float32"]) == 1
+    assert parallel_world_size(["-tp", "2", "--pipeline-parallel-size=2"]) == 4
+    assert parallel_world_size(["--tensor-parallel-size", "2", "--data-parallel-size", "3"]) == 6
+    assert cpu_thread_binding(2, cpus=[0, 1], nodes=1) == "0|1"
+    assert cpu_thread_binding(2, cpus=[7, 4, 5, 6, 3], nodes=1) == "3,4|5,6"  # contiguous, an equal share each
+    assert cpu_thread_binding(1, cpus=[0, 1], nodes=1) is None  # vLLM's own binding works
+    assert cpu_thread_binding(2, cpus=list(range(8)), nodes=2) is None
+    with pytest.raises(ServerError, match="4 vLLM CPU workers need at least 4 CPUs"):
+        cpu_thread_binding(4, cpus=[0, 1], nodes=1)
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setattr("serving.launcher.numa_nodes", lambda: 1)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    assert VLLMServer("m", "--tensor-parallel-size", "2").env["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in VLLMServer("m").env
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "1|0")
+    assert VLLMServer("m", "-tp", "2").env["VLLM_CPU_OMP_THREADS_BIND"] == "1|0"  # the user's choice stands
 
 
 def test_compression_description_of_a_compressed_and_a_stock_checkpoint(random_compressed, random_source):

@@ -73,7 +73,9 @@ def test_calibration_computes_only_the_statistics_a_method_reads_and_they_are_th
     alone = acc.stats(full.tokens, experts, full.router_logits, full.routing, full.samples)
     for name in ("output_gram", "mean_outputs", "gated_mean_outputs", "logit_gram", "saliency"):
         if name in make_method(method).statistics:
-            torch.testing.assert_close(getattr(alone, name), getattr(full, name), atol=1e-9, rtol=1e-6)
+            # other chunking (4 tokens at a time), other kernels: close to the values' own scale
+            want = getattr(full, name)
+            torch.testing.assert_close(getattr(alone, name), want, atol=1e-5 * want.abs().max().item(), rtol=1e-4)
         else:
             assert getattr(alone, name) is None
     a, b = (reduce_layer(make_method(method), experts, s, 3, seed=0) for s in (alone, full))
@@ -402,8 +404,11 @@ def test_refinement_recovers_a_perturbed_layer_and_never_returns_a_worse_one():
     assert torch.equal(wild.gate, noisy.gate) and torch.equal(wild.up, noisy.up)  # ... and none was kept
     assert info["down_sweep_kept"] and info["held_out_error_after"] < info["held_out_error_before"]
     same, info = refine(experts, weights, stats, Refinement(steps=50, lr=100.0, batch=512))
-    assert info["kept_merge"] and not info["down_sweep_kept"]
-    assert all(torch.equal(a, b) for a, b in zip(same.matrices().values(), experts.matrices().values()))
+    # an exact layer stays exact: no step kept; the closing sweep, whose gain would be rounding noise
+    # (kept on some CPUs' kernels, not on others), may only move the down projections by as much
+    assert min(info["held_out_errors"]) > info["held_out_error_before"] and info["held_out_error_after"] < 1e-6
+    assert torch.equal(same.gate, experts.gate) and torch.equal(same.up, experts.up)
+    torch.testing.assert_close(same.down, experts.down, atol=1e-5, rtol=1e-5)
 
 
 def test_down_sweep_fits_each_down_projection_to_what_the_others_leave():
