@@ -1,6 +1,7 @@
 """Start and stop `vllm serve` as a user types it, on 127.0.0.1, and wait until it answers."""
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import signal
@@ -15,6 +16,53 @@ from vllm_submoe.errors import SubMoEError
 
 DEFAULT_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
                "TOKENIZERS_PARALLELISM": "false"}
+
+
+class ServerError(SubMoEError):
+    """`vllm serve` exited or never became ready; carries the tail of its log."""
+
+
+def parallel_world_size(args: list[str]) -> int:
+    """The worker processes `vllm serve ARGS` starts on this machine: tensor x pipeline x data parallel."""
+    ap = argparse.ArgumentParser(add_help=False)
+    for flags in (("--tensor-parallel-size", "-tp"), ("--pipeline-parallel-size", "-pp"),
+                  ("--data-parallel-size", "-dp"), ("--data-parallel-size-local", "-dpl")):
+        ap.add_argument(*flags, type=int, default=None)
+    known, _ = ap.parse_known_args(args)
+    dp = known.data_parallel_size_local or known.data_parallel_size or 1
+    return (known.tensor_parallel_size or 1) * (known.pipeline_parallel_size or 1) * dp
+
+
+def numa_nodes() -> int:
+    """Memory (NUMA) nodes the kernel shows; 1 where it shows none."""
+    return max(1, len(list(Path("/sys/devices/system/node").glob("node[0-9]*"))))
+
+
+def cpu_thread_binding(world_size: int, cpus: list[int] | None = None, nodes: int | None = None) -> str | None:
+    """`VLLM_CPU_OMP_THREADS_BIND` for `world_size` CPU workers, or None where vLLM's own binding works.
+
+    vLLM's CPU build binds each worker's threads to a NUMA node of its own ("auto"), and refuses to
+    start more workers than there are nodes ("Not enough allowed NUMA nodes to bind threads"): on a
+    one-node machine tensor parallel 2 needs a list per worker, e.g. "0|1". This splits the CPUs the
+    process may run on into `world_size` contiguous lists (each rank gets its share of the cores)."""
+    cpus = sorted(os.sched_getaffinity(0)) if cpus is None else sorted(cpus)
+    nodes = numa_nodes() if nodes is None else nodes
+    if world_size <= nodes:
+        return None
+    if len(cpus) < world_size:
+        raise ServerError(f"{world_size} vLLM CPU workers need at least {world_size} CPUs, this process may use "
+                          f"{len(cpus)}: lower --tensor-parallel-size / --pipeline-parallel-size")
+    share = len(cpus) // world_size
+    return "|".join(",".join(map(str, cpus[r * share:(r + 1) * share])) for r in range(world_size))
+
+
+def cpu_worker_env(args: list[str], env: dict) -> dict:
+    """What vLLM's CPU build needs in the environment to start the workers `args` ask for: the thread
+    binding, unless the user chose one. (GPU builds ignore it.)"""
+    if "VLLM_CPU_OMP_THREADS_BIND" in env:
+        return {}
+    binding = cpu_thread_binding(parallel_world_size(args))
+    return {"VLLM_CPU_OMP_THREADS_BIND": binding} if binding else {}
 
 
 def bearer(api_key: str | None) -> dict[str, str]:
@@ -32,10 +80,6 @@ def plugins_with_compression_route(current: str | None) -> str:
         names = sorted({e.name for group in ("vllm.general_plugins", "vllm.stat_logger_plugins", "vllm.platform_plugins",
                                              "vllm.io_processor_plugins") for e in entry_points(group=group)})
     return ",".join(names + ["submoe"] * ("submoe" not in names))
-
-
-class ServerError(SubMoEError):
-    """`vllm serve` exited or never became ready; carries the tail of its log."""
 
 
 def free_port() -> int:
@@ -65,6 +109,7 @@ class VLLMServer:
         self.log_path = log_path or Path(os.environ.get("TMPDIR", "/tmp")) / f"vllm-serve-{self.port}.log"
         self.env = {**os.environ, **{k: v for k, v in DEFAULT_ENV.items() if k not in os.environ}, **(env or {})}
         self.env["VLLM_PLUGINS"] = plugins_with_compression_route(self.env.get("VLLM_PLUGINS"))
+        self.env.update(cpu_worker_env(self.extra_args, self.env))
         if any(a.split("=")[0] == "--kv-cache-memory-bytes" for a in self.extra_args):
             # On CPU the legacy VLLM_CPU_KVCACHE_SPACE overrides the flag: the flag asked wins.
             self.env.pop("VLLM_CPU_KVCACHE_SPACE", None)
