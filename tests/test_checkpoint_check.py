@@ -157,6 +157,26 @@ def test_vllm_serve_refuses_fp8_where_vllm_has_no_fp8_kernels(random_compressed)
     assert not any("EngineCore" in line or "Worker" in line for line in log), "an engine was started"
 
 
+@pytest.mark.vllm
+def test_vllm_serve_refuses_expert_parallelism_on_the_cpu_build(random_compressed):
+    """Stock vLLM's CPU fused-MoE kernel dies with a segmentation fault under expert parallelism (the
+    source model too); the plugin refuses it while vLLM reads the arguments, before any engine starts."""
+    from serving.launcher import vllm_executable
+    from vllm_submoe.models.preflight import ServingOptionError, check_expert_parallel
+    check_expert_parallel(True, cpu_build=False)  # a CUDA build runs it
+    check_expert_parallel(False, cpu_build=True)
+    with pytest.raises(ServingOptionError, match="cannot run expert parallelism"):
+        check_expert_parallel(True, cpu_build=True)
+    proc = subprocess.run([vllm_executable(), "serve", str(random_compressed), "--port", "8181",
+                           "--enable-expert-parallel", "--tensor-parallel-size", "2"],
+                          capture_output=True, text=True, timeout=240)
+    log = (proc.stdout + proc.stderr).strip().splitlines()
+    assert proc.returncode not in (0, -11), proc.returncode  # -11: SIGSEGV
+    assert any("--enable-expert-parallel: vLLM's CPU build cannot run expert parallelism" in line
+               for line in log[-4:]), log[-6:]
+    assert not any("EngineCore" in line or "Worker" in line for line in log), "an engine was started"
+
+
 def test_a_tokenizer_beyond_the_vocabulary_is_refused_in_one_line(tmp_path):
     """A 2048-token model beside the shipped 4096-token tokenizer: compress and eval used to die
     with a raw IndexError inside the embedding."""

@@ -27,6 +27,7 @@ INTERNALS = {
     "MODELS_CONFIG_MAP": "vllm.model_executor.models.config:MODELS_CONFIG_MAP",
     "VerifyAndUpdateConfig": "vllm.model_executor.models.config:VerifyAndUpdateConfig",
     "StatLoggerBase": "vllm.v1.metrics.loggers:StatLoggerBase",
+    "current_platform": "vllm.platforms:current_platform",
 }
 
 

@@ -27,6 +27,16 @@ def check_quantization(quantization: str | None, fp8_kernels: bool) -> None:
                                  "serve without --quantization here, or with it on a CUDA GPU")
 
 
+def check_expert_parallel(enabled: bool, cpu_build: bool) -> None:
+    """Expert parallelism on vLLM's CPU build ends in a segmentation fault inside its CPU fused-MoE
+    kernel (stock models too, vLLM 0.32): refuse it while the arguments are read instead."""
+    if enabled and cpu_build:
+        raise ServingOptionError("--enable-expert-parallel: vLLM's CPU build cannot run expert parallelism (its CPU "
+                                 "fused-MoE kernel crashes on it, for stock models too); drop the flag: "
+                                 "--tensor-parallel-size alone splits every expert across the CPU workers, "
+                                 "or serve with expert parallelism on CUDA GPUs")
+
+
 def register(architectures: Iterable[str]) -> None:
     MODELS_CONFIG_MAP, VerifyAndUpdateConfig = internal("MODELS_CONFIG_MAP"), internal("VerifyAndUpdateConfig")
 
@@ -39,6 +49,10 @@ def register(architectures: Iterable[str]) -> None:
                 check_checkpoint(model_config.model)
             if getattr(model_config, "quantization", None) == "fp8":
                 check_quantization("fp8", has_fp8_kernels())
+
+        @staticmethod
+        def verify_and_update_config(vllm_config) -> None:
+            check_expert_parallel(vllm_config.parallel_config.enable_expert_parallel, internal("current_platform").is_cpu())
 
     for arch in architectures:
         MODELS_CONFIG_MAP.setdefault(arch, SubMoECheckpointCheck)
