@@ -1,11 +1,11 @@
 """Every method's checkpoint, served by vLLM, equals the reference forward.
 
-One engine for all methods: a random 13-layer Mixtral is compressed once per method (and
-variant), and layer l of the served "mosaic" checkpoint is taken from the l-th method's output,
-with that method's remap table and its own expert count (pruning layers drop router experts:
-format 2). Two more engines serve REAP's `--export vanilla` checkpoint as a stock Mixtral
-(compared with stock transformers) and the same pruning with dropped router experts through the
-plugin (compared with the stock one: the same function).
+One engine for all methods: a random 13-layer Mixtral is calibrated once and compressed from those
+statistics once per method (and variant), and layer l of the served "mosaic" checkpoint is taken
+from the l-th method's output, with that method's remap table and its own expert count (pruning
+layers drop router experts: format 2). A second engine, in the same subprocess, serves REAP's
+`--export vanilla` checkpoint as a stock Mixtral (compared with stock transformers); the same
+pruning with dropped router experts computes the same function as that stock checkpoint (torch).
 """
 import json
 
@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 from vllm_helpers import assert_matches_reference, reference_greedy, vllm_results
 
+from offline.calibration.stats_file import CalibrateOptions, calibrate
 from offline.compress import compress
 from offline.evaluate import load_reference
 from offline.options import CompressOptions
@@ -24,7 +25,6 @@ from offline.synthetic import random_mixtral
 from offline.writing.shards import copy_tokenizer
 from vllm_submoe.checkpoint_format import BLOCK_KEY, dropped_experts, make_block, merged_count, parse_block
 
-pytestmark = pytest.mark.vllm
 # (method, options, experts in its layer)
 CONFIGS = [("submoe", {}, 4), ("submoe", {"rank_ratio": 0.5}, 5), ("submoe", {"intra_rank_ratio": 0.5}, 3),
            ("submoe", {"adaptive": True}, 4), ("output-lsq", {}, 4), ("mergemoe", {}, 6), ("hc-smoe", {}, 3),
@@ -32,9 +32,9 @@ CONFIGS = [("submoe", {}, 4), ("submoe", {"rank_ratio": 0.5}, 5), ("submoe", {"i
            ("random", {}, 7), ("reap", {"substitute_pruned": True}, 3)]
 
 
-def _compress(src, out, method, options, n, export="remap"):
-    return compress(CompressOptions(model=str(src), out=out, method=method, num_experts=n, calib=CALIB[:2],
-                                    samples=40, seq_len=64, method_options=options, export=export, progress=False))
+def _compress(src, stats, out, method, options, n, export="remap"):
+    return compress(CompressOptions(model=str(src), out=out, method=method, num_experts=n, stats=str(stats),
+                                    method_options=options, export=export, progress=False))
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +43,29 @@ def source(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def mosaic(source, tmp_path_factory):
+def stats(source, tmp_path_factory):
+    out = tmp_path_factory.mktemp("methods-stats") / "stats"
+    calibrate(CalibrateOptions(model=str(source), out=out, calib=CALIB[:2], samples=40, seq_len=64, progress=False))
+    return out
+
+
+@pytest.fixture(scope="module")
+def vanilla(source, stats, tmp_path_factory):
+    """REAP 8 -> 4 written as a stock Mixtral (N'-row router)."""
+    out = tmp_path_factory.mktemp("reap-vanilla") / "reap-vanilla"
+    _compress(source, stats, out, "reap", {}, 4, export="vanilla")
+    return out
+
+
+@pytest.fixture(scope="module")
+def mosaic(source, stats, tmp_path_factory):
     root = tmp_path_factory.mktemp("mosaic")
     src = LazyCheckpoint(source)
     tensors = {n: src.get(n) for n in src.names() if not n.startswith("model.layers.")}
     maps = []
     for l, (method, options, n) in enumerate(CONFIGS):
         out = root / f"layer{l}-{method}"
-        _compress(source, out, method, options, n)
+        _compress(source, stats, out, method, options, n)
         ckpt = LazyCheckpoint(out)
         tensors.update({name: ckpt.get(name) for name in ckpt.names() if name.startswith(f"model.layers.{l}.")})
         maps.append(parse_block(ckpt.config).expert_maps[l])
@@ -69,22 +84,38 @@ def mosaic(source, tmp_path_factory):
     return dst
 
 
-def test_every_methods_checkpoint_served_by_vllm_equals_the_reference(mosaic, prompts, tmp_path):
+@pytest.fixture(scope="module")
+def served(mosaic, vanilla, prompts, tmp_path_factory):
+    return vllm_results([mosaic, vanilla], prompts, tmp_path_factory.mktemp("served"))
+
+
+@pytest.mark.vllm
+def test_every_methods_checkpoint_served_by_vllm_equals_the_reference(mosaic, served, prompts):
     ref = load_reference(str(mosaic))
-    got = vllm_results(mosaic, prompts, tmp_path)
-    for p, g in zip(prompts, got):
+    for p, g in zip(prompts, served[str(mosaic)]):
         assert_matches_reference(g, reference_greedy(ref, p, len(g["token_ids"])))
 
 
-def test_pruning_served_with_dropped_router_experts_equals_its_stock_vanilla_export(source, prompts, tmp_path):
-    vanilla, dropped = tmp_path / "reap-vanilla", tmp_path / "reap-dropped"
-    _compress(source, vanilla, "reap", {}, 4, export="vanilla")
-    _compress(source, dropped, "reap", {}, 4)
+@pytest.mark.vllm
+def test_vanilla_export_served_by_stock_vllm_equals_stock_transformers(vanilla, served, prompts):
     assert json.loads((vanilla / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
+    stock = AutoModelForCausalLM.from_pretrained(str(vanilla), dtype=torch.float32).eval()
+    for p, v in zip(prompts, served[str(vanilla)]):
+        assert_matches_reference(v, reference_greedy(stock, p, len(v["token_ids"])))
+
+
+def test_pruning_with_dropped_router_experts_is_the_function_of_its_vanilla_export(source, stats, vanilla, prompts,
+                                                                                    tmp_path):
+    """Dropping router experts' logits (what the plugin serves, as the mosaic's pruning layers show) and a
+    stock N'-row router compute the same model."""
+    dropped = tmp_path / "reap-dropped"
+    _compress(source, stats, dropped, "reap", {}, 4)
     assert all(len(dropped_experts(m)) == 4 for m in parse_block(json.loads((dropped / "config.json").read_text()))
                .expert_maps)
     stock = AutoModelForCausalLM.from_pretrained(str(vanilla), dtype=torch.float32).eval()
-    got = vllm_results([vanilla, dropped], prompts, tmp_path / "run")
-    for p, v, d in zip(prompts, got[str(vanilla)], got[str(dropped)]):
-        assert_matches_reference(v, reference_greedy(stock, p, len(v["token_ids"])))
-        assert_matches_reference(d, reference_greedy(stock, p, len(d["token_ids"])))
+    served_by_plugin = load_reference(str(dropped))
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([p])
+            torch.testing.assert_close(served_by_plugin(input_ids=ids).logits, stock(input_ids=ids).logits,
+                                       atol=1e-4, rtol=1e-4)
