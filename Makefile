@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export VLLM_NO_USAGE_STATS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test model corpus quality serving scaling compat gpu-check clean
+.PHONY: install demo test test-fast model corpus quality serving scaling compat gpu-check clean
 
 install: $(STAMP)
 
@@ -39,6 +39,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
+
+# The tests that start no vLLM engine (a few minutes): for the edit-test loop; `make test` runs everything.
+test-fast: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q -m "not vllm"
 
 # Rebuild corpus, tokenizer and the three shipped models from Debian packages (about three hours, 2 cores).
 corpus:
