@@ -10,6 +10,10 @@ reference forward, and composed with vLLM's online FP8.
 2. fp8          the same checkpoints, and the Mixtral's `--export vanilla` (stock vLLM, no plugin), served
                 in bf16 with and without `--quantization fp8`: agreement of greedy tokens and the
                 prompt logprobs' difference (FP8's cost on top of the merge).
+3. parallel     on 2 GPUs: the Qwen2-MoE 64->32 (shared expert) and a Mixtral with per-layer counts 5/3/4/7
+                (uneven expert slices per rank) served with tensor parallel 2, and with expert parallel
+                (TP 2 + --enable-expert-parallel: global merged ids through vLLM's expert map), against
+                the same checkpoint on one GPU. Skipped, with the reason, on fewer than 2 GPUs.
 
 Runs anywhere vLLM runs (on a CPU, step 2 is skipped where vLLM has no FP8 kernels). Writes
 gpu_check.json and gpu_check.md under --out.
@@ -33,7 +37,9 @@ from offline.options import CompressOptions
 CALIB = sorted(str(p) for p in (ROOT / "data" / "calib").glob("*.jsonl"))
 EVAL = sorted(str(p) for p in (ROOT / "data" / "eval").glob("*.jsonl"))
 MODELS = {"mixtral 8->4": (ROOT / "models" / "tiny-mixtral-8e", 4),
-          "qwen2-moe 64->32": (ROOT / "models" / "tiny-qwen2-moe-64e", 32)}
+          "qwen2-moe 64->32": (ROOT / "models" / "tiny-qwen2-moe-64e", 32),
+          "mixtral 8->5/3/4/7": (ROOT / "models" / "tiny-mixtral-8e", [5, 3, 4, 7])}
+PARALLEL = {"tp2": "tensor_parallel_size=2", "ep2": "tensor_parallel_size=2,enable_expert_parallel=true"}
 PROMPTS, PROMPT_LEN, NEW_TOKENS = 8, 24, 12
 
 
@@ -52,10 +58,11 @@ def build(work: Path) -> dict[str, dict[str, Path]]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = {}
     for name, (src, n) in MODELS.items():
-        exports = ("remap", "vanilla") if "mixtral" in name else ("remap",)
+        exports = ("remap", "vanilla") if name == "mixtral 8->4" else ("remap",)
         out[name] = {"source": src}
         for export in exports:
-            dst = work / f"{src.name}-{n}e-{export}"
+            count = n if isinstance(n, int) else "-".join(map(str, n))
+            dst = work / f"{src.name}-{count}e-{export}"
             if not (dst / "config.json").exists():
                 compress(CompressOptions(model=str(src), out=dst, method="submoe", num_experts=n, export=export,
                                          calib=CALIB, samples=64, seq_len=128, device=device, force=True,
@@ -109,6 +116,16 @@ def reference(model: Path, ids: list[list[int]]) -> list[dict]:
         return [reference_greedy(ref, p, NEW_TOKENS) for p in ids]
 
 
+def parallel(name: str, model: Path, ids: list[list[int]], work: Path) -> dict:
+    """The checkpoint under tensor and expert parallel 2 against its single-GPU run (compiled, float32)."""
+    import torch
+    if torch.cuda.device_count() < 2:
+        return {f"{name} {p}": f"skipped: needs 2 GPUs, {torch.cuda.device_count()} visible" for p in PARALLEL}
+    specs = [str(model)] + [f"{model}@{args}" for args in PARALLEL.values()]
+    got = served(specs, ids, work / f"{model.name}-parallel")
+    return {f"{name} {p}": agreement(got[f"{model}@{args}"], got[str(model)]) for p, args in PARALLEL.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu")
@@ -117,10 +134,14 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     from vllm_submoe.vllm_compat import has_fp8_kernels
     t0 = time.time()
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "compiled": {}, "fp8": {}}
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "compiled": {}, "fp8": {}, "parallel": {}}
     checkpoints = build(args.work)
     for name, ck in checkpoints.items():
         ids = prompts(ck["source"])
+        if name != "mixtral 8->4":
+            result["parallel"].update(parallel(name, ck["remap"], ids, args.work))
+        if name not in ("mixtral 8->4", "qwen2-moe 64->32"):
+            continue
         got = served([ck["remap"]], ids, args.work / f"{ck['remap'].name}-compiled")[str(ck["remap"])]
         result["compiled"][name] = {"checkpoint": ck["remap"].name, "flags": "float32, torch.compile + CUDA graphs",
                                     **agreement(got, reference(ck["remap"], ids))}
@@ -147,7 +168,7 @@ def markdown(result: dict) -> str:
              f"{m['gpu'] or 'no GPU'}; vLLM {m['vllm']}, torch {m['torch']} (CUDA {m['cuda']})", "",
              "| run | identical continuations | tokens before divergence | prompt logprob |diff| max / mean |",
              "|---|---|---|---|"]
-    for kind in ("compiled", "fp8"):
+    for kind in ("compiled", "fp8", "parallel"):
         for name, r in result[kind].items():
             if isinstance(r, str):
                 lines.append(f"| {kind}: {name} | {r} | | |")
@@ -156,7 +177,8 @@ def markdown(result: dict) -> str:
                              f"{r['tokens_before_first_divergence']:.2f} | "
                              f"{r['prompt_logprob_abs_diff_max']:.1e} / {r['prompt_logprob_abs_diff_mean']:.1e} |")
     lines += ["", "compiled: vLLM (float32, no --enforce-eager) against transformers' reference forward of the merged "
-              "model. fp8: bf16 with --quantization fp8 against bf16 without."]
+              "model. fp8: bf16 with --quantization fp8 against bf16 without. parallel: tensor parallel 2 (tp2) and "
+              "expert parallel on 2 GPUs (ep2) against the same checkpoint on one GPU."]
     return "\n".join(lines) + "\n"
 
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # `make gpu-check`: on a machine with an NVIDIA GPU (the CUDA `vllm` installed by `make install`),
-# run what cannot run here: the test suite, compressed checkpoints served compiled and with FP8
-# (benchmarks/gpu_check.py), and the serving benchmark's interleaved A/B. Results land in
-# benchmarks/results/gpu/ (commit them); a phase that fails does not stop the next.
+# run what cannot run here: the test suite, compressed checkpoints served compiled, with FP8 and
+# under tensor/expert parallel on 2 GPUs (benchmarks/gpu_check.py), and the serving benchmark's
+# interleaved A/B. Results land in benchmarks/results/gpu/ (commit them); a phase that fails does
+# not stop the next.
 #     bash scripts/gpu_check.sh [tests] [serve] [bench]     (default: all three, in that order)
 set -u
 cd "$(dirname "$0")/.."

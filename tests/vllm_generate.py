@@ -20,10 +20,12 @@ for k, v in {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAG
 
 
 def engine_args(spec: str) -> tuple[str, dict]:
-    """`DIR@key=value,...` -> (DIR, {key: value}), integers as int; a bare DIR has no arguments of its own."""
+    """`DIR@key=value,...` -> (DIR, {key: value}), integers as int, true/false as bool; a bare DIR has no
+    arguments of its own."""
     model, _, rest = spec.partition("@")
     pairs = (item.split("=") for item in rest.split(",") if item)
-    return model, {k: int(v) if v.isdigit() else v for k, v in pairs}
+    parse = {"true": True, "false": False}
+    return model, {k: int(v) if v.isdigit() else parse.get(v, v) for k, v in pairs}
 
 
 def generate(spec: str, prompts: list[list[int]], max_tokens: int, enforce_eager: bool, dtype: str = "float32",
@@ -35,16 +37,17 @@ def generate(spec: str, prompts: list[list[int]], max_tokens: int, enforce_eager
 
     model, own = engine_args(spec)
     enforce_eager = bool(own.pop("enforce_eager", enforce_eager))
-    world = own.get("tensor_parallel_size", 1) * own.get("pipeline_parallel_size", 1)
-    binding = cpu_thread_binding(world)
-    os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
-    if binding:
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding
+    cpu = not torch.cuda.is_available()
+    if cpu:
+        world = own.get("tensor_parallel_size", 1) * own.get("pipeline_parallel_size", 1)
+        binding = cpu_thread_binding(world)
+        os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+        if binding:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding
 
     # float32 (the default) for exact comparisons. On a CPU with AMX, vLLM picks its AMX MLA kernel for DeepSeek's
     # latent attention, which takes bf16 weights only: the reference CPU MLA kernel takes float32.
     mla = "kv_lora_rank" in json.load(open(os.path.join(model, "config.json")))
-    cpu = not torch.cuda.is_available()
     llm = LLM(model=model, dtype=dtype, max_model_len=512, seed=0, enforce_eager=enforce_eager, quantization=quantization,
               **({"attention_backend": "CPU_MLA"} if mla and cpu else {}), **own)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=1, prompt_logprobs=1, ignore_eos=True)
