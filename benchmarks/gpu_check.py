@@ -12,8 +12,9 @@ reference forward, and composed with vLLM's online FP8.
                 prompt logprobs' difference (FP8's cost on top of the merge).
 3. parallel     on 2 GPUs: the Qwen2-MoE 64->32 (shared expert) and a Mixtral with per-layer counts 5/3/4/7
                 (uneven expert slices per rank) served with tensor parallel 2, and with expert parallel
-                (TP 2 + --enable-expert-parallel: global merged ids through vLLM's expert map), against
-                the same checkpoint on one GPU. Skipped, with the reason, on fewer than 2 GPUs.
+                (TP 2 + --enable-expert-parallel: global merged ids through vLLM's expert map), and TP 2
+                under Ray (the executor that spans machines: the plugin registers in Ray's workers),
+                against the same checkpoint on one GPU. Skipped, with the reason, on fewer than 2 GPUs.
 
 Runs anywhere vLLM runs (on a CPU, step 2 is skipped where vLLM has no FP8 kernels). Writes
 gpu_check.json and gpu_check.md under --out.
@@ -39,7 +40,8 @@ EVAL = sorted(str(p) for p in (ROOT / "data" / "eval").glob("*.jsonl"))
 MODELS = {"mixtral 8->4": (ROOT / "models" / "tiny-mixtral-8e", 4),
           "qwen2-moe 64->32": (ROOT / "models" / "tiny-qwen2-moe-64e", 32),
           "mixtral 8->5/3/4/7": (ROOT / "models" / "tiny-mixtral-8e", [5, 3, 4, 7])}
-PARALLEL = {"tp2": "tensor_parallel_size=2", "ep2": "tensor_parallel_size=2,enable_expert_parallel=true"}
+PARALLEL = {"tp2": "tensor_parallel_size=2", "ep2": "tensor_parallel_size=2,enable_expert_parallel=true",
+            "tp2-ray": "tensor_parallel_size=2,distributed_executor_backend=ray"}  # Ray: how vLLM spans nodes
 PROMPTS, PROMPT_LEN, NEW_TOKENS = 8, 24, 12
 
 

@@ -162,11 +162,16 @@ def test_vllm_serve_refuses_expert_parallelism_on_the_cpu_build(random_compresse
     """Stock vLLM's CPU fused-MoE kernel dies with a segmentation fault under expert parallelism (the
     source model too); the plugin refuses it while vLLM reads the arguments, before any engine starts."""
     from serving.launcher import vllm_executable
-    from vllm_submoe.models.preflight import ServingOptionError, check_expert_parallel
+    from vllm_submoe.models.preflight import ServingOptionError, check_executor_backend, check_expert_parallel
     check_expert_parallel(True, cpu_build=False)  # a CUDA build runs it
     check_expert_parallel(False, cpu_build=True)
     with pytest.raises(ServingOptionError, match="cannot run expert parallelism"):
         check_expert_parallel(True, cpu_build=True)
+    for backend in (None, "mp", "uni"):
+        check_executor_backend(backend, cpu_build=True)
+    check_executor_backend("ray", cpu_build=False)
+    with pytest.raises(ServingOptionError, match="no Ray support"):  # stock vLLM fails in the engine core
+        check_executor_backend("ray", cpu_build=True)
     import torch
     if torch.cuda.is_available():
         pytest.skip("a CUDA build serves expert parallelism (make gpu-check serves it on 2 GPUs)")

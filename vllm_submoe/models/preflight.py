@@ -37,6 +37,15 @@ def check_expert_parallel(enabled: bool, cpu_build: bool) -> None:
                                  "or serve with expert parallelism on CUDA GPUs")
 
 
+def check_executor_backend(backend, cpu_build: bool) -> None:
+    """vLLM's CPU platform has no Ray support: its engine core fails on `--distributed-executor-backend ray`
+    after it started. Refuse it while the arguments are read."""
+    if backend == "ray" and cpu_build:
+        raise ServingOptionError("--distributed-executor-backend ray: vLLM's CPU build has no Ray support; serve on "
+                                 "one machine with --tensor-parallel-size / --pipeline-parallel-size (the mp backend), "
+                                 "or across machines with Ray on CUDA GPUs")
+
+
 def register(architectures: Iterable[str]) -> None:
     MODELS_CONFIG_MAP, VerifyAndUpdateConfig = internal("MODELS_CONFIG_MAP"), internal("VerifyAndUpdateConfig")
 
@@ -52,7 +61,9 @@ def register(architectures: Iterable[str]) -> None:
 
         @staticmethod
         def verify_and_update_config(vllm_config) -> None:
-            check_expert_parallel(vllm_config.parallel_config.enable_expert_parallel, internal("current_platform").is_cpu())
+            parallel, cpu = vllm_config.parallel_config, internal("current_platform").is_cpu()
+            check_expert_parallel(parallel.enable_expert_parallel, cpu)
+            check_executor_backend(parallel.distributed_executor_backend, cpu)
 
     for arch in architectures:
         MODELS_CONFIG_MAP.setdefault(arch, SubMoECheckpointCheck)
