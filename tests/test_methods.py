@@ -405,8 +405,10 @@ def test_refinement_recovers_a_perturbed_layer_and_never_returns_a_worse_one():
     assert info["down_sweep_kept"] and info["held_out_error_after"] < info["held_out_error_before"]
     same, info = refine(experts, weights, stats, Refinement(steps=50, lr=100.0, batch=512))
     # an exact layer stays exact: no step kept; the closing sweep, whose gain would be rounding noise
-    # (kept on some CPUs' kernels, not on others), may only move the down projections by as much
-    assert min(info["held_out_errors"]) > info["held_out_error_before"] and info["held_out_error_after"] < 1e-6
+    # (kept on some CPUs' kernels, not on others), may only move the down projections by as much. Where
+    # the kernels compute the layer and its reference alike, the error is exactly 0 and so is the gradient:
+    # the steps then leave it at 0, which is why "no step improved it" is >=, not >.
+    assert min(info["held_out_errors"]) >= info["held_out_error_before"] and info["held_out_error_after"] < 1e-6
     assert torch.equal(same.gate, experts.gate) and torch.equal(same.up, experts.up)
     torch.testing.assert_close(same.down, experts.down, atol=1e-5, rtol=1e-5)
 
