@@ -78,7 +78,7 @@ serving: $(STAMP)
 # The plugin's vLLM internals and model classes against each supported release: the installed one
 # here, and the CUDA `vllm` 0.33 in a temporary environment (a few GB of downloads, no GPU needed).
 compat: $(STAMP)
-	$(PY) -m vllm_submoe.vllm_compat
+	$(PY) -m vllm_submoe.selfcheck
 	bash scripts/vllm_compat.sh "vllm==0.33.0"
 
 # On a machine with an NVIDIA GPU: the CUDA `vllm`, the test suite, compressed checkpoints served compiled

@@ -76,7 +76,7 @@ def build(work: Path) -> dict[str, dict[str, Path]]:
 def prompts(tokenizer_dir: Path) -> list[list[int]]:
     from transformers import AutoTokenizer
 
-    from vllm_submoe.texts import read_texts
+    from submoe_format.texts import read_texts
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     texts = [t[:1000] for f in EVAL for t in read_texts(f)[:1]][:PROMPTS]  # a prompt is its first tokens
     return [tok(t, add_special_tokens=False)["input_ids"][:PROMPT_LEN] for t in texts]

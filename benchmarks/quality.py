@@ -38,7 +38,7 @@ from offline.calibration.windows import token_windows
 from offline.compress import compress
 from offline.evaluate import compare, first_divergence, greedy_continuations, load_reference, next_token_logprobs
 from offline.options import CompressOptions
-from vllm_submoe.texts import domain_name, read_texts
+from submoe_format.texts import domain_name, read_texts
 
 MODELS = {"upcycled": ROOT / "models" / "tiny-mixtral-8e", "from-scratch": ROOT / "models" / "tiny-mixtral-8e-scratch",
           "fine-grained": ROOT / "models" / "tiny-qwen2-moe-64e"}
@@ -305,7 +305,7 @@ def half_target(targets: list[int], source: int) -> int:
 
 
 def source_experts(model_dir: Path) -> int:
-    from vllm_submoe.checkpoint_format import layout_for
+    from submoe_format.checkpoint import layout_for
     config = json.loads((model_dir / "config.json").read_text())
     return layout_for(config).num_experts(config)
 

@@ -115,7 +115,7 @@ def shape_row(name: str, method: str, layers: int, samples: int = CALIB["samples
     """One method 50% on a few layers of a real shape: memory in stored layers, seconds per layer,
     the whole run against its calibration, and the whole model's time extrapolated from them.
     `extra`: more `submoe compress` options (e.g. the project's method at its best)."""
-    from vllm_submoe.checkpoint_format import layout_for
+    from submoe_format.checkpoint import layout_for
     f = SHAPES[name]["fields"]
     n = f[layout_for({"model_type": SHAPES[name]["model_type"]}).num_experts_field]
     hidden, inter = f["hidden_size"], f["moe_intermediate_size"]

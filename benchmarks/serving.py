@@ -51,7 +51,7 @@ from serving.loadtest.cli import LoadTestOptions, measure, run, run_phase
 from serving.loadtest.interleave import round_ratios
 from serving.loadtest.report import spread_cell
 from serving.loadtest.workload import held_out_prompts
-from vllm_submoe.checkpoint_format import safetensors_bytes
+from submoe_format.checkpoint import safetensors_bytes
 
 SHIPPED = ROOT / "models" / "tiny-mixtral-8e"
 CALIB = sorted(str(p) for p in (ROOT / "data" / "calib").glob("*.jsonl"))

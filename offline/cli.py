@@ -16,7 +16,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from vllm_submoe.errors import SubMoEError
+from submoe_format.errors import SubMoEError
 
 from .calibration.stats import ALL_STATISTICS
 from .calibration.stats_file import CalibrateOptions, calibrate

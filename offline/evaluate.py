@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from vllm_submoe.checkpoint_format import dropped_experts, layout_for, merged_count, served_expert_maps
-from vllm_submoe.texts import domain_name, read_texts
+from submoe_format.checkpoint import dropped_experts, layout_for, merged_count, served_expert_maps
+from submoe_format.texts import domain_name, read_texts
 
 from .calibration.windows import check_token_ids, token_windows
 from .moe_math import Experts

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from vllm_submoe.checkpoint_format import BLOCK_KEY
-from vllm_submoe.errors import SubMoEError
+from submoe_format.checkpoint import BLOCK_KEY
+from submoe_format.errors import SubMoEError
 
 from .source.architecture import SourceArchitecture
 

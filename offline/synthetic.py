@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from vllm_submoe.checkpoint_format import MIXTRAL, layout_for
-from vllm_submoe.families import FAMILIES
+from submoe_format.checkpoint import layout_for
+from submoe_format.families import FAMILIES, MIXTRAL
 
 from .writing.shards import copy_tokenizer
 

@@ -24,7 +24,7 @@ from offline.options import CompressOptions
 from serving.client import client_for, served_model, timed_completion
 from serving.launcher import VLLMServer
 from serving.scrape import compression_gauges
-from vllm_submoe.texts import read_texts
+from submoe_format.texts import read_texts
 
 SHIPPED = ROOT / "models" / "tiny-mixtral-8e"
 

@@ -34,7 +34,7 @@ from transformers.models.qwen2_moe import modeling_qwen2_moe
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from offline.calibration.windows import token_windows
-from vllm_submoe.texts import read_texts
+from submoe_format.texts import read_texts
 
 ARCH = dict(vocab_size=4096, hidden_size=256, intermediate_size=384, num_hidden_layers=4,
             num_attention_heads=8, num_key_value_heads=4, head_dim=32, max_position_embeddings=1024,

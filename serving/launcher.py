@@ -12,7 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from vllm_submoe.errors import SubMoEError
+from submoe_format.errors import SubMoEError
 
 DEFAULT_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
                "TOKENIZERS_PARALLELISM": "false"}

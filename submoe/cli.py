@@ -15,7 +15,7 @@ import importlib
 import sys
 import warnings
 
-from vllm_submoe.errors import SubMoEError
+from submoe_format.errors import SubMoEError
 
 # command -> ("module:function", whether it takes the command name too, one-line help). The module
 # is imported only when its command runs, so `submoe --help` loads neither torch nor the HTTP stack,
@@ -26,7 +26,7 @@ COMMANDS = {
     "calibrate": ("offline.cli:run", True, "measure every layer's statistics once; reuse them with compress --stats"),
     "eval": ("offline.cli:run", True, "per-domain perplexity, KL, top-1 agreement against a reference"),
     "loadtest": ("serving.loadtest.cli:main", False, "one seeded workload against each deployment, side by side"),
-    "check": ("vllm_submoe.check:main", False, "validate a compressed checkpoint from its files, as vllm serve does"),
+    "check": ("submoe_format.check:main", False, "validate a compressed checkpoint from its files, as vllm serve does"),
 }
 
 

@@ -3,7 +3,7 @@ experts and dense layers are kept, and vLLM serving the result equals the refere
 one process and across two (tensor and pipeline parallel).
 
 Fixtures are tiny random models built by transformers from each family's own config class
-(each family's `tiny` entry in vllm_submoe.families: shared experts with a sigmoid gate, dense layers, renormalised or raw
+(each family's `tiny` entry in submoe_format.families: shared experts with a sigmoid gate, dense layers, renormalised or raw
 top-k, grouped top-k with a routed scaling factor, MLA attention).
 """
 import json
@@ -25,8 +25,8 @@ from offline.source.architecture import SourceArchitecture, hf_config, routing_o
 from offline.source.checkpoint import LazyCheckpoint
 from offline.synthetic import TINY, random_moe
 from offline.writing.shards import copy_tokenizer
-from vllm_submoe.checkpoint_format import BLOCK_KEY, LAYOUTS, CheckpointFormatError, layout_for, parse_block
-from vllm_submoe.families import BY_MODEL_TYPE
+from submoe_format.checkpoint import BLOCK_KEY, CheckpointFormatError, layout_for, parse_block
+from submoe_format.families import BY_MODEL_TYPE
 
 FAMILIES = sorted(TINY)
 NEW_FAMILIES = [f for f in FAMILIES if f != "mixtral"]  # Mixtral is served end to end in test_vllm_serving
@@ -235,7 +235,7 @@ def test_family_rules_are_what_transformers_builds_and_routes(family, changes):
 
 
 def test_no_model_type_comparison_outside_the_family_table():
-    """A family's knowledge lives in its vllm_submoe.families entry: no code elsewhere branches on a
+    """A family's knowledge lives in its submoe_format.families entry: no code elsewhere branches on a
     model_type."""
     import re
     from pathlib import Path
@@ -244,17 +244,17 @@ def test_no_model_type_comparison_outside_the_family_table():
     table = root / "vllm_submoe" / "families.py"
     families = "|".join(BY_MODEL_TYPE)
     # `model_type ==` / `!=` anything, `model_type in (...literals...)`, `"<family>" ==` / `in`; a lookup in
-    # the table (`model_type not in LAYOUTS`) is not a comparison
+    # the table (`model_type not in BY_MODEL_TYPE`) is not a comparison
     pattern = re.compile(r"model_type\W*\s*(==|!=|(not\s+)?in\s*[(\[{]\s*[\"'])|(==|!=)\s*\S*model_type\b|"
                          rf"[\"']({families})[\"']\s*(==|!=|(not\s+)?in\b)")
     offenders = [f"{path.relative_to(root)}:{n}: {line.strip()}"
                  for package in ("offline", "vllm_submoe", "serving") for path in sorted((root / package).rglob("*.py"))
                  if path != table for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
-    assert not offenders, "model_type comparisons outside vllm_submoe/families.py:\n" + "\n".join(offenders)
+    assert not offenders, "model_type comparisons outside submoe_format/families.py:\n" + "\n".join(offenders)
     assert all(pattern.search(line) for line in ('if layout.model_type == "mixtral":', 'if "olmoe" != f.model_type:',
                                                  'if self.model_type in ("qwen2_moe", "qwen3_moe"):',
                                                  'if config["model_type"] not in ["a"]:'))
-    assert not pattern.search("if model_type not in LAYOUTS:")
+    assert not pattern.search("if model_type not in BY_MODEL_TYPE:")
 
 
 def test_grouped_topk_only_picks_experts_of_the_best_groups():
@@ -339,7 +339,7 @@ def test_unsupported_architecture_fails_naming_the_supported_ones(sources, tmp_p
         compress(CompressOptions(model=str(src), out=tmp_path / "out", method="average", num_experts=4,
                                  calib=CALIB[:1], samples=4, seq_len=32, progress=False))
     assert "model_type='dbrx'" in str(e.value)
-    for layout in LAYOUTS.values():
+    for layout in BY_MODEL_TYPE.values():
         assert layout.source_architecture in str(e.value)
     assert cli(["compress", "--model", str(src), "--out", str(tmp_path / "o"), "--method", "average",
                 "--num-experts", "4", "--calib", CALIB[0]]) == 2

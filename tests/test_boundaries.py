@@ -1,34 +1,36 @@
-"""The packages' one-way layers (DESIGN): `vllm_submoe` (the plugin and the dependency-light shared
-modules) at the bottom; `offline` (compression: runs where vLLM is not installed) and `serving`
-(the load tester) each on it and never on each other; the `submoe` command above both, importing
-each only when its subcommand runs.
+"""The packages' one-way layers (DESIGN): `submoe_format` (the checkpoint contract: no torch, no
+vLLM) at the bottom; on it, each without the others, `offline` (compression: runs where vLLM is not
+installed), `vllm_submoe` (the plugin) and `serving` (the load tester); the `submoe` command above
+them, importing each only when its subcommand runs.
 
 Static: every import statement of every installed module, lazy ones inside functions included,
-checked against the rules (file:line of each breach). Dynamic: what a few entry points really load."""
+checked against the rules (file:line of each breach), and no import circle between our modules.
+Dynamic: what a few entry points really load."""
 from __future__ import annotations
 
 import ast
 import json
 import subprocess
 import sys
+from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("vllm_submoe", "offline", "serving", "submoe")
+PACKAGES = ("submoe_format", "vllm_submoe", "offline", "serving", "submoe")
+CONTRACT = ("submoe_format.check", "submoe_format.checkpoint", "submoe_format.errors", "submoe_format.families",
+            "submoe_format.texts")
+HEAVY_LIBRARIES = ("torch", "vllm", "transformers")
 
 # package -> imports it must not make (a module and its submodules)
 FORBIDDEN = {
+    "submoe_format": ("vllm_submoe", "offline", "serving", "submoe") + HEAVY_LIBRARIES,
     "vllm_submoe": ("offline", "serving", "submoe"),
     "offline": ("serving", "submoe", "vllm", "vllm_submoe"),
-    "serving": ("offline", "submoe"),
+    "serving": ("offline", "submoe", "vllm_submoe"),
     "submoe": (),
 }
-# ... except these: the compressor takes only the plugin package's shared modules (no vLLM, no torch)
-SHARED = ("vllm_submoe.check", "vllm_submoe.checkpoint_format", "vllm_submoe.errors", "vllm_submoe.families",
-          "vllm_submoe.texts")
-ALLOWED = {"offline": SHARED}
 
 
 def _within(name: str, prefixes) -> bool:
@@ -70,20 +72,13 @@ def imports_of(path: Path) -> list[tuple[int, str]]:
     return found
 
 
-def _allowed_parent(package: str, target: str) -> bool:
-    """`from vllm_submoe import texts` yields `vllm_submoe` itself: fine when every name taken
-    from it is allowed (checked on the X.a entries)."""
-    return any(a.startswith(target + ".") for a in ALLOWED.get(package, ()))
-
-
 def _breaches(package: str) -> list[str]:
     out = []
     files = sorted((ROOT / package).rglob("*.py"))
     assert files, f"no sources under {package}/"
     for f in files:
         bad = sorted({(line, target) for line, target in imports_of(f)
-                      if _within(target, FORBIDDEN[package]) and not _within(target, ALLOWED.get(package, ()))
-                      and not _allowed_parent(package, target)})
+                      if _within(target, FORBIDDEN[package])})
         # one entry per breach: `from serving import launcher` names serving, not serving.launcher too
         out += [f"{f.relative_to(ROOT)}:{line}: {package} imports {target}" for line, target in bad
                 if not any(l == line and target.startswith(t + ".") for l, t in bad)]
@@ -96,6 +91,43 @@ def test_imports_follow_the_layers(package):
     assert not bad, "imports across the layers:\n" + "\n".join(bad)
 
 
+def import_graph() -> dict[str, set[str]]:
+    """Our module -> our modules it imports (lazily too); a module's own parent packages are not
+    edges, Python has imported them before it runs."""
+    modules = {_module_name(f)[0]: f for package in PACKAGES for f in sorted((ROOT / package).rglob("*.py"))}
+    return {name: {t for _, t in imports_of(f) if t in modules and t != name and not name.startswith(t + ".")}
+            for name, f in modules.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    try:
+        TopologicalSorter(graph).prepare()
+    except CycleError as e:
+        return e.args[1]
+    return None
+
+
+def test_no_module_imports_itself_round_a_circle():
+    """A circle (a -> b -> a, even through a lazy import) means neither module can be read or
+    loaded alone; the checker finds one planted in the real graph."""
+    graph = import_graph()
+    assert find_cycle(graph) is None, "import circle: " + " -> ".join(find_cycle(graph))
+    planted = {**graph, "submoe_format.families": graph["submoe_format.families"] | {"vllm_submoe.models.classes"}}
+    cycle = find_cycle(planted)
+    assert cycle and "submoe_format.families" in cycle and "vllm_submoe.models.classes" in cycle
+
+
+@pytest.mark.parametrize("module", CONTRACT)
+def test_each_contract_module_loads_where_torch_and_vllm_cannot(module):
+    """The checkpoint contract is read where neither torch nor vLLM is installed (a CI job, a
+    laptop checking a checkpoint): each module, alone, in a process that cannot import them."""
+    blocked = "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in HEAVY_LIBRARIES)
+    loaded = _loaded(blocked + f"import {module}")
+    assert module.split(".")[0] in loaded
+    with pytest.raises(AssertionError, match="ModuleNotFoundError|ImportError"):
+        _loaded(blocked + "import vllm_submoe.metrics")  # the probe does block them
+
+
 def test_import_resolution(tmp_path, monkeypatch):
     """The checker itself: relative imports stay in their package, `from pkg import mod` is seen."""
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
@@ -103,14 +135,16 @@ def test_import_resolution(tmp_path, monkeypatch):
     src.mkdir(parents=True)
     (src / "__init__.py").write_text("from .checkpoint import X\nfrom .. import methods\n")
     (src / "checkpoint.py").write_text(
-        "from ..writing import shards\nfrom . import architecture\nfrom vllm_submoe import texts, endpoint\n"
+        "from ..writing import shards\nfrom . import architecture\n"
+        "from submoe_format import texts; from vllm_submoe import endpoint\n"
         "def f():\n    import serving.launcher\n    importlib.import_module('vllm.config')\n")
     assert {t for _, t in imports_of(src / "__init__.py")} == {
         "offline.source.checkpoint", "offline.source.checkpoint.X", "offline", "offline.methods"}
     assert {t for _, t in imports_of(src / "checkpoint.py")} == {
         "offline.writing", "offline.writing.shards", "offline.source", "offline.source.architecture",
-        "vllm_submoe", "vllm_submoe.texts", "vllm_submoe.endpoint", "serving.launcher", "vllm.config"}
-    assert _breaches("offline") == ["offline/source/checkpoint.py:3: offline imports vllm_submoe.endpoint",
+        "submoe_format", "submoe_format.texts", "vllm_submoe", "vllm_submoe.endpoint", "serving.launcher",
+        "vllm.config"}
+    assert _breaches("offline") == ["offline/source/checkpoint.py:3: offline imports vllm_submoe",
                                     "offline/source/checkpoint.py:5: offline imports serving.launcher",
                                     "offline/source/checkpoint.py:6: offline imports vllm.config"]
 
@@ -130,13 +164,14 @@ HELP = "from submoe.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit
 
 @pytest.mark.parametrize("code, forbidden", [
     ("import offline.cli", {"vllm", "serving", "submoe", "openai"}),
-    ("import " + ", ".join(SHARED), {"vllm", "torch", "transformers", "offline", "serving", "submoe"}),
+    ("import " + ", ".join(CONTRACT), {"vllm", "torch", "transformers", "offline", "serving", "submoe",
+                                       "vllm_submoe"}),
     ("import submoe.cli", HEAVY | {"offline", "serving", "vllm"}),
     (HELP.format(argv=["--help"]), HEAVY | {"offline", "serving", "vllm"}),
     (HELP.format(argv=["compress", "--help"]), {"openai", "httpx", "prometheus_client", "serving", "vllm"}),
     ("import vllm_submoe.models.classes as m\nfrom vllm_submoe import MODEL_CLASSES\n"
      "[getattr(m, t.split(':')[1]) for t in MODEL_CLASSES.values()]", {"offline", "serving", "submoe"}),
-], ids=["offline.cli", "vllm_submoe-shared", "submoe.cli", "submoe --help", "submoe compress --help",
+], ids=["offline.cli", "submoe_format", "submoe.cli", "submoe --help", "submoe compress --help",
         "plugin model classes"])
 def test_entry_point_loads_only_its_layer(code, forbidden):
     bad = _loaded(code) & forbidden
@@ -144,11 +179,12 @@ def test_entry_point_loads_only_its_layer(code, forbidden):
 
 
 def test_the_vllm_internals_the_plugin_uses_resolve_and_a_missing_one_is_named():
-    """vllm_submoe.vllm_compat is the one door to vLLM's internals (`make compat` runs it on each
-    supported release): here, on the installed one, everything resolves; a missing name is one
-    error naming it and the supported releases."""
+    """vllm_submoe.vllm_compat is the one door to vLLM's internals (`make compat` runs the self-check
+    on each supported release): here, on the installed one, everything resolves; a missing name is
+    one error naming it and the supported releases."""
     from vllm_submoe.models.remapped_moe import RemappedRouter
-    from vllm_submoe.vllm_compat import VLLMCompatError, problems, resolve
+    from vllm_submoe.selfcheck import problems
+    from vllm_submoe.vllm_compat import VLLMCompatError, resolve
     assert problems() == []
     with pytest.raises(VLLMCompatError, match=r"has no vllm\.model_executor\.layers\.fused_moe\.NoSuchFactory .*"
                                               r"supports vLLM 0\.32-0\.33"):

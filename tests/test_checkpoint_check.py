@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import EVAL
 
-from vllm_submoe.check import check_checkpoint
+from submoe_format.check import check_checkpoint
 
 
 def _shard(d):

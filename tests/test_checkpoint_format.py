@@ -3,7 +3,7 @@ import copy
 
 import pytest
 
-from vllm_submoe.checkpoint_format import (
+from submoe_format.checkpoint import (
     CheckpointFormatError,
     check_all_present,
     check_tensor_shape,
@@ -142,7 +142,7 @@ def test_dense_layers_have_no_map_and_no_expected_tensors():
 
 def test_the_expert_count_key_follows_the_config():
     """Hub Qwen-MoE configs say num_experts; transformers 5 writes num_local_experts."""
-    from vllm_submoe.checkpoint_format import QWEN3_MOE
+    from submoe_format.families import QWEN3_MOE
     assert QWEN3_MOE.num_experts_key({"num_experts": 8}) == "num_experts"
     assert QWEN3_MOE.num_experts_key({"num_local_experts": 8}) == "num_local_experts"
     assert QWEN3_MOE.num_experts({"num_local_experts": 8}) == 8
@@ -154,7 +154,7 @@ def test_a_count_under_two_names_is_written_under_both_and_must_agree():
     64->32 checkpoint that vLLM refused as 64 experts). Both are written; apart, they are refused."""
     from offline.source.architecture import SourceArchitecture
     from offline.writing.config import output_config
-    from vllm_submoe.checkpoint_format import QWEN3_MOE
+    from submoe_format.families import QWEN3_MOE
     source = {**QWEN3_MOE.tiny, "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"],
               "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "vocab_size": 128,
               "num_experts": 8, "num_local_experts": 8}
@@ -168,16 +168,16 @@ def test_a_count_under_two_names_is_written_under_both_and_must_agree():
         parse_block({**out, "num_local_experts": 8})
 
 
-def test_the_family_table_is_the_layouts():
-    """One entry per family (vllm_submoe.families); checkpoint_format's names are that table."""
+def test_one_family_table_names_every_architecture():
+    """One entry per family (submoe_format.families): the config's model_type, the source and the
+    plugin architecture each find it, and the plugin registers one class per entry."""
+    from submoe_format.families import BY_MODEL_TYPE, BY_PLUGIN, FAMILIES, MIXTRAL
     from vllm_submoe import MODEL_CLASSES
-    from vllm_submoe.checkpoint_format import LAYOUTS, MIXTRAL, MoELayout
-    from vllm_submoe.families import BY_PLUGIN, FAMILIES, Family
-    assert MoELayout is Family and LAYOUTS == {f.model_type: f for f in FAMILIES} and LAYOUTS["mixtral"] is MIXTRAL
+    assert BY_MODEL_TYPE == {f.model_type: f for f in FAMILIES} and BY_MODEL_TYPE["mixtral"] is MIXTRAL
     assert len(BY_PLUGIN) == len(FAMILIES) == len({f.source_architecture for f in FAMILIES})
     assert MODEL_CLASSES == {f.plugin_architecture: f"vllm_submoe.models.classes:{f.plugin_architecture}"
                              for f in FAMILIES}
-    assert layout_for(DEEPSEEK) is LAYOUTS["deepseek_v2"]
+    assert layout_for(DEEPSEEK) is BY_MODEL_TYPE["deepseek_v2"]
 
 
 @pytest.mark.parametrize("config, moe", [

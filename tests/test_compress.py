@@ -12,7 +12,7 @@ from offline.evaluate import evaluate, load_reference
 from offline.moe_math import moe_forward
 from offline.source.architecture import SourceArchitecture
 from offline.source.checkpoint import LazyCheckpoint
-from vllm_submoe.checkpoint_format import expected_expert_tensors, layout_for, parse_block
+from submoe_format.checkpoint import expected_expert_tensors, layout_for, parse_block
 
 
 def test_compressed_checkpoint_is_complete_and_source_untouched(random_source, tmp_path):

@@ -23,7 +23,7 @@ from offline.options import CompressOptions
 from offline.source.checkpoint import LazyCheckpoint
 from offline.synthetic import random_mixtral
 from offline.writing.shards import copy_tokenizer
-from vllm_submoe.checkpoint_format import BLOCK_KEY, dropped_experts, make_block, merged_count, parse_block
+from submoe_format.checkpoint import BLOCK_KEY, dropped_experts, make_block, merged_count, parse_block
 
 # (method, options, experts in its layer)
 CONFIGS = [("submoe", {}, 4), ("submoe", {"rank_ratio": 0.5}, 5), ("submoe", {"intra_rank_ratio": 0.5}, 3),

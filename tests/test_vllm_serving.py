@@ -126,7 +126,7 @@ def test_plugin_registration_is_idempotent(monkeypatch):
     from types import SimpleNamespace
 
     import vllm_submoe
-    from vllm_submoe.families import FAMILIES
+    from submoe_format.families import FAMILIES
     (entry,) = [e for e in md.entry_points(group="vllm.general_plugins") if e.name == "submoe"]
     assert entry.load() is vllm_submoe.register
     from vllm import ModelRegistry

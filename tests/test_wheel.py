@@ -19,7 +19,7 @@ import pytest
 from conftest import CALIB, SHIPPED
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("offline", "serving", "submoe", "vllm_submoe")
+PACKAGES = ("offline", "serving", "submoe", "submoe_format", "vllm_submoe")
 
 
 def _run(cmd, cwd, timeout=120):
@@ -63,7 +63,7 @@ def test_the_wheel_holds_the_packages_and_the_command(installed):
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names} == {*PACKAGES, wheel.name.split("-py")[0] + ".dist-info"}
     assert {"submoe/cli.py", "submoe/__main__.py", "offline/cli.py", "serving/loadtest/cli.py",
-            "vllm_submoe/errors.py"} <= set(names)
+            "submoe_format/errors.py"} <= set(names)
     (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     assert "submoe = submoe.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 

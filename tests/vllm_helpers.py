@@ -36,7 +36,7 @@ def assert_same_serving(ours: list[dict], stock: list[dict], atol: float = 1e-5)
 
 def identity_copy(src: Path, dst: Path) -> Path:
     """The source checkpoint served through the plugin with every map the identity (nothing merged)."""
-    from vllm_submoe.checkpoint_format import BLOCK_KEY, layout_for, make_block, served_expert_maps
+    from submoe_format.checkpoint import BLOCK_KEY, layout_for, make_block, served_expert_maps
     shutil.copytree(src, dst)
     config = json.loads((src / "config.json").read_text())
     layout = layout_for(config)
@@ -85,7 +85,7 @@ def reference_greedy(model, prompt: list[int], max_tokens: int) -> dict:
 
 
 def eval_prompts(tokenizer, files: list[str], n_per_file: int = 1, length: int = 24) -> list[list[int]]:
-    from vllm_submoe.texts import read_texts
+    from submoe_format.texts import read_texts
     prompts = []
     for f in files:
         for text in read_texts(f)[:n_per_file]:

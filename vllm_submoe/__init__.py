@@ -7,7 +7,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .families import FAMILIES
+from submoe_format.families import FAMILIES
 
 # architecture name in config.json -> "module:class" (vLLM imports it only when used; the class is
 # generated from the family's entry by vllm_submoe.models.classes)

@@ -25,7 +25,8 @@ logger = logging.getLogger("vllm_submoe.endpoint")
 
 def describe(config: dict, model_dir: str, served_dtype_bytes: int | None = None) -> dict:
     """The JSON document the route serves; pure over the config and the checkpoint directory."""
-    from .checkpoint_format import BLOCK_KEY, parse_block, served_expert_maps
+    from submoe_format.checkpoint import BLOCK_KEY, parse_block, served_expert_maps
+
     from .metrics import compression_facts
 
     facts = compression_facts(config, model_dir, served_dtype_bytes)

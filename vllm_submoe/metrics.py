@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from prometheus_client import Gauge
 
-from .checkpoint_format import BLOCK_KEY, CheckpointFormatError, layout_for, merged_count, safetensors_bytes, served_expert_maps
+from submoe_format.checkpoint import (
+    BLOCK_KEY,
+    CheckpointFormatError,
+    layout_for,
+    merged_count,
+    safetensors_bytes,
+    served_expert_maps,
+)
+
 from .vllm_compat import internal
 
 StatLoggerBase = internal("StatLoggerBase")

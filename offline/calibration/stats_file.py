@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from vllm_submoe.errors import SubMoEError
+from submoe_format.errors import SubMoEError
 
 from ..options import check_calibration
 from ..source.architecture import SourceArchitecture

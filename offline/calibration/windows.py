@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_submoe.texts import DataError, domain_name, read_texts
+from submoe_format.texts import DataError, domain_name, read_texts
 
 
 def token_windows(tokenizer, texts: list[str], seq_len: int, max_windows: int | None = None,

@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from vllm_submoe.errors import SubMoEError
+from submoe_format.errors import SubMoEError
 
 from ..calibration.stats import ALL_STATISTICS, LayerStats
 from ..moe_math import Experts, all_finite

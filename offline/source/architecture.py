@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoConfig, PreTrainedConfig
 
-from vllm_submoe.checkpoint_format import BLOCK_KEY, MoELayout, layout_for
+from submoe_format.checkpoint import BLOCK_KEY, layout_for
+from submoe_format.families import Family
 
 from ..moe_math import Experts, ExpertStack, Routing, weighted_expert_sum
 
@@ -31,9 +32,9 @@ def hf_config(config: dict) -> PreTrainedConfig:
     return cfg
 
 
-def routing_of(layout: MoELayout, cfg: PreTrainedConfig) -> Routing:
+def routing_of(layout: Family, cfg: PreTrainedConfig) -> Routing:
     """The source's routing: softmax over N logits, top-k, then what the family's routing rule adds
-    (vllm_submoe.families): Mixtral always renormalises the k weights; Qwen-MoE and OLMoE follow
+    (submoe_format.families): Mixtral always renormalises the k weights; Qwen-MoE and OLMoE follow
     `norm_topk_prob`; DeepSeek-V2 may limit the choice to the best `topk_group` of `n_group` expert
     groups and scales by `routed_scaling_factor` (renormalising when `norm_topk_prob`, as vLLM does)."""
     return Routing(**layout.routing_settings(lambda field: getattr(cfg, field, None)))
@@ -43,7 +44,7 @@ def routing_of(layout: MoELayout, cfg: PreTrainedConfig) -> Routing:
 class SourceArchitecture:
     """One checkpoint's architecture: its MoE layout, transformers config, routing and modules."""
 
-    layout: MoELayout
+    layout: Family
     config: PreTrainedConfig
     routing: Routing
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from vllm_submoe.check import read_config, tensor_shapes
-from vllm_submoe.checkpoint_format import safetensors_bytes
-from vllm_submoe.errors import SubMoEError
-from vllm_submoe.families import BY_MODEL_TYPE
+from submoe_format.check import read_config, tensor_shapes
+from submoe_format.checkpoint import safetensors_bytes
+from submoe_format.errors import SubMoEError
+from submoe_format.families import BY_MODEL_TYPE
 
 from .naming import Stored, canonical_sources
 

@@ -1,6 +1,6 @@
 """The expert namings a source checkpoint may be stored in, read as the family's own.
 
-The compressor works in one naming per family, the one vLLM loads (vllm_submoe.families: Mixtral's
+The compressor works in one naming per family, the one vLLM loads (submoe_format.families: Mixtral's
 `block_sparse_moe.experts.{e}.w1`, the others' `mlp.experts.{e}.gate_proj`), and writes only that.
 Checkpoints of the same architecture arrive in other namings too:
 
@@ -19,8 +19,8 @@ import re
 from dataclasses import dataclass
 from typing import Iterator, Mapping
 
-from vllm_submoe.errors import SubMoEError
-from vllm_submoe.families import Family
+from submoe_format.errors import SubMoEError
+from submoe_format.families import Family
 
 # W_G, W_D, W_U under every per-expert name they are stored with
 PROJECTION_NAMES = {"gate": ("gate_proj", "w1"), "down": ("down_proj", "w2"), "up": ("up_proj", "w3")}

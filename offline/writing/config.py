@@ -2,7 +2,7 @@
 block (remap export, served by the plugin) or nothing more (vanilla export, a stock checkpoint)."""
 from __future__ import annotations
 
-from vllm_submoe.checkpoint_format import BLOCK_KEY, make_block, merged_count
+from submoe_format.checkpoint import BLOCK_KEY, make_block, merged_count
 
 from ..source.architecture import SourceArchitecture
 

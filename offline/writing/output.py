@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vllm_submoe.checkpoint_format import merged_count
+from submoe_format.checkpoint import merged_count
 
 from ..calibration.layers import CalibratedLayer
 from ..methods import LayerResult, Method

@@ -10,7 +10,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from vllm_submoe.errors import SubMoEError
+from submoe_format.errors import SubMoEError
 
 
 class OutputExistsError(SubMoEError):

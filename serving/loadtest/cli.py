@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from vllm_submoe.errors import SubMoEError
+from submoe_format.errors import SubMoEError
 
 from ..client import client_for, served_model
 from ..launcher import VLLMServer, bearer

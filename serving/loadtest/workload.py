@@ -6,7 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
-from vllm_submoe.texts import read_texts
+from submoe_format.texts import read_texts
 
 Prompt = str | list[int]  # text, or token ids (exact lengths, for KV-pressure runs)
 

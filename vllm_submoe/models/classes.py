@@ -1,4 +1,4 @@
-"""The plugin's model classes, one per supported family, generated from vllm_submoe.families.
+"""The plugin's model classes, one per supported family, generated from submoe_format.families.
 
 `SubMoE<X>ForCausalLM` is vLLM's own `<X>ForCausalLM` (from `vllm.model_executor.models.<module>`)
 with `SubMoEModel` mixed in before it: each MoE layer's fused experts merged behind the
@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import types
 
-from ..families import BY_PLUGIN
+from submoe_format.families import BY_PLUGIN
 from .remapped_moe import SubMoEModel
 
 __all__ = sorted(BY_PLUGIN)

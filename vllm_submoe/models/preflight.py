@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from ..check import check_checkpoint
-from ..errors import SubMoEError
+from submoe_format.check import check_checkpoint
+from submoe_format.errors import SubMoEError
 from ..vllm_compat import has_fp8_kernels, internal
 
 

@@ -22,7 +22,7 @@ from types import ModuleType
 
 import torch
 
-from ..checkpoint_format import CheckpointFormatError, SubMoEBlock, check_all_present, check_tensor_shape, \
+from submoe_format.checkpoint import CheckpointFormatError, SubMoEBlock, check_all_present, check_tensor_shape, \
     expected_expert_tensors, layout_for, merged_count, parse_block
 from ..vllm_compat import internal
 

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from .checkpoint_format import (
+from .checkpoint import (
     CheckpointFormatError,
     SubMoEBlock,
     check_all_present,

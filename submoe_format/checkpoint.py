@@ -1,7 +1,7 @@
-"""Checkpoint format (versions 1 and 2): the `submoe` block in config.json and the expert tensors' names.
+"""The checkpoint format: the `submoe` block in config.json and the expert tensors' names.
 
-Shared by the offline compressor (writes) and the vLLM plugin (reads, validates). Imports
-neither side, nor vLLM, nor torch: it must stay importable everywhere.
+The compressor writes it, the plugin and the load tester read it, so it imports none of them,
+nor vLLM, nor torch.
 
     "submoe": {"format_version": 1, "method": "submoe",
                "source": {"architecture": "MixtralForCausalLM", "num_experts": 8, ...},
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .errors import SubMoEError
-from .families import BY_MODEL_TYPE, DEEPSEEK_V2, MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE, Family  # noqa: F401
+from .families import BY_MODEL_TYPE, MIXTRAL, Family
 
 FORMAT_VERSION = 2  # the newest this code reads and writes
 READABLE_VERSIONS = (1, 2)  # 2 adds dropped router experts (null in expert_map); 1 is still read
@@ -32,26 +32,21 @@ BLOCK_KEY = "submoe"
 
 
 class CheckpointFormatError(SubMoEError):
-    """A `submoe` block or expert tensor that does not follow format v1."""
-
-
-# Where each architecture keeps its MoE (config fields, tensor names, routing, MoE layers): one
-# `Family` entry per architecture in vllm_submoe.families; the names below are kept for their users.
-MoELayout = Family
-LAYOUTS = BY_MODEL_TYPE
+    """A `submoe` block or expert tensor that does not follow the format."""
 
 
 def supported_architectures() -> str:
-    return ", ".join(f"{l.source_architecture} ({l.model_type})" for l in LAYOUTS.values())
+    return ", ".join(f"{l.source_architecture} ({l.model_type})" for l in BY_MODEL_TYPE.values())
 
 
-def layout_for(config: Mapping[str, Any]) -> MoELayout:
+def layout_for(config: Mapping[str, Any]) -> Family:
+    """The family (config fields, tensor names, routing) of a config.json, by its model_type."""
     model_type = config.get("model_type")
-    if model_type not in LAYOUTS:
+    if model_type not in BY_MODEL_TYPE:
         raise CheckpointFormatError(
             f"unsupported architecture model_type={model_type!r} (architectures={config.get('architectures')}); "
             f"vllm-submoe supports {supported_architectures()}")
-    return LAYOUTS[model_type]
+    return BY_MODEL_TYPE[model_type]
 
 
 @dataclass(frozen=True)
@@ -207,7 +202,7 @@ def served_expert_maps(config: Mapping[str, Any]) -> list[list[int | None] | Non
 
 
 def expected_expert_tensors(config: Mapping[str, Any], block: SubMoEBlock) -> dict[str, tuple[int, int]]:
-    """Every expert and router tensor a format-v1 checkpoint must hold, with its shape."""
+    """Every expert and router tensor a checkpoint must hold, with its shape."""
     layout = layout_for(config)
     hidden, inter = config["hidden_size"], config[layout.intermediate_field]
     shapes = layout.expert_shapes(hidden, inter)
@@ -223,7 +218,7 @@ def expected_expert_tensors(config: Mapping[str, Any], block: SubMoEBlock) -> di
 
 
 def check_tensor_shape(name: str, shape: Iterable[int], expected: Mapping[str, tuple[int, int]],
-                       layout: MoELayout = MIXTRAL) -> None:
+                       layout: Family = MIXTRAL) -> None:
     """A known expert/router tensor must have its shape; an expert tensor the block does not
     expect (an id past the layer's count, another naming) is an error, not silently dropped."""
     want = expected.get(name)
