@@ -27,7 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.quality import CALIB, Evaluator, Settings
-from offline.calibration.stats_file import CalibrateOptions, StatsFile, calibrate, stats_layers
+from offline.calibrate import calibrate
+from offline.calibration.settings import CalibrateOptions
+from offline.calibration.stats_file import StatsFile, stats_layers
 from offline.compress import compress
 from offline.methods import make_method, reduce_layer
 from offline.methods.output_error import output_error, relative_error, served_gate_weights, served_weights

@@ -33,7 +33,8 @@ from transformers import AutoTokenizer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from offline.calibration.stats_file import CalibrateOptions, calibrate
+from offline.calibrate import calibrate
+from offline.calibration.settings import CalibrateOptions
 from offline.calibration.windows import token_windows
 from offline.compress import compress
 from offline.evaluate import compare, first_divergence, greedy_continuations, load_reference, next_token_logprobs

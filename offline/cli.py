@@ -14,19 +14,22 @@ import argparse
 import json
 import sys
 import warnings
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 from submoe_format.errors import SubMoEError
 
+from .calibrate import calibrate
+from .calibration.settings import CalibrateOptions, Calibration
 from .calibration.stats import ALL_STATISTICS
-from .calibration.stats_file import CalibrateOptions, calibrate
 from .compress import compress
 from .evaluate import evaluate, to_table
 from .methods import METHODS
 from .options import CompressError, CompressOptions
 
+DEFAULT = {f.name: f.default for f in fields(Calibration) if f.default is not MISSING}
 # Calibration settings: `compress` takes them unless --stats fixes them (None there = not given).
-CALIBRATION = {"calib": [], "samples": 256, "seq_len": 256, "output_tokens": 2048}
+CALIBRATION = ("calib", "samples", "seq_len", "output_tokens")
 
 
 def _counts(text: str) -> int | list[int]:
@@ -108,24 +111,27 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _calibration_args(p: argparse.ArgumentParser, given_only: bool) -> None:
-    d = {k: None for k in CALIBRATION} if given_only else CALIBRATION
+    d = {k: None if given_only else DEFAULT.get(k, []) for k in CALIBRATION}
     p.add_argument("--calib", nargs="+", default=d["calib"], metavar="FILE",
                    help=".jsonl/.txt calibration files (one per domain) or hf:DATASET[:CONFIG[:SPLIT]]")
-    p.add_argument("--samples", type=int, default=d["samples"], help="calibration windows (default 256)")
-    p.add_argument("--seq-len", type=int, default=d["seq_len"], help="tokens per calibration window (default 256)")
+    p.add_argument("--samples", type=int, default=d["samples"],
+                   help=f"calibration windows (default {DEFAULT['samples']})")
+    p.add_argument("--seq-len", type=int, default=d["seq_len"],
+                   help=f"tokens per calibration window (default {DEFAULT['seq_len']})")
     p.add_argument("--output-tokens", type=int, default=d["output_tokens"],
-                   help="sampled tokens on which every expert's output is measured (default 2048)")
+                   help=f"sampled tokens on which every expert's output is measured (default {DEFAULT['output_tokens']})")
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where each layer is computed (one at a time)")
+    p.add_argument("--seed", type=int, default=DEFAULT["seed"])
+    p.add_argument("--device", default=DEFAULT["device"],
+                   help="cpu or cuda[:N]: where each layer is computed (one at a time)")
     big = p.add_argument_group("big models (memory and resuming)")
-    big.add_argument("--calib-batch", type=int, default=16,
-                     help="calibration windows run through a layer at once (default 16)")
-    big.add_argument("--activation-memory", type=_bytes, default=1 << 30, metavar="SIZE",
-                     help="calibration activations kept in RAM, e.g. 512M or 4G (default 1G); beyond it they "
-                          "spill to a file in the work directory")
+    big.add_argument("--calib-batch", type=int, default=DEFAULT["calib_batch"],
+                     help=f"calibration windows run through a layer at once (default {DEFAULT['calib_batch']})")
+    big.add_argument("--activation-memory", type=_bytes, default=DEFAULT["activation_memory"], metavar="SIZE",
+                     help=f"calibration activations kept in RAM, e.g. 512M or 4G (default "
+                          f"{DEFAULT['activation_memory'] >> 30}G); beyond it they spill to a file in the work directory")
     big.add_argument("--restart", action="store_true",
                      help="discard a partial earlier run of this --out instead of resuming it")
     p.add_argument("--force", action="store_true", help="replace an existing --out directory")
@@ -139,7 +145,7 @@ def _compress_calibration(args) -> dict:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
         raise CompressError(f"--stats {args.stats} fixes the calibration, so {flags} cannot be given with it: drop "
                             f"{flags}, or calibrate anew (`submoe calibrate` with them, or compress without --stats)")
-    return {**CALIBRATION, **given}
+    return given
 
 
 def run(argv: list[str]) -> int:

@@ -182,17 +182,3 @@ class Routing:
 def as_routing(routing: Routing | int) -> Routing:
     """A bare top-k means Mixtral's routing."""
     return routing if isinstance(routing, Routing) else Routing(routing)
-
-
-def moe_forward(x: torch.Tensor, router: torch.Tensor, experts: Experts, routing: Routing | int,
-                expert_map: torch.Tensor | None = None) -> torch.Tensor:
-    """Sparse MoE output (routed experts) for tokens x [T, H]; `expert_map` remaps router ids to merged experts."""
-    weights, ids = as_routing(routing)(x @ router.T)
-    if expert_map is not None:
-        ids = expert_map[ids]
-    out = torch.zeros_like(x, dtype=torch.float32)
-    for e in ids.unique().tolist():
-        rows, slot = torch.where(ids == e)
-        y = expert_forward(x[rows], experts.gate[e], experts.up[e], experts.down[e])
-        out.index_add_(0, rows, (y * weights[rows, slot, None]).float())
-    return out.to(x.dtype)

@@ -1,62 +1,40 @@
-"""What `submoe compress` was asked to do, and whether it can be done on this source, checked
-before anything is read or written."""
+"""What `submoe compress` was asked to do, and whether it can be done on this source with this
+method, checked before anything is read or written."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from pathlib import Path
-
-import torch
+from dataclasses import dataclass, field
 
 from submoe_format.checkpoint import BLOCK_KEY
 from submoe_format.errors import SubMoEError
 
+from .calibration.settings import Calibration
+from .methods import Method
 from .source.architecture import SourceArchitecture
+from .source.checkpoint import LazyCheckpoint
 
 
 class CompressError(SubMoEError):
     """Compression settings that cannot work for this model."""
 
 
-ADDED_LATER = ("refine_steps", "stats", "sequential")  # fields newer than some resumable partial runs
+@dataclass(kw_only=True)
+class CompressOptions(Calibration):
+    """`submoe compress`: the calibration settings (unless `stats` gives them), and the reduction."""
 
-
-@dataclass
-class CompressOptions:
-    model: str
-    out: Path
     method: str
-    num_experts: int | list[int]  # one count for every layer, or one per layer (heterogeneous)
-    calib: list[str] = field(default_factory=list)
-    samples: int = 256
-    seq_len: int = 256
+    num_experts: int | list[int]  # one count for every layer, or one per layer
     method_options: dict = field(default_factory=dict)  # e.g. rank, rank_ratio, adaptive, align_neurons
-    seed: int = 0
-    device: str = "cpu"
-    force: bool = False
-    output_tokens: int = 2048  # tokens on which every expert's output is measured (grouping, least squares)
     export: str = "remap"  # "remap": N router rows + maps (plugin); "vanilla": N'-row router, stock Mixtral
-    progress: bool = True
-    calib_batch: int = 16  # calibration windows through a layer at once: bounds the transient activations
-    activation_memory: int = 1 << 30  # bytes of layer activations kept in RAM; more spill to a file
-    restart: bool = False  # drop a partial earlier run of this --out instead of resuming it
     refine_steps: int = 0  # layer-wise refinement after the merge (methods/refine.py): at most this many steps
     stats: str | None = None  # a `submoe calibrate` directory: its statistics instead of calibrating
     sequential: bool = False  # calibrate each layer on the compressed layers' hidden states (calibration/layers.py)
 
-    def fingerprint(self) -> dict:
-        """What must match for a partial run to be resumed."""
-        # A field added later is left out at its default, so a partial run from before it still resumes.
-        defaults = {f.name: f.default for f in fields(self) if f.name in ADDED_LATER}
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self).items()
-                if k not in ("force", "progress", "restart", "device", "calib_batch", "activation_memory")
-                and not (k in defaults and v == defaults[k])}
 
-
-def layer_budgets(opts: CompressOptions, config: dict, arch: SourceArchitecture,
-                  drops: bool = False) -> list[int | None]:
+def layer_budgets(opts: CompressOptions, source: LazyCheckpoint, arch: SourceArchitecture,
+                  method: Method) -> list[int | None]:
     """The target expert count of every decoder layer (None: no routed experts there), or one
-    clear error for settings that cannot work on this source. `drops`: the method drops router
-    experts (pruning as published), which needs top_k live ones and plain top-k routing."""
+    clear error for settings that cannot work on this source with this method."""
+    config = source.config
     if BLOCK_KEY in config:
         raise CompressError(f"{opts.model} is already a compressed checkpoint (config.json has a `{BLOCK_KEY}` "
                             f"block): compress the source model instead")
@@ -81,26 +59,21 @@ def layer_budgets(opts: CompressOptions, config: dict, arch: SourceArchitecture,
         raise CompressError(f"--num-experts must be between 1 and {n - 1} (the source has {n} experts per layer), "
                             f"got {opts.num_experts}")
     _check_export(opts, arch, {c for c in counts if c is not None})
-    if drops and opts.export == "remap":
+    if method.drops_experts and opts.export == "remap":
         _check_drops(arch, {c for c in counts if c is not None})
     if opts.sequential and opts.stats:
         raise CompressError(f"--sequential calibrates each layer on what the *compressed* layers before it produce, "
                             f"which depends on the method and ratio, so it cannot reuse --stats {opts.stats}: drop one")
+    if opts.sequential and method.joint_layers > 1:
+        raise CompressError("--sequential merges a layer before calibrating the next, --adaptive groups adjacent "
+                            "layers jointly: drop one")
     if opts.refine_steps < 0:
         raise CompressError(f"--refine-steps must be >= 0, got {opts.refine_steps}")
-    check_calibration(opts)
+    if not source.has_tokenizer():
+        raise CompressError(f"{source.dir} has no tokenizer.json / tokenizer_config.json: calibration text "
+                            f"cannot be tokenized, and the output could not be served")
+    opts.check()
     return counts
-
-
-def check_calibration(opts) -> None:
-    """The calibration settings `compress` and `calibrate` share (their options objects), or one clear error."""
-    if opts.output_tokens < 1:
-        raise CompressError(f"--output-tokens must be at least 1, got {opts.output_tokens}")
-    if opts.calib_batch < 1 or opts.activation_memory < 0:
-        raise CompressError(f"--calib-batch must be at least 1 and --activation-memory at least 0, got "
-                            f"{opts.calib_batch} and {opts.activation_memory}")
-    if opts.device.startswith("cuda") and not torch.cuda.is_available():
-        raise CompressError("--device cuda was given but no CUDA device is visible: use --device cpu")
 
 
 def _check_export(opts: CompressOptions, arch: SourceArchitecture, moe_counts: set[int]) -> None:

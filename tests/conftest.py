@@ -34,9 +34,10 @@ def write_config(path: Path, **changes) -> None:
 
 def sample_stats(experts, tokens, logits):
     """Calibration statistics of a layer whose calibration tokens are exactly `tokens` (Mixtral top-2)."""
-    from offline.calibration.stats import LayerStats
+    from reference import stats_from_sample
+
     from offline.moe_math import Routing
-    return LayerStats.from_sample(tokens, experts, logits, Routing(2), samples=64)
+    return stats_from_sample(tokens, experts, logits, Routing(2), samples=64)
 
 
 def random_layer(seed=0, n=8, h=16, i=24, t=64, router_gain=1.0):

@@ -13,9 +13,9 @@ import shutil
 import pytest
 import torch
 from conftest import CALIB, EVAL, SHIPPED, write_config
+from reference import calibrate_layer
 from vllm_helpers import assert_matches_reference, assert_same_serving, identity_copy, reference_greedy, vllm_results
 
-from offline.calibration.layers import calibrate_layer
 from offline.cli import main as cli
 from offline.compress import compress
 from offline.evaluate import load_reference

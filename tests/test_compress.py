@@ -5,11 +5,11 @@ import shutil
 import pytest
 import torch
 from conftest import CALIB, EVAL, tree_digest, write_config
+from reference import moe_forward
 from safetensors import safe_open
 
 from offline.cli import main as cli
 from offline.evaluate import evaluate, load_reference
-from offline.moe_math import moe_forward
 from offline.source.architecture import SourceArchitecture
 from offline.source.checkpoint import LazyCheckpoint
 from submoe_format.checkpoint import expected_expert_tensors, layout_for, parse_block
@@ -242,10 +242,10 @@ def test_published_statistics_cover_every_calibration_token_not_the_sample(rando
     """Frequency, REAP saliency, mean outputs and the two Gram matrices are accumulated over all
     calibration tokens: the size of the per-token sample does not move them, and they equal a
     brute-force pass over every token of the layer."""
+    from reference import stats_from_sample
     from transformers import AutoTokenizer
 
     from offline.calibration.layers import calibrated_layers
-    from offline.calibration.stats import LayerStats
     from offline.calibration.windows import calibration_windows
     from offline.options import CompressOptions
     opts = CompressOptions(model=str(random_source), out=tmp_path / "x", method="reap", num_experts=4,
@@ -255,7 +255,7 @@ def test_published_statistics_cover_every_calibration_token_not_the_sample(rando
     small = next(calibrated_layers(ckpt, windows, opts))
     opts.output_tokens = windows.numel()  # the "sample" is then every token, in some order
     every = next(calibrated_layers(ckpt, windows, opts))
-    brute = LayerStats.from_sample(every.stats.tokens, every.experts, every.stats.router_logits, every.stats.routing)
+    brute = stats_from_sample(every.stats.tokens, every.experts, every.stats.router_logits, every.stats.routing)
     assert small.stats.tokens.shape[0] == 7
     for field in ("frequency", "mean_outputs", "saliency", "output_gram", "logit_gram"):
         a, b, c = (getattr(s, field).double() for s in (small.stats, every.stats, brute))
@@ -276,9 +276,9 @@ def test_streaming_holds_one_layer_and_builds_it_without_copies(tmp_path):
 
     from offline.calibration.layers import calibrated_layers, in_groups
     from offline.calibration.windows import calibration_windows
-    from offline.compress import timed
     from offline.options import CompressOptions
     from offline.synthetic import random_mixtral
+    from offline.writing.output import Clock
     src = random_mixtral(tmp_path / "src", SHIPPED, layers=4, dtype=torch.bfloat16)
     opts = CompressOptions(model=str(src), out=tmp_path / "x", method="submoe", num_experts=4,
                            calib=CALIB[:1], samples=4, seq_len=32, progress=False)
@@ -301,7 +301,7 @@ def test_streaming_holds_one_layer_and_builds_it_without_copies(tmp_path):
             alive_at_read.append(sum(ref() is not None for ref in previous))
         return read(name)
     ckpt.get = get
-    for group in in_groups(timed(calibrated_layers(ckpt, windows, opts), {"seconds": 0.0}), 1):  # as compress reads
+    for group in in_groups(Clock({}, 0.0).timed(calibrated_layers(ckpt, windows, opts)), 1):  # as compress reads
         # tensors kept past the layer are owned copies (resizable), not views pinning the mapped file
         assert all(t.untyped_storage().resizable() for t in group[0].tensors.values())
         assert group[0].experts.gate.dtype == torch.bfloat16

@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 from vllm_helpers import assert_matches_reference, reference_greedy, vllm_results
 
-from offline.calibration.stats_file import CalibrateOptions, calibrate
+from offline.calibrate import calibrate
+from offline.calibration.settings import CalibrateOptions
 from offline.compress import compress
 from offline.evaluate import load_reference
 from offline.options import CompressOptions

@@ -121,7 +121,8 @@ def float32_copy(model: Path, out: Path) -> Path:
 
 
 def calibrate_once(model: Path, out: Path) -> Path:
-    from offline.calibration.stats_file import CalibrateOptions, calibrate
+    from offline.calibrate import calibrate
+    from offline.calibration.settings import CalibrateOptions
     calibrate(CalibrateOptions(model=str(model), out=out, progress=False, **CALIBRATION))
     return out
 

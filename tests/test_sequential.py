@@ -48,9 +48,10 @@ def test_the_compressed_stream_is_the_merged_models_and_targets_are_the_sources(
     ckpt = LazyCheckpoint(random_source)
     layers = calibrated_layers(ckpt, windows, opts, sequential=True)
     first = next(layers)
-    torch.testing.assert_close(first.source_activations.tensor, source_hs[1], atol=1e-4, rtol=1e-4)
-    (result, _, _), = reduce_group([first], make_method("output-lsq"),
-                                   layer_budgets(opts, ckpt.config, SourceArchitecture.of(ckpt.config)), opts)
+    torch.testing.assert_close(first.sequential.source_activations.tensor, source_hs[1], atol=1e-4, rtol=1e-4)
+    method = make_method("output-lsq")
+    (result, *_), = reduce_group([first], method, layer_budgets(opts, ckpt, SourceArchitecture.of(ckpt.config), method),
+                                 opts)
     advance(first, result, "remap")
     torch.testing.assert_close(first.activations.tensor, merged_hs[1], atol=1e-4, rtol=1e-4)  # the merged model's
     second = next(layers)

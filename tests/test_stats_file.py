@@ -54,7 +54,7 @@ def test_compress_from_statistics_writes_what_calibrating_writes(random_source, 
 
 def test_calibrate_resumes_after_a_failure_and_writes_what_one_run_writes(random_source, stats_dir, tmp_path,
                                                                          monkeypatch, capsys):
-    import offline.calibration.stats_file as sf
+    import offline.calibrate as sf
     save, calls = sf.save_layer, []
 
     def failing(stats, path):

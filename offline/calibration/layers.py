@@ -20,11 +20,26 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from ..moe_math import Experts, Routing, all_finite, weighted_expert_sum
-from ..options import CompressError, CompressOptions
 from ..source.architecture import Rotary, SourceArchitecture, attention_half
 from ..source.checkpoint import LazyCheckpoint
 from .activations import Activations
+from .settings import Calibration, CalibrationError
 from .stats import ALL_STATISTICS, Accumulator, LayerStats, gate_weights
+
+# A resumable run's hidden states after its last finished layer (and, sequential, the source's)
+RESUME, RESUME_SOURCE = "resume.f32", "resume-source.f32"
+
+
+@dataclass
+class Sequential:
+    """Sequential calibration's state after a layer: the source model's hidden states there, and
+    what `advance_compressed` needs to move the compressed stream through the merged layer."""
+
+    source_activations: Activations
+    inputs: Activations  # the layer's input on the compressed stream
+    module: torch.nn.Module
+    rotary: Rotary
+    batch: int
 
 
 @dataclass
@@ -38,18 +53,26 @@ class CalibratedLayer:
     router: torch.Tensor | None  # [N, H] float32
     stats: LayerStats | None
     activations: Activations | None = None  # the calibration hidden states after this layer
-    # Sequential calibration: the source model's hidden states after this layer, and what
-    # `advance_compressed` needs to move the compressed stream through the merged layer.
-    source_activations: Activations | None = None
-    inputs: Activations | None = None
-    module: torch.nn.Module | None = None
-    rotary: Rotary | None = None
-    batch: int = 16
+    sequential: Sequential | None = None
+
+
+def save_resume_point(layer: CalibratedLayer, directory: Path) -> None:
+    """Keep the hidden states after `layer`: a run killed from here on resumes after it."""
+    if layer.activations is not None:
+        layer.activations.save_as(directory / RESUME)
+    if layer.sequential is not None:
+        layer.sequential.source_activations.save_as(directory / RESUME_SOURCE)
+
+
+def resume_point(directory: Path, shape: tuple[int, int, int], sequential: bool) -> tuple[Activations, Activations | None]:
+    """The hidden states `save_resume_point` kept: the compressed (or only) stream, and the source's."""
+    source = Activations(shape, path=directory / RESUME_SOURCE) if sequential else None
+    return Activations(shape, path=directory / RESUME), source
 
 
 def _check_finite(t: torch.Tensor, what: str, layer) -> None:
     if not all_finite(t):
-        raise CompressError(f"calibration produced NaN/inf {what} in layer {layer.self_attn.layer_idx}: the "
+        raise CalibrationError(f"calibration produced NaN/inf {what} in layer {layer.self_attn.layer_idx}: the "
                             f"source weights are not finite there (check the checkpoint)")
 
 
@@ -101,16 +124,7 @@ def calibrate_batches(layer, source: Activations, target: Activations, rotary: R
     return stats
 
 
-def calibrate_layer(layer, x: torch.Tensor, rotary: Rotary, router: torch.Tensor | None, experts: Experts | None,
-                    routing: Routing, sample: torch.Tensor) -> tuple[LayerStats | None, torch.Tensor]:
-    """`calibrate_batches` on in-memory windows x [S, L, H], all at once: (stats, the layer's output)."""
-    out = Activations(tuple(x.shape))
-    stats = calibrate_batches(layer, Activations(tuple(x.shape), tensor=x.float()), out, rotary, router, experts,
-                              routing, sample, batch=len(x), device=x.device)
-    return stats, out.tensor
-
-
-def calibrated_layers(ckpt: LazyCheckpoint, windows: torch.Tensor, opts: CompressOptions, workdir: Path | None = None,
+def calibrated_layers(ckpt: LazyCheckpoint, windows: torch.Tensor, opts: Calibration, workdir: Path | None = None,
                       start: int = 0, resume: Activations | None = None,
                       needs: frozenset[str] = ALL_STATISTICS, sequential: bool = False,
                       resume_source: Activations | None = None) -> Iterator[CalibratedLayer]:
@@ -151,11 +165,11 @@ def calibrated_layers(ckpt: LazyCheckpoint, windows: torch.Tensor, opts: Compres
             calibrate_batches(layer, x_src, source_next, rotary, None, None, routing, sample, opts.calib_batch, dev)
         stats = calibrate_batches(layer, x, out, rotary, router, experts, routing, sample, opts.calib_batch, dev, needs,
                                   source_next=source_next)
-        seq = dict(source_activations=source_next, inputs=x, module=layer, rotary=rotary,
-                   batch=opts.calib_batch) if sequential else {}
+        seq = Sequential(source_next, inputs=x, module=layer, rotary=rotary, batch=opts.calib_batch) if sequential \
+            else None
         del layer
         x, x_src = out, source_next
-        yield CalibratedLayer(l, tensors, experts, router, stats, activations=x, **seq)
+        yield CalibratedLayer(l, tensors, experts, router, stats, activations=x, sequential=seq)
         del tensors, experts, router, stats, seq  # the consumer holds the layer now; the next one must not overlap it
 
 
@@ -194,11 +208,12 @@ def advance_compressed(layer: CalibratedLayer, served: Callable[[torch.Tensor], 
     """Sequential calibration: rewrite `layer.activations` (the source layer's output on the compressed
     stream) as the merged layer's, by swapping the routed experts' output: `served(logits)` gives each
     merged expert's weight per token [T, N'] from the N router logits, as the export serves them."""
-    module, dev = layer.module, layer.router.device
-    windows, length, hidden = layer.inputs.shape
-    for start in range(0, windows, layer.batch):
-        stop = min(start + layer.batch, windows)
-        h = attention_half(module, layer.inputs.read(start, stop).to(dev), layer.rotary)
+    seq, dev = layer.sequential, layer.router.device
+    module = seq.module
+    windows, length, hidden = seq.inputs.shape
+    for start in range(0, windows, seq.batch):
+        stop = min(start + seq.batch, windows)
+        h = attention_half(module, seq.inputs.read(start, stop).to(dev), seq.rotary)
         flat = module.post_attention_layernorm(h).reshape(-1, hidden)
         logits = flat @ layer.router.T
         delta = (weighted_expert_sum(flat, served(logits).to(dev), merged)

@@ -53,14 +53,6 @@ class LayerStats:
         return replace(self, tokens=self.tokens[rows], router_logits=self.router_logits[rows],
                        moe_output=self.moe_output[rows])
 
-    @classmethod
-    def from_sample(cls, tokens: torch.Tensor, experts: Experts, router_logits: torch.Tensor, routing: Routing,
-                    samples: int = 0) -> "LayerStats":
-        """Statistics of a layer whose calibration tokens are exactly `tokens` (tests, small runs)."""
-        acc = Accumulator(router_logits.shape[1], tokens.shape[1])
-        acc.add(tokens, router_logits, routing, experts)
-        return acc.stats(tokens, experts, router_logits, routing, samples)
-
 
 def gate_weights(routing: Routing, router_logits: torch.Tensor) -> torch.Tensor:
     """[T, N] routing weight of each of the N logits' experts per token (0 outside its top-k)."""
@@ -84,8 +76,8 @@ class Accumulator:
         self.needs = needs
         # Every expert's float64 outputs on a chunk of 256 tokens at a time (fewer only past `chunk_bytes`).
         # Each chunk reads and upcasts every expert's weights once, so the chunk must not shrink with the
-        # shape: a DeepSeek-V3 layer (21 GB of experts, 14 MiB of outputs per token) then streams from
-        # disk once per 256 tokens (3.8 GB of outputs), where a 256 MB budget re-read it every 18.
+        # shape: a DeepSeek-V3 layer (21 GB of experts, 14 MiB of outputs per token) streams from disk
+        # once per 256 tokens (3.8 GB of outputs); a smaller budget would re-read it every few tokens.
         self.chunk = max(1, min(256, chunk_bytes // (8 * max(1, n) * hidden)))
         self.selections = torch.zeros(n, dtype=f64)
         self.output_sum, self.output_gram = torch.zeros(n, hidden, dtype=f64), torch.zeros(n, n, dtype=f64)

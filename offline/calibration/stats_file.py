@@ -12,55 +12,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm import tqdm
 
-from submoe_format.errors import SubMoEError
-
-from ..options import check_calibration
 from ..source.architecture import SourceArchitecture
 from ..source.checkpoint import LazyCheckpoint
-from ..writing.workdir import resumable_output_dir
-from .activations import Activations
-from .layers import CalibratedLayer, calibrated_layers, read_layer
+from .layers import CalibratedLayer, read_layer
+from .settings import CalibrationError
 from .stats import ALL_STATISTICS, LayerStats
-from .windows import source_windows
 
 FORMAT = 1
 META = "statistics.json"
 PER_TOKEN = ("frequency", "tokens", "router_logits", "moe_output")  # always there
 
 
-class StatsFileError(SubMoEError):
+class StatsFileError(CalibrationError):
     """A statistics directory that cannot serve this compression."""
-
-
-@dataclass
-class CalibrateOptions:
-    model: str
-    out: Path
-    calib: list[str] = field(default_factory=list)
-    samples: int = 256
-    seq_len: int = 256
-    seed: int = 0
-    output_tokens: int = 2048
-    statistics: frozenset[str] = ALL_STATISTICS
-    device: str = "cpu"
-    force: bool = False
-    restart: bool = False
-    progress: bool = True
-    calib_batch: int = 16
-    activation_memory: int = 1 << 30
-
-    def fingerprint(self) -> dict:
-        return {"model": str(self.model), "calib": self.calib, "samples": self.samples, "seq_len": self.seq_len,
-                "seed": self.seed, "output_tokens": self.output_tokens, "statistics": sorted(self.statistics)}
 
 
 def source_identity(ckpt: LazyCheckpoint) -> dict:
@@ -77,41 +47,16 @@ def source_identity(ckpt: LazyCheckpoint) -> dict:
     return {"config": ckpt.config, "files": files}
 
 
-def calibrate(opts: CalibrateOptions) -> dict:
-    """Stream the source a layer at a time and write each MoE layer's statistics to `opts.out`;
-    returns the metadata written to statistics.json."""
-    t0 = time.time()
-    unknown = set(opts.statistics) - ALL_STATISTICS
-    if unknown:
-        raise StatsFileError(f"unknown statistics {sorted(unknown)}; choose from {sorted(ALL_STATISTICS)}")
-    check_calibration(opts)
-    source = LazyCheckpoint(opts.model)
-    arch = SourceArchitecture.of(source.config)
-    if not source.has_tokenizer():
-        raise StatsFileError(f"{source.dir} has no tokenizer.json / tokenizer_config.json: calibration text "
-                             f"cannot be tokenized")
-    windows, info = source_windows(source, opts.calib, opts.samples, opts.seq_len, opts.seed)
-    with resumable_output_dir(opts.out, opts.force, opts.fingerprint(), opts.restart, protect=source.dir,
-                              marker=META) as work:
-        done, resume_file = work.state.get("layers_done", 0), work.dir / "resume.f32"
-        resume = Activations((*windows.shape, arch.config.hidden_size), path=resume_file) if done else None
-        layers = calibrated_layers(source, windows, opts, work.dir, start=done, resume=resume, needs=opts.statistics)
-        for layer in tqdm(layers, total=len(arch.moe_layers()), initial=done, unit="layer", disable=not opts.progress,
-                          desc=f"calibrate {source.dir.name}"):
-            if layer.stats is not None:
-                save_layer(layer.stats, work.dir / layer_file(layer.index))
-            layer.activations.save_as(resume_file)
-            work.save(layers_done=layer.index + 1, seconds=work.state.get("seconds", 0) + time.time() - t0)
-            t0 = time.time()
-            del layer
-        resume_file.unlink(missing_ok=True)
-        for f in work.dir.glob("x-*.f32"):
-            f.unlink()
-        meta = {"format": FORMAT, "source": source_identity(source), "model": str(opts.model),
-                "calibration": {**info, "output_tokens": opts.output_tokens,
-                                "seconds": round(work.state.get("seconds", 0), 2)},
-                "statistics": sorted(opts.statistics), "moe_layers": [i for i, m in enumerate(arch.moe_layers()) if m]}
-        (work.dir / META).write_text(json.dumps(meta, indent=2) + "\n")
+def finish(directory: Path, model: str, source: LazyCheckpoint, arch: SourceArchitecture,
+           statistics: frozenset[str], calibration: dict) -> dict:
+    """Write statistics.json beside the finished layer files, which makes `directory` a statistics
+    directory; returns what it holds."""
+    for f in directory.glob("*.f32"):  # the activations a resumed run would have continued from
+        f.unlink()
+    meta = {"format": FORMAT, "source": source_identity(source), "model": model,
+            "calibration": calibration, "statistics": sorted(statistics),
+            "moe_layers": [i for i, m in enumerate(arch.moe_layers()) if m]}
+    (directory / META).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
 
@@ -159,12 +104,6 @@ class StatsFile:
             keys, _ = read_layer_file(path, tensors=False)
             if not keys >= {*PER_TOKEN, *needs}:
                 raise StatsFileError(f"{path} lacks {sorted({*PER_TOKEN, *needs} - keys)}: rerun `submoe calibrate`")
-
-    def applied_to(self, opts):
-        """`opts` (CompressOptions) with the calibration settings these statistics were measured with."""
-        c = self.calibration
-        return replace(opts, calib=[s["path"] for s in c["sources"].values()], samples=c["requested_samples"],
-                       seq_len=c["seq_len"], output_tokens=c["output_tokens"])
 
     def layer(self, index: int, experts, routing) -> LayerStats:
         _, (tensors, samples) = read_layer_file(self.dir / layer_file(index))

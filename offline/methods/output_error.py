@@ -6,6 +6,8 @@ output on the sampled tokens), the served one from the merged experts, routed as
 them: the N router logits then the remap, or (vanilla) the kept N' rows."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..calibration.stats import LayerStats, gate_weights
@@ -54,3 +56,20 @@ def relative_error(x: torch.Tensor, weights: torch.Tensor, experts: Experts, tar
 def output_error(stats: LayerStats, result: LayerResult, export: str = "remap") -> float:
     """‖served routed-expert output − source's‖ / ‖source's‖ (shared experts add the same to both)."""
     return relative_error(stats.tokens, served_weights(stats, result, export), result.experts, stats.moe_output).item()
+
+
+class Measured(NamedTuple):
+    """A reduced layer and what it does to the layer's output, as the report tells it (result None:
+    a layer without routed experts, written as it is)."""
+
+    result: LayerResult | None
+    output_error: float | None = None
+    duplicate_slots: float = 0.0
+    seconds: float = 0.0  # grouping, merging and refining it
+
+
+def measured(stats: LayerStats, result: LayerResult, export: str, seconds: float) -> Measured:
+    """`result` with its output error on the sample and, served with remap tables, its duplicate-slot
+    rate (an N'-row router serves each merged expert once per token: none)."""
+    return Measured(result, output_error(stats, result, export),
+                    duplicate_slot_rate(stats, result) if export == "remap" else 0.0, seconds)

@@ -1,61 +1,109 @@
 """The compressed checkpoint as it is written: a decoder layer at a time (in shards of at most
 2 GiB), the expert maps and report entries gathered on the way, then config.json, tokenizer and
-report at the end. Its state after each layer is what a resumed run continues from."""
+report at the end. After each layer group it keeps what a resumed run continues from: its state,
+the calibration's hidden states, and the seconds spent so far."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import sys
+import time
+from contextlib import contextmanager
+from typing import Iterable, Iterator
+
+from tqdm import tqdm
 
 from submoe_format.checkpoint import merged_count
 
-from ..calibration.layers import CalibratedLayer
-from ..methods import LayerResult, Method
-from ..methods.output_error import duplicate_slot_rate
+from ..calibration.layers import CalibratedLayer, save_resume_point
+from ..methods import Method
+from ..methods.output_error import Measured
 from ..options import CompressOptions
 from ..source.architecture import SourceArchitecture
 from ..source.checkpoint import LazyCheckpoint
 from . import report
 from .config import output_config
 from .shards import ShardWriter, copy_tokenizer
+from .workdir import Progress
+
+
+class Clock:
+    """A resumable run's seconds, its earlier runs included: in all, and calibrating (reading and
+    running the layers)."""
+
+    def __init__(self, state: dict, started: float):
+        self.started, self.earlier = started, state.get("seconds", 0.0)
+        self.calibration = state.get("calibration_seconds", 0.0)
+
+    def total(self) -> float:
+        return self.earlier + time.time() - self.started
+
+    @contextmanager
+    def calibrating(self):
+        t0 = time.time()
+        yield
+        self.calibration += time.time() - t0
+
+    def timed(self, layers: Iterable[CalibratedLayer]) -> Iterator[CalibratedLayer]:
+        """`layers`, the time spent producing each counted as calibration."""
+        it = iter(layers)
+        while True:
+            with self.calibrating():
+                layer = next(it, None)
+            if layer is None:
+                return
+            yield layer
+            del layer  # a finished layer must not stay alive while the next one is read
 
 
 class CompressedOutput:
-    def __init__(self, directory: Path, source: LazyCheckpoint, arch: SourceArchitecture, opts: CompressOptions,
-                 state: dict | None = None):
-        """`state` (from `.state()`) continues an interrupted run after its finished layers."""
-        state = state or {}
-        self.dir, self.source, self.arch, self.opts = directory, source, arch, opts
-        self.shards = ShardWriter(directory, state.get("writer"))
+    def __init__(self, work: Progress, source: LazyCheckpoint, arch: SourceArchitecture, opts: CompressOptions,
+                 started: float):
+        """Continues the run `work` holds after its finished layers (a fresh one: writes the
+        tensors outside the decoder layers first)."""
+        self.rss_before_weights = report.rss_bytes()  # libraries, tokenizer, calibration tokens
+        state = work.state
+        self.work, self.dir, self.source, self.arch, self.opts = work, work.dir, source, arch, opts
+        self.clock = Clock(state, started)
+        self.shards = ShardWriter(self.dir, state.get("writer"))
         self.layers_done: int = state.get("layers_done", 0)
         self.maps: list[list[int] | None] = state.get("maps", [])
         self.report_layers: list[dict] = state.get("report_layers", [])
         self.dtype = source.get("model.embed_tokens.weight").dtype  # experts are written as the source stores them
-        if not self.layers_done:
+        self.bar = tqdm(total=len(arch.moe_layers()), initial=self.layers_done, unit="layer", disable=not opts.progress,
+                        desc=f"compress {opts.method} {arch.num_experts}->{opts.num_experts}")
+        if self.layers_done:
+            self.bar.write(f"resuming {opts.out} after its first {self.layers_done} finished layers", file=sys.stderr)
+        else:
             self.shards.write({n: source.get(n) for n in source.names() if not n.startswith("model.layers.")})
 
-    def state(self) -> dict:
-        return {"layers_done": self.layers_done, "writer": self.shards.state(), "maps": self.maps,
-                "report_layers": self.report_layers}
+    def add(self, group: list[CalibratedLayer], reduced: list[Measured]) -> None:
+        """Write a group of decoder layers, then keep what a run killed from here on resumes from."""
+        for layer, m in zip(group, reduced):
+            self._write(layer, m)
+        save_resume_point(group[-1], self.dir)
+        self.work.save(layers_done=self.layers_done, writer=self.shards.state(), maps=self.maps,
+                       report_layers=self.report_layers, seconds=self.clock.total(),
+                       calibration_seconds=self.clock.calibration)
+        self.bar.update(len(group))
 
-    def add(self, layer: CalibratedLayer, result: LayerResult | None, error: float | None = None,
-            seconds: float = 0.0) -> None:
-        """Write one decoder layer: as read (no routed experts), or with its merged experts."""
+    def _write(self, layer: CalibratedLayer, m: Measured) -> None:
+        """One decoder layer: as read (no routed experts), or with its merged experts."""
         self.layers_done = layer.index + 1
-        if result is None:
+        if m.result is None:
             self.shards.write(layer.tensors)
             self.maps.append(None)
             return
         tensors = dict(layer.tensors)
         if self.opts.export == "vanilla":  # the router keeps each merged expert's representative row
             router = self.arch.layout.router_tensor(layer.index)
-            tensors[router] = tensors[router][result.representatives]
-        self.shards.write({**tensors, **self.arch.expert_tensors(layer.index, result.experts.to(self.dtype))})
-        self.maps.append(result.expert_map)
-        duplicates = duplicate_slot_rate(layer.stats, result) if self.opts.export == "remap" else 0.0  # N' rows: none
-        self.report_layers.append(report.layer_entry(layer.index, layer.stats, result, error, seconds, duplicates))
+            tensors[router] = tensors[router][m.result.representatives]
+        self.shards.write({**tensors, **self.arch.expert_tensors(layer.index, m.result.experts.to(self.dtype))})
+        self.maps.append(m.result.expert_map)
+        self.report_layers.append(report.layer_entry(layer.index, layer.stats, m))
 
-    def finish(self, method: Method, calib_info: dict, seconds: float, rss_before_weights: int) -> dict:
+    def finish(self, method: Method, calibration: dict) -> dict:
         """config.json, tokenizer, index and report: the directory is then a complete checkpoint."""
+        self.bar.close()
         self.shards.finish()
         for f in self.dir.glob("*.f32"):
             f.unlink()
@@ -65,8 +113,10 @@ class CompressedOutput:
                                weight_bytes=self.shards.total_bytes)
         (self.dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         copy_tokenizer(self.source.dir, self.dir)
-        out = report.build(self.opts, method, calib_info, self.report_layers, [merged_count(m) for m in self.maps],
-                           source_bytes, self.shards.total_bytes, self.arch.num_experts, seconds,
-                           report.peak_rss_bytes(), rss_before_weights)
+        # seconds: this run's reading and calibrating (with --stats, reading; calibrate_seconds is the file's)
+        calibration = {**calibration, "seconds": round(self.clock.calibration, 2)}
+        out = report.build(self.opts, method, calibration, self.report_layers, [merged_count(m) for m in self.maps],
+                           source_bytes, self.shards.total_bytes, self.arch.num_experts, self.clock.total(),
+                           report.peak_rss_bytes(), self.rss_before_weights)
         report.write(out, self.dir)
         return out

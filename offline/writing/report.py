@@ -16,17 +16,19 @@ def rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
-def layer_entry(layer: int, stats, result, output_error: float, seconds: float, duplicate_slots: float) -> dict:
+def layer_entry(layer: int, stats, measured) -> dict:
+    """A merged layer's report entry (`measured`: methods.output_error.Measured)."""
+    result = measured.result
     return {
         "layer": layer,
         "num_experts": len(result.experts),
         "expert_map": result.expert_map,
         "clusters": result.clusters,
         "frequency": [round(f, 5) for f in stats.frequency.tolist()],
-        "moe_output_relative_error": output_error,
+        "moe_output_relative_error": measured.output_error,
         # top-k slots served by a merged expert the token already reaches (computed twice by the kernel)
-        "duplicate_slot_rate": round(duplicate_slots, 5),
-        "seconds": round(seconds, 2),
+        "duplicate_slot_rate": round(measured.duplicate_slots, 5),
+        "seconds": round(measured.seconds, 2),
         "representatives": result.representatives,
         "merge": [m.report() for m in result.merges],
         **({"grouping": result.grouping.chosen_by, "held_out_error_by_grouping": result.grouping.held_out_errors}
@@ -42,7 +44,7 @@ def build(opts, method, calib_info: dict, layers: list[dict], experts_per_layer:
         "method": opts.method,
         "method_description": method.description,
         "settings": {"num_experts": opts.num_experts, "seed": opts.seed, "device": opts.device, "export": opts.export,
-                     "expert_output_tokens": opts.output_tokens, "refine_steps": opts.refine_steps,
+                     "expert_output_tokens": calib_info["output_tokens"], "refine_steps": opts.refine_steps,
                      **method.settings()},
         "source": {"path": str(opts.model), "num_experts": n_src, "weight_bytes": source_bytes},
         "calibration": calib_info,

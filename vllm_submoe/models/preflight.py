@@ -2,8 +2,8 @@
 
 vLLM calls each architecture's entry in `MODELS_CONFIG_MAP` while it builds the model config, in
 the process that parses `vllm serve`'s arguments. Registering the plugin's architectures there
-makes a bad checkpoint fail in seconds, with one error naming file, layer and field, where it
-used to fail after the engine core and its workers had started (about 100 s here, four tracebacks).
+makes a bad checkpoint fail in seconds, with one error naming file, layer and field, instead of
+after the engine core and its workers have started (minutes, and a traceback from each process).
 """
 from __future__ import annotations
 
