@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export VLLM_NO_USAGE_STATS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast model corpus quality serving scaling compat gpu-check clean
+.PHONY: install demo test test-fast model corpus quality cost duplicates ideas serving scaling compat gpu-check clean
 
 install: $(STAMP)
 
@@ -66,9 +66,23 @@ model: $(STAMP) corpus
 	    --shared-intermediate 384 --aux-loss-coef 0 --moe-balance-coef 0.02 --moe-steps 700 --balance-steps 150
 	$(PY) scripts/model_card.py models/tiny-qwen2-moe-64e
 
-# Rank every method on the three stand-in models (benchmarks/results/quality.*; about 85 minutes on 2 cores).
+# Each benchmark writes its results file in benchmarks/results/, stamped with the machine and commit.
+# Rank every method on the three stand-in models, with the extra configurations (quality.*; about
+# three hours on 2 cores).
 quality: $(STAMP)
 	$(PY) benchmarks/quality.py
+
+# What a compression costs: a fresh `submoe compress` per row (method_cost.*; about 10 minutes).
+cost: $(STAMP)
+	$(PY) benchmarks/method_cost.py
+
+# How often two top-k slots reach one merged expert (duplicates.*).
+duplicates: $(STAMP)
+	$(PY) benchmarks/duplicates.py
+
+# Per-layer budgets and router recalibration, measured and not adopted (ideas.*; about 5 minutes).
+ideas: $(STAMP)
+	$(PY) benchmarks/ideas.py
 
 # Load-test original, remap and vanilla interleaved on two generated MoEs (Mixtral 8e, Qwen3-MoE
 # 64e top-8), equal memory budget, soak (benchmarks/results/serving.*; about 45 minutes on 2 cores).

@@ -1,6 +1,6 @@
 """Duplicate slots: how often a token's top-k reaches one merged expert through two router experts.
 
-    python benchmarks/duplicates.py [--out benchmarks/results]
+    make duplicates      # python benchmarks/duplicates.py [--out benchmarks/results]
 
 The remap export serves a merged expert once per top-k slot that reaches it: vLLM's fused kernel
 takes duplicate ids and adds their weights, so the expert is computed twice for that token.
@@ -14,29 +14,23 @@ Writes duplicates.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from harness import CALIB, MODELS, RESULTS, ROOT, Calibrations, compressed, machine, source_experts, write_results
+from quality import MAIN_METHODS
 
-from benchmarks.quality import CALIB, MAIN_METHODS, MODELS, Calibrations, Settings, source_experts
-from offline.compress import compress
-from offline.options import CompressOptions
+from offline.calibration.settings import Calibration
 
 PRUNING = {"reap", "freq-prune"}  # keep experts unchanged and drop the rest: no two slots share one
 
 
-def measure(name: str, model_dir: Path, s: Settings, tmp: Path) -> dict:
-    cal, n = Calibrations(model_dir, s, tmp), source_experts(model_dir) // 2
-    stats, _ = cal.get(CALIB, s.samples, 0)
+def measure(name: str, model_dir: Path, tmp: Path) -> dict:
+    cal, n = Calibrations(model_dir, tmp), source_experts(model_dir) // 2
     rows = {}
     for method in [m for m in MAIN_METHODS if m not in PRUNING]:
-        report = compress(CompressOptions(model=str(model_dir), out=tmp / "ckpt", method=method, num_experts=n,
-                                          seed=0, force=True, progress=False, stats=str(stats)))
+        report, _ = compressed(cal, tmp / "ckpt", method, n, 0, CALIB, Calibration.samples)
         per_layer = [l["duplicate_slot_rate"] for l in report["layers"]]
         rows[method] = {"mean": statistics.fmean(per_layer), "per_layer": per_layer}
         print(f"{name} {method}: {rows[method]['mean']:.4f} {per_layer}", flush=True)
@@ -62,15 +56,13 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
-    s = Settings(models=MODELS, seeds=[0])
+    measured_on = machine()
     with tempfile.TemporaryDirectory() as td:
-        result = {"samples": s.samples, "seq_len": s.seq_len, "output_tokens": s.output_tokens,
-                  "models": {name: measure(name, path, s, Path(td)) for name, path in MODELS.items()}}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "duplicates.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "duplicates.md").write_text(markdown(result))
+        result = {"samples": Calibration.samples, "seq_len": Calibration.seq_len, "output_tokens": Calibration.output_tokens,
+                  "models": {name: measure(name, path, Path(td)) for name, path in MODELS.items()}}
+    write_results(args.out, "duplicates", result, markdown(result), measured_on)
     print(markdown(result))
 
 

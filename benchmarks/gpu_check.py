@@ -23,20 +23,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import harness
+from harness import CALIB, EVAL, ROOT
 
 from offline.compress import compress
 from offline.options import CompressOptions
 
-CALIB = sorted(str(p) for p in (ROOT / "data" / "calib").glob("*.jsonl"))
-EVAL = sorted(str(p) for p in (ROOT / "data" / "eval").glob("*.jsonl"))
 MODELS = {"mixtral 8->4": (ROOT / "models" / "tiny-mixtral-8e", 4),
           "qwen2-moe 64->32": (ROOT / "models" / "tiny-qwen2-moe-64e", 32),
           "mixtral 8->5/3/4/7": (ROOT / "models" / "tiny-mixtral-8e", [5, 3, 4, 7])}
@@ -50,8 +47,7 @@ def machine() -> dict:
 
     from vllm_submoe.vllm_compat import vllm_version
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"gpu": gpu, "cpu": platform.processor() or platform.machine(), "vllm": vllm_version(),
-            "torch": torch.__version__, "cuda": torch.version.cuda}
+    return {**harness.machine(), "gpu": gpu, "vllm": vllm_version(), "cuda": torch.version.cuda}
 
 
 def build(work: Path) -> dict[str, dict[str, Path]]:
@@ -167,7 +163,7 @@ def main() -> None:
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [f"# GPU check, {result['date']}", "",
-             f"{m['gpu'] or 'no GPU'}; vLLM {m['vllm']}, torch {m['torch']} (CUDA {m['cuda']})", "",
+             f"{m['gpu'] or 'no GPU'}; vLLM {m['vllm']}, torch {m['torch']} (CUDA {m['cuda']}). _{harness.stamp(m)}_", "",
              "| run | identical continuations | tokens before divergence | prompt logprob |diff| max / mean |",
              "|---|---|---|---|"]
     for kind in ("compiled", "fp8", "parallel"):

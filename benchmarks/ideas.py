@@ -8,37 +8,32 @@ if they pay (neither did):
   layer's routed output as served (the top-k choice follows the new rows; gradients reach them
   through the selected experts' weights), held-out error every 25 steps.
 
-    python benchmarks/ideas.py [--out benchmarks/results]     # about 5 minutes on 2 cores
+    make ideas      # python benchmarks/ideas.py [--out benchmarks/results]; about 5 minutes on 2 cores
 
 Writes ideas.json and ideas.md.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from harness import CALIB, MODELS, RESULTS, ROOT, Calibrations, EvalSettings, Evaluator, compressed, machine, write_results
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.quality import CALIB, Evaluator, Settings
-from offline.calibrate import calibrate
-from offline.calibration.settings import CalibrateOptions
+from offline.calibration.settings import Calibration
 from offline.calibration.stats_file import StatsFile, stats_layers
-from offline.compress import compress
+from offline.compress import reduce_group
 from offline.methods import make_method, reduce_layer
-from offline.methods.output_error import output_error, relative_error, served_gate_weights, served_weights
+from offline.methods.output_error import output_error, relative_error, served_gate_weights
 from offline.methods.output_lsq import split_stats
-from offline.methods.refine import Refinement, refine
 from offline.options import CompressOptions
+from offline.source.architecture import SourceArchitecture
 from offline.source.checkpoint import LazyCheckpoint
 
-MODEL, N, COUNTS, ROUTER_LRS = ROOT / "models" / "tiny-mixtral-8e", 4, range(2, 7), (1e-2, 1e-3, 2e-4)
+MODEL, N, COUNTS, ROUTER_LRS = MODELS["upcycled"], 4, range(2, 7), (1e-2, 1e-3, 2e-4)
+TOKENS = 16384  # sampled tokens, as the project's method uses them
 
 
 def greedy_split(errors: dict[int, dict[int, float]], total: int, lo: int, hi: int) -> list[int]:
@@ -74,44 +69,45 @@ def router_refit(stats, result, router: torch.Tensor, lr: float, steps: int = 10
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
-    method = make_method("output-lsq")
+    measured_on, method = machine(), make_method("output-lsq")
     with tempfile.TemporaryDirectory(prefix="submoe-ideas-") as td:
-        stats_dir = Path(td) / "stats"
-        calibrate(CalibrateOptions(model=str(MODEL), out=stats_dir, calib=CALIB, output_tokens=16384, progress=False))
+        cal = Calibrations(MODEL, Path(td), output_tokens=TOKENS)
+        stats_dir, _ = cal.get(CALIB, Calibration.samples, 0)
+        source = LazyCheckpoint(MODEL)
+        budgets = [N] * len(SourceArchitecture.of(source.config).moe_layers())
+        # the project's method as compress runs it: output-lsq, then refinement
+        refined = CompressOptions(model=str(MODEL), out=Path(td) / "unused", method="output-lsq", num_experts=N,
+                                  stats=str(stats_dir), refine_steps=100)
         sensitivity, router = {}, {}
-        for layer in stats_layers(LazyCheckpoint(MODEL), StatsFile(stats_dir)):
+        for layer in stats_layers(source, StatsFile(stats_dir)):
             if layer.stats is None:
                 continue
             stats = replace(layer.stats, experts=layer.experts)
             fit, held = split_stats(stats)
             sensitivity[layer.index] = {c: output_error(held, reduce_layer(method, layer.experts, fit, c, 0))
                                         for c in COUNTS}
-            merged = reduce_layer(method, layer.experts, stats, N, 0)
-            experts, _ = refine(merged.experts, served_weights(stats, merged), stats, Refinement(steps=100))
-            merged = replace(merged, experts=experts)
+            merged = reduce_group([layer], method, budgets, refined)[0].result
             router[layer.index] = {str(lr): router_refit(stats, merged, layer.router, lr) for lr in ROUTER_LRS}
             print(layer.index, sensitivity[layer.index], router[layer.index], flush=True)
         total = N * len(sensitivity)
         splits = {"uniform": [N] * len(sensitivity), "greedy": greedy_split(sensitivity, total, 2, 6),
                   "greedy within ±1": greedy_split(sensitivity, total, N - 1, N + 1)}
-        ev, kl = Evaluator(MODEL, Settings(models={}, seeds=[0])), {}
+        ev, kl = Evaluator(MODEL, EvalSettings()), {}
         for name, counts in splits.items():
             out = Path(td) / name.replace(" ", "_")
-            compress(CompressOptions(model=str(MODEL), out=out, method="output-lsq", num_experts=counts,
-                                     stats=str(stats_dir), progress=False))
+            compressed(cal, out, "output-lsq", counts, 0, CALIB, Calibration.samples, output_tokens=TOKENS)
             summed = sum(sensitivity[l][c] for l, c in zip(sorted(sensitivity), counts))
             kl[name] = {"counts": counts, "summed_layer_error": summed, "kl": ev.score(out)["kl"]}
     result = {"model": str(MODEL.relative_to(ROOT)), "sensitivity": sensitivity, "splits": kl, "router_refit": router}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "ideas.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = ["| split of 16 experts | counts | summed held-out layer error | KL |", "|---|---|---:|---:|"]
+    lines = ["# Two ideas, measured (upcycled stand-in, seed 0, 8->4)", "",
+             "| split of 16 experts | counts | summed held-out layer error | KL |", "|---|---|---:|---:|"]
     lines += [f"| {n} | {r['counts']} | {r['summed_layer_error']:.3f} | {r['kl']:.4f} |" for n, r in kl.items()]
     lines += ["", "| layer | router refit: held-out error before, then every 25 steps, per step size |", "|---|---|"]
     lines += [f"| {l} | " + "; ".join(f"{lr}: " + " ".join(f"{e:.4f}" for e in h) for lr, h in runs.items()) + " |"
               for l, runs in router.items()]
-    (args.out / "ideas.md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, "ideas", result, "\n".join(lines) + "\n", measured_on)
     print("\n".join(lines))
 
 

@@ -1,8 +1,11 @@
 """Quality benchmark: every method on the three stand-in models (8->6 and 8->4 on the two 8-expert
 ones, 64->48, 32 and 16 on the fine-grained one), one harness, one table.
 
-    python benchmarks/quality.py            # the committed results (about 85 minutes on 2 cores)
+    make quality                            # the committed results: python benchmarks/quality.py
     python benchmarks/quality.py --quick    # a smoke run (the tests use it)
+
+On 2 cores the main runs and ablations take about 85 minutes, the `ADDED` configurations (16k
+sampled tokens, refinement, sequential calibration) about as long again.
 
 Calibration comes from the shipped calibration split (all domains, round-robin), evaluation
 from the held-out split of every domain: perplexity, KL(original || compressed), top-1
@@ -10,15 +13,13 @@ agreement and greedy-continuation agreement, with retention (original / compress
 as mean and worst domain. Every figure is mean and spread over calibration seeds. Each
 (model, seed) is calibrated once (`submoe calibrate`) and every method is a `submoe compress --stats`
 on that statistics file: the statistics do not depend on the method, so they share one sample.
-Writes benchmarks/results/quality.{json,md} and quality*.png.
+Writes benchmarks/results/quality.{json,md} and quality*.png, stamped with the machine (harness.py).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,33 +28,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from harness import (
+    CALIB,
+    MODELS,
+    RESULTS,
+    Calibrations,
+    EvalSettings,
+    Evaluator,
+    compressed,
+    machine,
+    source_experts,
+    write_results,
+)
 from tqdm import tqdm
-from transformers import AutoTokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from offline.calibration.settings import Calibration
+from submoe_format.texts import domain_name
 
-from offline.calibrate import calibrate
-from offline.calibration.settings import CalibrateOptions
-from offline.calibration.windows import token_windows
-from offline.compress import compress
-from offline.evaluate import compare, first_divergence, greedy_continuations, load_reference, next_token_logprobs
-from offline.options import CompressOptions
-from submoe_format.texts import domain_name, read_texts
-
-MODELS = {"upcycled": ROOT / "models" / "tiny-mixtral-8e", "from-scratch": ROOT / "models" / "tiny-mixtral-8e-scratch",
-          "fine-grained": ROOT / "models" / "tiny-qwen2-moe-64e"}
 # Experts kept, as fractions of the source's: 8->6, 8->4 on the 8-expert models; 64->48, 32, 16 on the fine-grained one.
 FRACTIONS = {"fine-grained": [0.75, 0.5, 0.25]}
-CALIB = sorted(str(p) for p in (ROOT / "data" / "calib").glob("*.jsonl"))
-EVAL = sorted(str(p) for p in (ROOT / "data" / "eval").glob("*.jsonl"))
 MAIN_METHODS = ["submoe", "output-lsq", "mergemoe", "hc-smoe", "m-smoe", "reap", "freq-prune", "average", "random"]
 # Variants measured at the harder ratio only: Sub-MoE's adaptive and † settings, neuron alignment.
 VARIANTS = [("submoe", {"adaptive": True}), ("submoe", {"intra_rank_ratio": 0.5}),
             *[(m, {"align_neurons": True}) for m in ("submoe", "output-lsq", "mergemoe", "m-smoe")]]
-# Configurations added to a committed run with `--add LABEL ...` (at 50% of the experts, every seed):
-# (method, method options, pipeline options). More sampled tokens help every least-squares fit, so
-# MergeMoE is measured on the same 16k tokens as ours.
+# More configurations, at 50% of the experts only, every seed: (method, method options, pipeline
+# options). More sampled tokens help every least-squares fit, so MergeMoE is measured on the same 16k
+# tokens as ours. `--add LABEL ...` re-measures some of them into the committed results.
 ADDED = {
     "mergemoe@16k": ("mergemoe", {}, {"output_tokens": 16384}),
     "output-lsq@16k": ("output-lsq", {}, {"output_tokens": 16384}),
@@ -72,26 +72,21 @@ FIGURES = ("kl", "top1_agreement", "retention_mean", "retention_worst", "greedy_
 
 
 @dataclass
-class Settings:
-    models: dict[str, Path]
-    seeds: list[int]
-    samples: int = 256
-    seq_len: int = 256
-    output_tokens: int = 2048
-    eval_windows: int = 8
-    prompts_per_domain: int = 2
-    prompt_len: int = 32
-    new_tokens: int = 32
+class Settings(EvalSettings):
+    models: dict[str, Path] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    samples: int = Calibration.samples
+    output_tokens: int = Calibration.output_tokens
     fractions: list[float] = field(default_factory=lambda: [0.75, 0.5])  # unless FRACTIONS names the model
     methods: list[str] = field(default_factory=lambda: list(MAIN_METHODS))
     variants: list = field(default_factory=lambda: list(VARIANTS))
+    added: list[str] = field(default_factory=lambda: list(ADDED))
     ablation_samples: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128])
     ablation_sample_methods: list[str] = field(default_factory=lambda: ["submoe", "output-lsq", "mergemoe"])
     ablation_ranks: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5, 0.75])
     ablation_domains: list[str] = field(default_factory=lambda: [domain_name(p) for p in CALIB])
     ablation_domain_methods: list[str] = field(default_factory=lambda: ["submoe", "output-lsq"])
     ablation_seeds: list[int] = field(default_factory=lambda: [0])
-    cost_methods: list[str] = field(default_factory=lambda: list(MAIN_METHODS))
 
 
 def label(method: str, options: dict) -> str:
@@ -100,114 +95,18 @@ def label(method: str, options: dict) -> str:
     return "+".join([method, *(short.get(k) or f"{k}={v}" for k, v in options.items())])
 
 
-class Evaluator:
-    """The fixed evaluation set of one source model, and its original's figures on it."""
-
-    def __init__(self, model_dir: Path, s: Settings):
-        tok = AutoTokenizer.from_pretrained(str(model_dir))
-        self.windows = {domain_name(p): token_windows(tok, read_texts(p), s.seq_len, s.eval_windows) for p in EVAL}
-        # Prompts from the end of each domain's evaluation text, not overlapping the scored windows.
-        self.prompts = torch.cat([token_windows(tok, read_texts(p)[::-1], s.prompt_len, s.prompts_per_domain)
-                                  for p in EVAL])
-        self.new_tokens = s.new_tokens
-        ref = load_reference(str(model_dir))
-        with SharedExpertShare(ref) as self.shared_share:
-            self.ref_logp = {d: next_token_logprobs(ref, w) for d, w in self.windows.items()}
-        self.ref_greedy = greedy_continuations(ref, self.prompts, self.new_tokens)
-
-    def score(self, model_dir: Path) -> dict:
-        model = load_reference(str(model_dir))
-        domains = {d: compare(next_token_logprobs(model, w), w, self.ref_logp[d]) for d, w in self.windows.items()}
-        div = first_divergence(greedy_continuations(model, self.prompts, self.new_tokens), self.ref_greedy).float()
-        ret = [d["perplexity_retention"] for d in domains.values()]
-        return {
-            "domains": {d: {k: v[k] for k in ("perplexity", "reference_perplexity", "kl", "top1_agreement")}
-                        for d, v in domains.items()},
-            "kl": statistics.fmean(d["kl"] for d in domains.values()),
-            "top1_agreement": statistics.fmean(d["top1_agreement"] for d in domains.values()),
-            "perplexity_mean": statistics.fmean(d["perplexity"] for d in domains.values()),
-            "retention_mean": statistics.fmean(ret), "retention_worst": min(ret),
-            "worst_domain": min(domains, key=lambda d: domains[d]["perplexity_retention"]),
-            "greedy_first_divergence": div.mean().item(),
-            "greedy_identical": (div == self.new_tokens).float().mean().item(),
-        }
-
-    def original(self) -> dict:
-        ppl = [math.exp(-lp[:, :-1].gather(-1, w[:, 1:, None]).mean().item())
-               for lp, w in zip(self.ref_logp.values(), self.windows.values())]
-        return {"kl": 0.0, "top1_agreement": 1.0, "perplexity_mean": statistics.fmean(ppl), "retention_mean": 1.0,
-                "retention_worst": 1.0, "greedy_first_divergence": float(self.new_tokens), "greedy_identical": 1.0,
-                "domains": {d: {"perplexity": p} for d, p in zip(self.windows, ppl)}}
-
-
-class SharedExpertShare:
-    """Per MoE layer, the shared expert's share of the MoE block's output energy, E|shared|^2 / E|out|^2
-    over every evaluated token: the part of each layer no routed-expert merge can touch (0 without one)."""
-
-    def __init__(self, model):
-        self.blocks = [l.mlp for l in model.model.layers if hasattr(l.mlp, "gate")]  # the layers that route
-        self.shared = [0.0] * len(self.blocks)
-        self.total = [0.0] * len(self.blocks)
-
-    def __enter__(self):
-        self.hooks = [b.register_forward_hook(self._hook(i)) for i, b in enumerate(self.blocks)]
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.hooks:
-            h.remove()
-
-    def _hook(self, i: int):
-        def hook(block, args, out):
-            x, y = args[0], out[0] if isinstance(out, tuple) else out
-            if getattr(block, "shared_expert", None) is not None:
-                shared = block.shared_expert(x) * torch.sigmoid(block.shared_expert_gate(x))
-                self.shared[i] += shared.float().pow(2).sum().item()
-            self.total[i] += y.float().pow(2).sum().item()
-        return hook
-
-    def per_layer(self) -> list[float]:
-        return [s / t for s, t in zip(self.shared, self.total)]
-
-
-class Calibrations:
-    """The statistics file of one source model, calibrated once per (data, samples, seed, sampled tokens)."""
-
-    def __init__(self, model_dir: Path, s: Settings, tmp: Path):
-        self.model_dir, self.s, self.dir = model_dir, s, tmp / "stats"
-        self.key, self.value = None, None
-
-    def get(self, sources: list[str], samples: int, seed: int, output_tokens: int | None = None) -> tuple[Path, dict]:
-        output_tokens = output_tokens or self.s.output_tokens
-        key = (tuple(sources), samples, seed, output_tokens)
-        if key != self.key:
-            t0 = time.time()
-            meta = calibrate(CalibrateOptions(model=str(self.model_dir), out=self.dir, calib=sources, samples=samples,
-                                              seq_len=self.s.seq_len, seed=seed, output_tokens=output_tokens,
-                                              force=True, progress=False))
-            self.key, self.value = key, (self.dir, {**meta["calibration"], "calibration_seconds": time.time() - t0})
-        return self.value
-
-
-def run_one(model_dir: Path, cal: Calibrations, ev: Evaluator, tmp: Path, method: str, options: dict, n: int,
-            seed: int, sources: list[str], samples: int, s: Settings, pipeline: dict | None = None) -> dict:
+def run_one(cal: Calibrations, ev: Evaluator, tmp: Path, method: str, options: dict, n: int, seed: int,
+            sources: list[str], samples: int, s: Settings, pipeline: dict | None = None) -> dict:
     """One configuration on one calibration: compress (the pipeline after calibration) and score.
     `pipeline`: CompressOptions fields beyond the benchmark's (output_tokens, refine_steps)."""
     pipeline = {"output_tokens": s.output_tokens, **(pipeline or {})}
-    if pipeline.get("sequential"):  # statistics that depend on the merges: calibrated within the run
-        calibration, info = dict(calib=sources, samples=samples, seq_len=s.seq_len), None
-    else:
-        stats, info = cal.get(sources, samples, seed, pipeline["output_tokens"])
-        calibration = dict(stats=str(stats))
     out = tmp / "ckpt"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t0 = time.time()
-        report = compress(CompressOptions(model=str(model_dir), out=out, method=method, num_experts=n,
-                                          method_options=options, seed=seed, force=True, progress=False,
-                                          **calibration, **pipeline))
+        report, info = compressed(cal, out, method, n, seed, sources, samples, options, **pipeline)
         merge_seconds = time.time() - t0
-    if info is None:
+    if info is None:  # calibrated within the run
         info = {"calibration_seconds": report["calibration"]["seconds"]}
     figures = ev.score(out)
     figures.update(method=method, label=label(method, options), options=options, num_experts=n, seed=seed,
@@ -238,64 +137,55 @@ def summarise(runs: list[dict], keys=("label", "num_experts")) -> list[dict]:
     return rows
 
 
-def cost_run(model_dir: Path, method: str, n: int, s: Settings, tmp: Path, extra: tuple[str, ...] = ()) -> dict:
-    """A real `submoe compress` in a fresh process (`extra`: more of its options): wall time, the report's
-    calibration and merging times, and peak resident memory, as a user sees them."""
-    out = tmp / f"cost-{method}"
-    cmd = [sys.executable, "-m", "submoe", "compress", "--model", str(model_dir), "--out", str(out), "--method",
-           method, "--num-experts", str(n), "--samples", str(s.samples), "--seq-len", str(s.seq_len), "--calib", *CALIB,
-           "--no-progress", "--force", *extra]
-    t0 = time.time()
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
-    report = json.loads((out / "compression_report.json").read_text())
-    return {"method": method, "num_experts": n, "wall_seconds": time.time() - t0, "compress_seconds": report["time_seconds"],
-            "calibration_seconds": report["calibration"]["seconds"], "merging_seconds": report["reduce_seconds"],
-            "peak_rss_bytes": report["peak_rss_bytes"]}
-
-
-def run(s: Settings, out_dir: Path) -> dict:
+def run(s: Settings) -> dict:
+    """Every model: each main method at each target and the variants at 50%, then the `ADDED`
+    configurations at 50%, every seed; on one model, the ablations."""
     results = {"settings": {k: (v if not isinstance(v, dict) else {n: str(p) for n, p in v.items()})
                             for k, v in vars(s).items()}, "models": {}}
     results["settings"]["calibration_tokens"] = s.samples * s.seq_len
-    t_start = time.time()
     with tempfile.TemporaryDirectory(prefix="submoe-quality-") as td:
         tmp = Path(td)
         for name, model_dir in s.models.items():
-            ev, cal = Evaluator(model_dir, s), Calibrations(model_dir, s, tmp)
+            t_start = time.time()
+            ev, cal = Evaluator(model_dir, s), Calibrations(model_dir, tmp, s.seq_len, s.output_tokens)
             targets = targets_of(name, model_dir, s)
             half = half_target(targets, source_experts(model_dir))
             plan = [(m, {}, n) for n in targets for m in s.methods] + [(m, o, half) for m, o in s.variants]
             runs = []
             for seed in s.seeds:
                 for m, o, n in tqdm(plan, desc=f"{name} seed {seed}", unit="run"):
-                    runs.append(run_one(model_dir, cal, ev, tmp, m, o, n, seed, CALIB, s.samples, s))
+                    runs.append(run_one(cal, ev, tmp, m, o, n, seed, CALIB, s.samples, s))
+            runs += added_runs(s.added, cal, ev, tmp, half, s)
             entry = {"original": ev.original(), "source_experts": source_experts(model_dir), "targets": targets,
                      "shared_expert_output_share": ev.shared_share.per_layer(),
                      "runs": runs, "summary": summarise(runs)}
             if name == ablation_model(s):
-                entry["ablations"] = ablations(model_dir, cal, ev, tmp, half, s)
-                entry["cost"] = [cost_run(model_dir, m, half, s, tmp) for m in tqdm(s.cost_methods, desc="cost", unit="method")]
+                entry["ablations"] = ablations(cal, ev, tmp, half, s)
             entry["seconds"], entry["torch_threads"] = round(time.time() - t_start), torch.get_num_threads()
             results["models"][name] = entry
-            t_start = time.time()
     return results
 
 
+def added_runs(labels: list[str], cal: Calibrations, ev: Evaluator, tmp: Path, n: int, s: Settings) -> list[dict]:
+    runs = []
+    for seed in s.seeds:
+        for lab in tqdm(labels, desc=f"{cal.model_dir.name} seed {seed}: more configurations", unit="run"):
+            method, options, pipeline = ADDED[lab]
+            runs.append({**run_one(cal, ev, tmp, method, options, n, seed, CALIB, s.samples, s, pipeline), "label": lab})
+    return runs
+
+
 def add(s: Settings, labels: list[str], earlier: dict) -> dict:
-    """The committed results with the `ADDED` configurations `labels` (re)measured at 50% of the experts,
-    every seed, each model's summary recomputed; everything else kept as it was."""
+    """The committed results with the `ADDED` configurations `labels` re-measured, each model's
+    summary recomputed; everything else kept as it was."""
     results = json.loads(json.dumps(earlier))
     with tempfile.TemporaryDirectory(prefix="submoe-quality-") as td:
         for name, model_dir in s.models.items():
             entry = results["models"][name]
-            ev, cal = Evaluator(model_dir, s), Calibrations(model_dir, s, Path(td))
+            ev, cal = Evaluator(model_dir, s), Calibrations(model_dir, Path(td), s.seq_len, s.output_tokens)
             half = half_target(entry["targets"], entry["source_experts"])
             runs = [r for r in entry["runs"] if r["label"] not in labels]
-            for seed in s.seeds:
-                for lab in tqdm(labels, desc=f"{name} seed {seed}", unit="run"):
-                    method, options, pipeline = ADDED[lab]
-                    run = run_one(model_dir, cal, ev, Path(td), method, options, half, seed, CALIB, s.samples, s, pipeline)
-                    runs.append({**run, "label": lab})
+            runs += added_runs(labels, cal, ev, Path(td), half, s)
             entry["runs"], entry["summary"] = runs, summarise(runs)
     return results
 
@@ -305,33 +195,27 @@ def half_target(targets: list[int], source: int) -> int:
     return min(targets, key=lambda n: abs(n / source - 0.5))
 
 
-def source_experts(model_dir: Path) -> int:
-    from submoe_format.checkpoint import layout_for
-    config = json.loads((model_dir / "config.json").read_text())
-    return layout_for(config).num_experts(config)
-
-
 def targets_of(name: str, model_dir: Path, s: Settings) -> list[int]:
     n = source_experts(model_dir)
     return [max(1, round(f * n)) for f in FRACTIONS.get(name, s.fractions) if round(f * n) < n]
 
 
 def ablation_model(s: Settings) -> str:
-    """Ablations and cost run on one model: the shipped one when it is in the run."""
+    """Ablations run on one model: the shipped one when it is in the run."""
     return "upcycled" if "upcycled" in s.models else next(iter(s.models))
 
 
-def ablations(model_dir: Path, cal: Calibrations, ev: Evaluator, tmp: Path, n: int, s: Settings) -> dict:
+def ablations(cal: Calibrations, ev: Evaluator, tmp: Path, n: int, s: Settings) -> dict:
     out: dict[str, list] = {"samples": [], "domain_mismatch": [], "rank": []}
     for seed in s.ablation_seeds:
         for samples in tqdm(s.ablation_samples, desc="ablation: samples", unit="size"):
             for m in s.ablation_sample_methods:
-                out["samples"].append(run_one(model_dir, cal, ev, tmp, m, {}, n, seed, CALIB, samples, s))
+                out["samples"].append(run_one(cal, ev, tmp, m, {}, n, seed, CALIB, samples, s))
         for spec in tqdm([p for p in CALIB if domain_name(p) in s.ablation_domains], desc="ablation: calib domain"):
             for m in s.ablation_domain_methods:
-                out["domain_mismatch"].append(run_one(model_dir, cal, ev, tmp, m, {}, n, seed, [spec], s.samples, s))
+                out["domain_mismatch"].append(run_one(cal, ev, tmp, m, {}, n, seed, [spec], s.samples, s))
         for r in tqdm(s.ablation_ranks, desc="ablation: rank", unit="rank"):
-            out["rank"].append(run_one(model_dir, cal, ev, tmp, "submoe", {"rank_ratio": r}, n, seed, CALIB,
+            out["rank"].append(run_one(cal, ev, tmp, "submoe", {"rank_ratio": r}, n, seed, CALIB,
                                        s.samples, s))
     return out
 
@@ -395,12 +279,6 @@ def to_markdown(results: dict) -> str:
                       f"{r['retention_worst']:.3f} ({r['worst_domain']}) |" for r in a["domain_mismatch"]]
             parts += ["", f"### Ablation: Sub-MoE rank ({ratio})", "", "| rank ratio | KL | retention |", "|---:|---:|---:|"]
             parts += [f"| {r['options']['rank_ratio']} | {r['kl']:.4f} | {r['retention_mean']:.3f} |" for r in a["rank"]]
-        if "cost" in m:
-            ratio = f"{m['source_experts']}→{m['cost'][0].get('num_experts', 4)}"
-            parts += ["", f"### Cost of `submoe compress` {ratio} (fresh process, calibration included)", "",
-                      "| method | wall s | compress s | peak RSS MiB |", "|---|---:|---:|---:|"]
-            parts += [f"| {c['method']} | {c['wall_seconds']:.1f} | {c['compress_seconds']:.1f} | "
-                      f"{c['peak_rss_bytes'] / 2**20:.0f} |" for c in m["cost"]]
     parts += ["", "Benchmark time: " + ", ".join(f"{n} {m['seconds']} s ({m['torch_threads']} torch threads)"
                                                  for n, m in results["models"].items()) + "."]
     return "\n".join(parts) + "\n"
@@ -462,13 +340,13 @@ def quick_settings(models: dict[str, Path]) -> Settings:
                     variants=[("submoe", {"adaptive": True}), ("submoe", {"intra_rank_ratio": 0.5}),
                               ("hc-smoe", {"align_neurons": True})],
                     ablation_samples=[4, 8], ablation_sample_methods=["mergemoe"], ablation_ranks=[0.5],
-                    ablation_domains=[domain_name(CALIB[0])], ablation_domain_methods=["submoe"], cost_methods=["reap"])
+                    ablation_domains=[domain_name(CALIB[0])], ablation_domain_methods=["submoe"], added=[])
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny settings, one model, one seed: checks the harness")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     ap.add_argument("--add", nargs="+", choices=list(ADDED), metavar="LABEL",
@@ -484,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"quality: missing model(s) {missing}: run `make model` (or pass --models)", file=sys.stderr)
         return 2
     s = quick_settings(models) if args.quick else Settings(models=models, seeds=args.seeds)
+    measured_on = machine()
     stem = "quality-quick" if args.quick else "quality"
     earlier = args.out / f"{stem}.json"
     if args.add:
@@ -491,17 +370,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"quality: --add extends {earlier}, which does not exist: run the benchmark first", file=sys.stderr)
             return 2
         results = add(s, args.add, json.loads(earlier.read_text()))
+        results["added"] = [*results.get("added", []), {"labels": args.add, "machine": measured_on}]
+        measured_on = results.pop("machine", measured_on)
     else:
-        results = run(s, args.out)
-    args.out.mkdir(parents=True, exist_ok=True)
+        results = run(s)
     if args.update and not args.add and earlier.is_file():
         kept = json.loads(earlier.read_text())["models"]
         for n, entry in kept.items():  # results from before per-model targets: 8 experts, 8->6 and 8->4
             entry.setdefault("source_experts", 8)
             entry.setdefault("targets", sorted({r["num_experts"] for r in entry["runs"]}, reverse=True))
         results["models"] = {n: results["models"].get(n) or kept[n] for n in MODELS if n in kept or n in results["models"]}
-    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(to_markdown(results))
+    write_results(args.out, stem, results, to_markdown(results), measured_on)
     plot(results, args.out, stem)
     print(main_table(results))
     return 0

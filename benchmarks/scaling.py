@@ -22,10 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from harness import RESULTS, ROOT, machine
+
 BUILD = ROOT / "build" / "scaling"
-RESULTS = ROOT / "benchmarks" / "results"
 SHAPE = dict(hidden=1024, intermediate=3584, experts=8)
 CALIB = dict(samples=64, seq_len=256, output_tokens=2048)  # 16k calibration tokens: 64 MiB per activation copy
 SPILL_SAMPLES = 256  # the activation comparison: 64k tokens, 256 MiB per activation copy
@@ -70,8 +69,8 @@ def compress(src: Path, out: Path, samples: int, *extra: str, method: str = "sub
     shutil.rmtree(out)
     above = report["peak_rss_bytes"] - report["rss_before_weights_bytes"]
     activation_copy = samples * CALIB["seq_len"] * hidden * 4
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    return {"measured": f"{time.strftime('%Y-%m-%d')} at {commit or 'unknown'}", "wall_seconds": round(wall, 1),
+    m = machine()
+    return {"measured": f"{m['date']} at {m['commit']}", "machine": m, "wall_seconds": round(wall, 1),
             "peak_rss_bytes": report["peak_rss_bytes"],
             "rss_before_weights_bytes": report["rss_before_weights_bytes"],
             "source_bytes": report["sizes"]["source_weight_bytes"], "output_bytes": report["sizes"]["weight_bytes"],
@@ -152,7 +151,8 @@ def plot(rows: list[dict], spill: list[dict], path: Path) -> None:
     a.set_xlabel("source checkpoint (GiB)"), a.set_ylabel("GiB"), a.set_title("memory against model size")
     a.legend(fontsize=8)
     b.plot(gb, [r["wall_seconds"] for r in rows], "o-")
-    b.set_xlabel("source checkpoint (GiB)"), b.set_ylabel("seconds"), b.set_title("wall time (2 CPU cores)")
+    b.set_xlabel("source checkpoint (GiB)"), b.set_ylabel("seconds")
+    b.set_title(f"wall time ({rows[0]['machine']['cores']} CPU cores)")
     labels = ["in RAM", "spilled", "spilled,\nbatch 4"]
     c.bar(labels, [r["peak_rss_bytes"] / GiB for r in spill], label="peak RSS")
     c.bar(labels, [r["rss_before_weights_bytes"] / GiB for r in spill], label="before any weight")
@@ -164,8 +164,8 @@ def plot(rows: list[dict], spill: list[dict], path: Path) -> None:
 
 
 def measured(row: dict) -> str:
-    """When and at which commit a row was measured (rows from before the field: the last full run)."""
-    return row.get("measured", "2026-11-25 at 2c01504")
+    """When, at which commit and on how many cores a row was measured (rows are re-measured one by one)."""
+    return f"{row['measured']}, {row['machine']['cores']} cores"
 
 
 def markdown(rows: list[dict], spill: list[dict], shapes: list[dict]) -> str:
@@ -238,8 +238,7 @@ def main() -> None:
         rows = sorted({r["layers"]: r for r in old["rows"] + rows}.values(), key=lambda r: r["layers"])
         spill = spill or old["spill"]
         shapes = list({(r["shape"], r["method"]): r for r in old.get("shapes", []) + shapes}.values())
-    meta = {"shape": SHAPE, "calibration": CALIB, "method": "submoe (full rank)", "num_experts": "8->4",
-            "machine": "2 CPU cores, 24 GiB RAM"}
+    meta = {"shape": SHAPE, "calibration": CALIB, "method": "submoe (full rank)", "num_experts": "8->4"}
     path.write_text(json.dumps({**meta, "rows": rows, "spill": spill, "shapes": shapes}, indent=2) + "\n")
     (RESULTS / "scaling.md").write_text(markdown(rows, spill, shapes))
     plot(rows, spill, RESULTS / "scaling.png")

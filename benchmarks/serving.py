@@ -34,14 +34,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from harness import CALIB, EVAL, ROOT, machine, stamp
 
 from offline.compress import compress
 from offline.options import CompressOptions
@@ -54,8 +51,6 @@ from serving.loadtest.workload import held_out_prompts
 from submoe_format.checkpoint import safetensors_bytes
 
 SHIPPED = ROOT / "models" / "tiny-mixtral-8e"
-CALIB = sorted(str(p) for p in (ROOT / "data" / "calib").glob("*.jsonl"))
-EVAL = sorted(str(p) for p in (ROOT / "data" / "eval").glob("*.jsonl"))
 MID = dict(hidden=1024, intermediate=2816, layers=8, experts=8, top_k=2, heads=16, kv_heads=4, vocab=4096)
 # Qwen3-MoE layout, fine-grained: 64 narrow experts, top-8 (Qwen3-30B-A3B's expert count at a
 # tenth of its width and depth).
@@ -226,7 +221,8 @@ def plot(result: dict, path: Path) -> None:
 def markdown(result: dict) -> str:
     sk = result["soak"]
     mb = lambda b: f"{b / 2**20:.0f} MiB"  # noqa: E731
-    lines = ["# Serving benchmark", "", f"Machine: {result['machine']}. One run, {result['date']}.", ""]
+    m = result["machine"]
+    lines = ["# Serving benchmark", "", f"_{stamp(m)} Device: {m['device']}. One run._", ""]
     for name, m in result["models"].items():
         by = {d["label"]: d for d in m["measured"]["deployments"]}
         lines += [f"## {name}: {m['shape']}", "",
@@ -304,7 +300,7 @@ def main() -> None:
     models = build_models(args.work)
     import torch
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, {device}",
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": {**machine(), "device": device},
               "rounds": args.rounds, "concurrency": CONCURRENCY, "headroom": args.headroom, "models": {},
               "reused_phases": []}
 

@@ -1,18 +1,21 @@
 """The quality benchmark's harness: its --quick run end to end, and its scoring against itself."""
 import json
 import math
+import os
+import subprocess
 import sys
 
 import pytest
 from conftest import ROOT, SHIPPED
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import harness
 import quality
 
 
 def test_scoring_the_source_against_itself_is_exact():
     s = quality.quick_settings({"upcycled": SHIPPED})
-    ev = quality.Evaluator(SHIPPED, s)
+    ev = harness.Evaluator(SHIPPED, s)
     f = ev.score(SHIPPED)
     assert f["kl"] < 1e-6 and f["top1_agreement"] == 1.0 and f["greedy_identical"] == 1.0
     assert f["retention_mean"] == pytest.approx(1.0) and f["retention_worst"] == pytest.approx(1.0)
@@ -29,10 +32,15 @@ def test_quick_run_writes_json_markdown_and_plots_for_every_method(tmp_path):
     for r in m["summary"]:
         assert r["kl"] > 0 and 0 < r["top1_agreement"] < 1, r["label"]
         assert r["retention_worst"] <= r["retention_mean"] and all(math.isfinite(r[f]) for f in quality.FIGURES)
-    assert m["original"]["kl"] == 0 and len(m["original"]["domains"]) == len(quality.EVAL)
+    assert m["original"]["kl"] == 0 and len(m["original"]["domains"]) == len(harness.EVAL)
     assert len(m["ablations"]["samples"]) == 2 and m["ablations"]["samples"][0]["warnings"]  # 4 samples < 36
-    assert m["cost"][0]["peak_rss_bytes"] > 0 and m["cost"][0]["method"] == "reap"
+    # stamped with where it ran, read from this machine
+    stamp = results["machine"]
+    assert stamp["cores"] == len(os.sched_getaffinity(0)) and stamp["memory_gib"] > 0 and stamp["cpu"]
+    assert stamp["commit"].split("+")[0] == subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=ROOT,
+                                                           capture_output=True, text=True).stdout.strip()
     md = (tmp_path / "quality-quick.md").read_text()
+    assert md.splitlines()[2] == f"_{harness.stamp(stamp)}_"
     assert "## Main table" in md and all(f"| {lab} |" in md for lab in labels)
     assert (tmp_path / "quality-quick.png").stat().st_size > 10_000
     assert (tmp_path / "quality-quick_ablations.png").stat().st_size > 10_000
