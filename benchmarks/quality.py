@@ -316,7 +316,7 @@ def plot(results: dict, out_dir: Path, stem: str) -> list[Path]:
         for meth in dict.fromkeys(r["label"] for r in a["samples"]):
             rs = [r for r in a["samples"] if r["label"] == meth]
             axes[0].plot([r["samples"] for r in rs], [r["kl"] for r in rs], marker="o", label=meth)
-        axes[0].set(xscale="log", xlabel="calibration samples (windows of 256 tokens)", ylabel="KL",
+        axes[0].set(xscale="log", xlabel=f"calibration samples (windows of {results['settings']['seq_len']} tokens)", ylabel="KL",
                     title=f"calibration size ({ratio})")
         axes[0].legend()
         for meth in dict.fromkeys(r["label"] for r in a["domain_mismatch"]):

@@ -24,9 +24,12 @@ from pathlib import Path
 
 from harness import RESULTS, ROOT, machine
 
+from offline.calibration.settings import Calibration
+
 BUILD = ROOT / "build" / "scaling"
 SHAPE = dict(hidden=1024, intermediate=3584, experts=8)
-CALIB = dict(samples=64, seq_len=256, output_tokens=2048)  # 16k calibration tokens: 64 MiB per activation copy
+# 16k calibration tokens: 64 MiB per activation copy
+CALIB = dict(samples=64, seq_len=Calibration.seq_len, output_tokens=Calibration.output_tokens)
 SPILL_SAMPLES = 256  # the activation comparison: 64k tokens, 256 MiB per activation copy
 SPILL_VARIANTS = {"in RAM": (), "spilled (--activation-memory 0)": ("--activation-memory", "0"),
                   "spilled, --calib-batch 4": ("--activation-memory", "0", "--calib-batch", "4")}
