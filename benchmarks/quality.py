@@ -67,6 +67,10 @@ ADDED = {
     "reap+seq": ("reap", {}, {"sequential": True}),
     "output-lsq+seq@16k": ("output-lsq", {}, {"output_tokens": 16384, "sequential": True}),
     "output-lsq+refine+seq@16k": ("output-lsq", {}, {"output_tokens": 16384, "refine_steps": 100, "sequential": True}),
+    # Equal treatment: the refinement is a step after any merge, so published methods get it too, on
+    # the same 16k sampled tokens.
+    **{f"{m}+refine@16k": (m, {}, {"output_tokens": 16384, "refine_steps": 100})
+       for m in ("mergemoe", "m-smoe", "hc-smoe", "reap")},
 }
 FIGURES = ("kl", "top1_agreement", "retention_mean", "retention_worst", "greedy_first_divergence", "perplexity_mean")
 
