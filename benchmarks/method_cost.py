@@ -19,8 +19,11 @@ from pathlib import Path
 from harness import MODELS, RESULTS, cost_run, machine, source_experts, write_results
 from quality import MAIN_METHODS
 
-# the project's method as quality.py's ADDED rows run it, and its closed-form part alone
+# the project's method as quality.py's ADDED rows run it (the quality preset; as a stock checkpoint,
+# the stock preset), and its closed-form part alone
 CONFIGS = {"output-lsq+refine@16k": ("output-lsq", ("--output-tokens", "16384", "--refine-steps", "100")),
+           "output-lsq+refine+vanilla@16k": ("output-lsq", ("--output-tokens", "16384", "--refine-steps", "100",
+                                                            "--export", "vanilla")),
            "output-lsq@16k": ("output-lsq", ("--output-tokens", "16384"))}
 
 
