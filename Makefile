@@ -12,6 +12,7 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 export HF_HUB_OFFLINE ?= 1
 export VLLM_NO_USAGE_STATS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+export NO_MKDOCS_2_WARNING ?= 1
 
 .PHONY: install demo test test-fast model corpus quality cost duplicates ideas serving scaling compat gpu-check clean
 
@@ -38,6 +39,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m mkdocs build --strict --quiet
 	$(PY) -m pytest -q
 
 # The tests that start no vLLM engine (a few minutes): for the edit-test loop; `make test` runs everything.

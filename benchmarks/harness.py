@@ -85,12 +85,14 @@ def stamp(m: dict) -> str:
             f"RAM; torch {m['torch']} with {m['torch_threads']} threads.")
 
 
-def write_results(out_dir: Path, stem: str, result: dict, markdown: str, measured_on: dict) -> None:
-    """`stem`.json and `stem`.md in `out_dir`, both saying where they were measured."""
+def write_results(out_dir: Path, stem: str, result: dict, markdown: str, measured_on: dict | None) -> None:
+    """`stem`.json and `stem`.md in `out_dir`, both saying where they were measured (`measured_on`
+    None: results kept from before runs were stamped, which say nothing)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{stem}.json").write_text(json.dumps({"machine": measured_on, **result}, indent=2) + "\n")
+    stamped = {"machine": measured_on} if measured_on else {}
+    (out_dir / f"{stem}.json").write_text(json.dumps({**stamped, **result}, indent=2) + "\n")
     title, _, rest = markdown.partition("\n")
-    (out_dir / f"{stem}.md").write_text(f"{title}\n\n_{stamp(measured_on)}_\n{rest}")
+    (out_dir / f"{stem}.md").write_text(f"{title}\n\n_{stamp(measured_on)}_\n{rest}" if measured_on else markdown)
 
 
 # --- calibrate once, compress many -------------------------------------------------------------

@@ -5,9 +5,10 @@ the whole run, and peak resident memory.
     make cost        # python benchmarks/method_cost.py [--out benchmarks/results]
 
 Rows: the project's method as the quality benchmark measures it (output-lsq+refine@16k) and its
-closed-form part alone on every stand-in at 50% of the experts; every main method on the upcycled
-one. "Calibration" is what the method needs (reading each layer, running the calibration windows
-through it, the statistics it reads); "whole / calibration" is the run's time over it.
+closed-form part alone on every stand-in at 50% of the experts; every main method, as published and
+refined the same way, on the upcycled one. "Calibration" is what the method needs (reading each
+layer, running the calibration windows through it, the statistics it reads); "whole /
+calibration" is the run's time over it.
 Writes method_cost.json and method_cost.md.
 """
 from __future__ import annotations
@@ -30,7 +31,10 @@ CONFIGS = {"output-lsq+refine@16k": ("output-lsq", ("--output-tokens", "16384", 
 def plan() -> list[tuple[str, Path, str, str, tuple[str, ...]]]:
     """(stand-in, its directory, configuration, method, more options) per row."""
     rows = [(name, path, label, method, extra) for name, path in MODELS.items() for label, (method, extra) in CONFIGS.items()]
-    return rows + [("upcycled", MODELS["upcycled"], m, m, ()) for m in MAIN_METHODS]
+    refined = [(f"{m}+refine@16k", m, ("--output-tokens", "16384", "--refine-steps", "100"))
+               for m in ("mergemoe", "m-smoe", "hc-smoe", "reap")]
+    return rows + [("upcycled", MODELS["upcycled"], label, m, extra)
+                   for label, m, extra in [(m, m, ()) for m in MAIN_METHODS] + refined]
 
 
 def markdown(rows: list[dict]) -> str:

@@ -39,6 +39,7 @@ from harness import (
     compressed,
     machine,
     source_experts,
+    stamp,
     write_results,
 )
 from tqdm import tqdm
@@ -264,7 +265,8 @@ def method_table(results: dict, cost: list[dict]) -> str:
     lines = [head, "|---|" + "---:|" * (len(models) + 1)]
     for label in [lab for lab in README_ROWS if lab in rows]:
         cells = [f"{rows[label][m]['kl']:.4f}" if m in rows[label] else "" for m in models]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {seconds.get(label, '')} |")
+        cost_cell = f"{seconds[label]:.1f}" if label in seconds else ""
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {cost_cell} |")
     return "\n".join(lines)
 
 
@@ -328,6 +330,7 @@ def to_markdown(results: dict) -> str:
                       f"{r['retention_worst']:.3f} ({r['worst_domain']}) |" for r in a["domain_mismatch"]]
             parts += ["", f"### Ablation: Sub-MoE rank ({ratio})", "", "| rank ratio | KL | retention |", "|---:|---:|---:|"]
             parts += [f"| {r['options']['rank_ratio']} | {r['kl']:.4f} | {r['retention_mean']:.3f} |" for r in a["rank"]]
+    parts += [f"\nRe-measured later: {', '.join(a['labels'])} ({stamp(a['machine'])})" for a in results.get("added", [])]
     parts += ["", "Benchmark time: " + ", ".join(f"{n} {m['seconds']} s ({m['torch_threads']} torch threads)"
                                                  for n, m in results["models"].items()) + "."]
     return "\n".join(parts) + "\n"
@@ -420,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         results = add(s, args.add, json.loads(earlier.read_text()))
         results["added"] = [*results.get("added", []), {"labels": args.add, "machine": measured_on}]
-        measured_on = results.pop("machine", measured_on)
+        measured_on = results.pop("machine", None)  # the stamp of the run that measured the rest
     else:
         results = run(s)
     if args.update and not args.add and earlier.is_file():

@@ -1,7 +1,7 @@
 """`submoe compress`, `submoe calibrate` and `submoe eval`: compress a Mixture-of-Experts checkpoint
 (calibrating once for many compressions if wished), and measure what it cost.
 
-    submoe compress --model SRC --out DST --method submoe --num-experts 4 --calib data/calib/*.jsonl
+    submoe compress --model SRC --out DST --num-experts 4 --calib data/calib/*.jsonl   (the recommended settings)
     submoe calibrate --model SRC --out STATS --calib data/calib/*.jsonl
     submoe compress --model SRC --out DST --method reap --num-experts 4 --stats STATS
     submoe eval --model DST --reference SRC --data data/eval/*.jsonl --json eval.json
@@ -26,10 +26,34 @@ from .compress import compress
 from .evaluate import evaluate, to_table
 from .methods import METHODS
 from .options import CompressError, CompressOptions
+from .presets import DEFAULT as DEFAULT_PRESET
+from .presets import PRESETS
+from .writing.model_card import CARD, add_quality
 
 DEFAULT = {f.name: f.default for f in fields(Calibration) if f.default is not MISSING}
 # Calibration settings: `compress` takes them unless --stats fixes them (None there = not given).
 CALIBRATION = ("calib", "samples", "seq_len", "output_tokens")
+
+
+COMPRESS_EXAMPLES = """example, on the shipped model (8 experts per layer -> 4):
+
+  submoe compress --model models/tiny-mixtral-8e --out tiny-4e --num-experts 4 --calib data/calib/*.jsonl
+
+per-layer counts, and a published method as its authors run it:
+
+  submoe compress --model M --out D --num-experts 6,4,4,3 --calib data/calib/*.jsonl
+  submoe compress --model M --out D --method reap --num-experts 4 --calib data/calib/*.jsonl
+"""
+CALIBRATE_EXAMPLES = """example: calibrate once, then compress many ways from the statistics:
+
+  submoe calibrate --model models/tiny-mixtral-8e --out stats --calib data/calib/*.jsonl
+  submoe compress --model models/tiny-mixtral-8e --out tiny-4e --num-experts 4 --stats stats
+  submoe compress --model models/tiny-mixtral-8e --out tiny-6e --method reap --num-experts 6 --stats stats
+"""
+EVAL_EXAMPLES = """example: the compressed model against its source, figures into its model card:
+
+  submoe eval --model tiny-4e --reference models/tiny-mixtral-8e --data data/eval/*.jsonl --card
+"""
 
 
 def _counts(text: str) -> int | list[int]:
@@ -53,10 +77,17 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="submoe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("compress", help="merge experts and write a checkpoint vLLM serves through the plugin")
+    raw = argparse.RawDescriptionHelpFormatter
+    c = sub.add_parser("compress", help="merge experts and write a checkpoint vLLM serves through the plugin",
+                       formatter_class=raw, epilog=COMPRESS_EXAMPLES)
     c.add_argument("--model", required=True, help="source checkpoint directory (or hub id)")
     c.add_argument("--out", required=True, type=Path, help="output directory (must not exist unless --force)")
-    c.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}")
+    c.add_argument("--method", metavar="METHOD",
+                   help=f"one of: {', '.join(METHODS)}. Without it, the --preset's method and settings "
+                        f"(default: {DEFAULT_PRESET}); with it, the method as published unless --preset is given")
+    c.add_argument("--preset", choices=list(PRESETS), help="named settings, measured on the stand-ins: "
+                   + "; ".join(f"{name}{' (the default)' if name == DEFAULT_PRESET else ''}: {p.help()}"
+                               for name, p in PRESETS.items()) + ". Options given explicitly override the preset's")
     c.add_argument("--num-experts", required=True, type=_counts,
                    help="experts per layer after merging: N, or N0,N1,... one per layer")
     _calibration_args(c, given_only=True)
@@ -81,16 +112,17 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--group-size", type=int, metavar="C",
                    help="ream: most experts a centroid gathers (default 16, as published; 0: each expert joins "
                         "its closest centroid, MC-SMoE's rule)")
-    m.add_argument("--refine-steps", type=int, default=0, metavar="S",
+    m.add_argument("--refine-steps", type=int, metavar="S",
                    help="any method: after merging, up to S gradient steps on every merged expert's matrices "
                         "against the source layer's output on the --output-tokens sample, routing fixed; "
-                        "held-out tokens decide when to stop (default 0: off)")
-    c.add_argument("--export", choices=("remap", "vanilla"), default="remap",
+                        "held-out tokens decide when to stop (default: the preset's, or 0 with --method)")
+    c.add_argument("--export", choices=("remap", "vanilla"),
                    help="remap: N-row router + remap tables (vLLM plugin, per-layer counts); vanilla: N'-row "
                         "router, a stock Mixtral any loader reads (router rows of each group's dominant expert, or its centroid)")
     _run_args(c)
 
-    k = sub.add_parser("calibrate", help="measure every MoE layer's statistics once, for `compress --stats`")
+    k = sub.add_parser("calibrate", help="measure every MoE layer's statistics once, for `compress --stats`",
+                       formatter_class=raw, epilog=CALIBRATE_EXAMPLES)
     k.add_argument("--model", required=True, help="source checkpoint directory (or hub id)")
     k.add_argument("--out", required=True, type=Path, help="statistics directory (must not exist unless --force)")
     _calibration_args(k, given_only=False)
@@ -99,13 +131,16 @@ def _parser() -> argparse.ArgumentParser:
                         "saliency and logit_gram alone skip running every expert on every token)")
     _run_args(k)
 
-    e = sub.add_parser("eval", help="per-domain perplexity, KL and top-1 agreement against a reference")
+    e = sub.add_parser("eval", help="per-domain perplexity, KL and top-1 agreement against a reference",
+                       formatter_class=raw, epilog=EVAL_EXAMPLES)
     e.add_argument("--model", required=True)
     e.add_argument("--reference", help="the source checkpoint to compare against")
     e.add_argument("--data", nargs="+", required=True, metavar="FILE", help="one file per domain")
     e.add_argument("--seq-len", type=int, default=256)
     e.add_argument("--max-windows", type=int, default=32, help="windows per domain (default 32)")
     e.add_argument("--json", type=Path, help="write the figures here")
+    e.add_argument("--card", action="store_true",
+                   help="put the figures in the model card (README.md) `submoe compress` wrote in --model")
     e.add_argument("--no-progress", action="store_true")
     return ap
 
@@ -148,6 +183,27 @@ def _compress_calibration(args) -> dict:
     return given
 
 
+def _compress_settings(args) -> dict:
+    """The method and its pipeline settings: a preset's (--preset, or the recommended one when no
+    --method is given), then what was given explicitly; with --stats the file fixes the calibration."""
+    preset = dict(PRESETS[args.preset or DEFAULT_PRESET].settings) if args.preset or not args.method else {}
+    if args.stats:
+        preset.pop("output_tokens", None)
+    given = {k: getattr(args, k) for k in ("method", "refine_steps", "export") if getattr(args, k) is not None}
+    return {**preset, **given, **_compress_calibration(args)}
+
+
+def compress_options(args) -> CompressOptions:
+    """`submoe compress`'s parsed arguments as the options `compress` takes."""
+    options = {k: getattr(args, k) for k in ("rank", "rank_ratio", "adaptive", "intra_rank_ratio", "align_neurons",
+                                             "substitute_pruned", "group_size")}
+    return CompressOptions(
+        model=args.model, out=args.out, num_experts=args.num_experts, **_compress_settings(args), method_options=options,
+        seed=args.seed, device=args.device, force=args.force, stats=args.stats, sequential=args.sequential,
+        progress=not args.no_progress, calib_batch=args.calib_batch, activation_memory=args.activation_memory,
+        restart=args.restart)
+
+
 def run(argv: list[str]) -> int:
     """Run `compress ...`, `calibrate ...` or `eval ...`; a user error is raised as a `SubMoEError`."""
     args = _parser().parse_args(argv)
@@ -161,25 +217,33 @@ def run(argv: list[str]) -> int:
         print(f"wrote {args.out}: {len(meta['moe_layers'])} MoE layers, {c['tokens']} calibration tokens, "
               f"{c['seconds']:.1f} s; use it with `submoe compress --stats {args.out}`")
     elif args.command == "compress":
-        options = {k: getattr(args, k) for k in ("rank", "rank_ratio", "adaptive", "intra_rank_ratio",
-                                                 "align_neurons", "substitute_pruned", "group_size")}
-        report = compress(CompressOptions(
-            model=args.model, out=args.out, method=args.method, num_experts=args.num_experts,
-            **_compress_calibration(args), method_options=options,
-            seed=args.seed, device=args.device, force=args.force, stats=args.stats, sequential=args.sequential,
-            export=args.export, progress=not args.no_progress, calib_batch=args.calib_batch,
-            activation_memory=args.activation_memory, restart=args.restart, refine_steps=args.refine_steps))
+        opts = compress_options(args)
+        report = compress(opts)
         s = report["sizes"]
         print(f"wrote {args.out}: experts per layer {s['experts_per_layer']}, "
               f"{s['source_weight_bytes'] / 1e6:.2f} MB -> {s['weight_bytes'] / 1e6:.2f} MB, "
-              f"{report['time_seconds']:.1f} s (report: {args.out}/compression_report.md)")
+              f"{report['time_seconds']:.1f} s (report: {args.out}/compression_report.md, model card: "
+              f"{args.out}/{CARD})")
+        print(next_steps(args.model, args.out, opts.export))
     else:
         result = evaluate(args.model, args.data, args.reference, args.seq_len, args.max_windows,
                           progress=not args.no_progress)
         print(to_table(result))
         if args.json:
             args.json.write_text(json.dumps(result, indent=2) + "\n")
+        if args.card:
+            add_quality(Path(args.model), to_table(result), args.reference or "nothing (perplexity only)")
+            print(f"wrote the figures into {Path(args.model) / CARD}")
     return 0
+
+
+def next_steps(model: str, out: Path, export: str) -> str:
+    serve = f"vllm serve {out}" + ("   # the plugin (this package) serves the remap tables" if export != "vanilla" else "")
+    return "\n".join(["next steps:",
+                      f"  submoe check {out}                  # the checks vllm serve runs, in seconds",
+                      f"  submoe eval --model {out} --reference {model} --data EVAL.jsonl ... --card",
+                      f"  {serve}",
+                      f"  submoe loadtest {model} {out} --data EVAL.jsonl --labels original,compressed"])
 
 
 def main(argv: list[str] | None = None) -> int:

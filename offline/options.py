@@ -2,7 +2,7 @@
 method, checked before anything is read or written."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 
 from submoe_format.checkpoint import BLOCK_KEY
 from submoe_format.errors import SubMoEError
@@ -28,6 +28,22 @@ class CompressOptions(Calibration):
     refine_steps: int = 0  # layer-wise refinement after the merge (methods/refine.py): at most this many steps
     stats: str | None = None  # a `submoe calibrate` directory: its statistics instead of calibrating
     sequential: bool = False  # calibrate each layer on the compressed layers' hidden states (calibration/layers.py)
+
+    def command(self) -> list[str]:
+        """The `submoe compress` command line that reproduces these options (those left at their
+        default, and how the run goes, are not written)."""
+        counts = ",".join(map(str, self.num_experts)) if isinstance(self.num_experts, list) else str(self.num_experts)
+        out = ["submoe", "compress", "--model", str(self.model), "--out", str(self.out), "--method", self.method,
+               "--num-experts", counts]
+        given = {f.name: getattr(self, f.name) for f in fields(self)
+                 if f.name not in (*self.RUN_ONLY, "model", "method", "num_experts", "method_options")
+                 and getattr(self, f.name) != (f.default if f.default is not MISSING else f.default_factory())}
+        for name, value in {**given, **self.method_options}.items():
+            if value is None or value is False:
+                continue
+            flag = "--" + name.replace("_", "-")
+            out += [flag] if value is True else [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
+        return out
 
 
 def layer_budgets(opts: CompressOptions, source: LazyCheckpoint, arch: SourceArchitecture,

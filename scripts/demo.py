@@ -1,5 +1,6 @@
-"""`make demo`: compress the shipped tiny MoE 8->4 with Sub-MoE, serve both models with
-`vllm serve`, talk to them with the openai client, print one side-by-side table.
+"""`make demo`: compress the shipped tiny MoE 8->4 with the recommended setting (`submoe compress`
+without --method) and, for comparison, with Sub-MoE (the paper this project started from); serve
+the three models with `vllm serve`, talk to them with the openai client, print one side-by-side table.
 
     python scripts/demo.py [--out demo-out] [--num-experts 4]
 
@@ -21,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 from offline.compress import compress
 from offline.evaluate import evaluate
 from offline.options import CompressOptions
+from offline.presets import DEFAULT, PRESETS
 from serving.client import client_for, served_model, timed_completion
 from serving.launcher import VLLMServer
 from serving.scrape import compression_gauges
@@ -54,23 +56,23 @@ def serve_and_measure(model: Path, prompts: list[str], max_tokens: int, log: Pat
     }
 
 
-def side_by_side(original: dict, compressed: dict, quality: dict) -> str:
+def side_by_side(served: dict[str, dict], quality: dict[str, dict]) -> str:
+    """One column per deployment: the original, then each compression with its quality against it."""
+    labels = list(served)
     experts = lambda r: ",".join(map(str, sorted(set(r["experts_per_layer"]))))  # noqa: E731
-    rows = [("experts per layer", experts(original), experts(compressed)),
-            ("weight bytes", f"{original['weight_bytes'] / 1e6:.2f} MB", f"{compressed['weight_bytes'] / 1e6:.2f} MB")]
-    for dom, d in quality["domains"].items():
-        rows.append((f"perplexity {dom}", f"{d['reference_perplexity']:.2f}", f"{d['perplexity']:.2f}"))
-    for dom, d in quality["domains"].items():
-        rows.append((f"KL / top-1 {dom}", "0 / 1.000", f"{d['kl']:.4f} / {d['top1_agreement']:.3f}"))
-    m = quality["mean"]
-    rows += [("mean KL / top-1 agreement", "0 / 1.000", f"{m['kl']:.4f} / {m['top1_agreement']:.3f}"),
-             ("time to first token (median)", f"{original['ttft_seconds'] * 1e3:.1f} ms",
-              f"{compressed['ttft_seconds'] * 1e3:.1f} ms"),
-             ("output tokens/s (median)", f"{original['output_tokens_per_second']:.1f}",
-              f"{compressed['output_tokens_per_second']:.1f}")]
+    rows = [("experts per layer", *[experts(served[k]) for k in labels]),
+            ("weight bytes", *[f"{served[k]['weight_bytes'] / 1e6:.2f} MB" for k in labels])]
+    domains = next(iter(quality.values()))["domains"]
+    for dom in domains:
+        rows.append((f"perplexity {dom}", f"{domains[dom]['reference_perplexity']:.2f}",
+                     *[f"{quality[k]['domains'][dom]['perplexity']:.2f}" for k in labels[1:]]))
+    rows.append(("mean KL / top-1 agreement", "0 / 1.000",
+                 *[f"{quality[k]['mean']['kl']:.4f} / {quality[k]['mean']['top1_agreement']:.3f}" for k in labels[1:]]))
+    rows += [("time to first token (median)", *[f"{served[k]['ttft_seconds'] * 1e3:.1f} ms" for k in labels]),
+             ("output tokens/s (median)", *[f"{served[k]['output_tokens_per_second']:.1f}" for k in labels])]
     w = max(len(r[0]) for r in rows)
-    lines = [f"{'':{w}}  {'original':>18}  {'compressed':>18}"]
-    lines += [f"{a:{w}}  {str(b):>18}  {str(c):>18}" for a, b, c in rows]
+    lines = [f"{'':{w}}" + "".join(f"  {k:>22}" for k in labels)]
+    lines += [f"{r[0]:{w}}" + "".join(f"  {str(c):>22}" for c in r[1:]) for r in rows]
     return "\n".join(lines)
 
 
@@ -84,28 +86,30 @@ def main() -> None:
     calib = sorted(str(p) for p in (ROOT / "data" / "calib").glob("*.jsonl"))
     evals = sorted(str(p) for p in (ROOT / "data" / "eval").glob("*.jsonl"))
     args.out.mkdir(parents=True, exist_ok=True)
-    dst = args.out / f"tiny-mixtral-submoe-{args.num_experts}e"
-
-    print(f"[1/4] submoe compress {args.model.name} 8->{args.num_experts} (Sub-MoE) -> {dst}", flush=True)
-    report = compress(CompressOptions(model=str(args.model), out=dst, method="submoe",
-                                      num_experts=args.num_experts, calib=calib, force=True))
-    print(f"      {report['time_seconds']:.1f} s; report: {dst}/compression_report.md", flush=True)
-
-    print("[2/4] submoe eval: per-domain perplexity, KL and top-1 agreement against the original", flush=True)
-    quality = evaluate(str(dst), evals, reference=str(args.model))
+    recommended = PRESETS[DEFAULT]
+    runs = {f"recommended ({recommended.settings['method']})": dict(recommended.settings), "Sub-MoE": {"method": "submoe"}}
+    dirs, reports, quality = {}, {}, {}
+    for i, (label, settings) in enumerate(runs.items(), start=1):
+        dst = dirs[label] = args.out / f"tiny-mixtral-{settings['method']}-{args.num_experts}e"
+        print(f"[{i}/5] submoe compress {args.model.name} 8->{args.num_experts}, {label} -> {dst}", flush=True)
+        reports[label] = compress(CompressOptions(model=str(args.model), out=dst, num_experts=args.num_experts,
+                                                  calib=calib, force=True, **settings))
+        print(f"      {reports[label]['time_seconds']:.1f} s; report: {dst}/compression_report.md", flush=True)
+        quality[label] = evaluate(str(dst), evals, reference=str(args.model), progress=False)
 
     prompts = [read_texts(f)[0][:200] for f in evals]
-    results = {}
-    for i, (label, model) in enumerate((("original", args.model), ("compressed", dst)), start=3):
-        print(f"[{i}/4] vllm serve {model} ... completion, chat, {len(prompts)} timed streams", flush=True)
-        r = serve_and_measure(model, prompts, args.max_tokens, args.out / f"serve-{label}.log")
+    served = {}
+    for i, (label, model) in enumerate([("original", args.model), *dirs.items()], start=3):
+        print(f"[{i}/5] vllm serve {model} ... completion, chat, {len(prompts)} timed streams", flush=True)
+        r = serve_and_measure(model, prompts, args.max_tokens, args.out / f"serve-{label.split()[0]}.log")
         print(f"      completion: {r['completion'][:70]!r}\n      chat: {r['chat'][:70]!r}", flush=True)
-        results[label] = r
+        served[label] = r
 
     print()
-    print(side_by_side(results["original"], results["compressed"], quality))
-    (args.out / "demo.json").write_text(json.dumps({"serving": results, "quality": quality,
-                                                    "compression": report["sizes"]}, indent=2) + "\n")
+    print(side_by_side(served, quality))
+    (args.out / "demo.json").write_text(json.dumps({"serving": served, "quality": quality,
+                                                    "compression": {k: r["sizes"] for k, r in reports.items()}},
+                                                   indent=2) + "\n")
     print(f"\nwrote {args.out / 'demo.json'}")
 
 

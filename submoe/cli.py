@@ -1,6 +1,6 @@
 """`submoe`: compress a Mixture-of-Experts checkpoint, measure what it cost, load-test it served.
 
-    submoe compress --model SRC --out DST --method submoe --num-experts 4 --calib data/calib/*.jsonl
+    submoe compress --model SRC --out DST --num-experts 4 --calib data/calib/*.jsonl   (the recommended settings)
     submoe calibrate --model SRC --out STATS --calib data/calib/*.jsonl   (then compress --stats STATS)
     submoe eval --model DST --reference SRC --data data/eval/*.jsonl --json eval.json
     submoe loadtest SRC DST --data data/eval/*.jsonl --labels original,compressed --concurrency 1,4,16,64

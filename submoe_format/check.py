@@ -112,7 +112,8 @@ def check_checkpoint(model_dir: str | Path) -> SubMoEBlock:
 def main(argv: list[str] | None = None) -> int:
     """`submoe check DIR`: the checks `vllm serve` runs before it starts an engine."""
     import argparse
-    ap = argparse.ArgumentParser(prog="submoe check", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="submoe check", description=main.__doc__,
+                                 epilog="example: submoe check tiny-4e   (a directory `submoe compress` wrote)")
     ap.add_argument("model", type=Path, help="a checkpoint directory written by `submoe compress`")
     args = ap.parse_args(argv)
     block = check_checkpoint(args.model)

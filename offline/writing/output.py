@@ -8,6 +8,7 @@ import json
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterable, Iterator
 
 from tqdm import tqdm
@@ -22,6 +23,7 @@ from ..source.architecture import SourceArchitecture
 from ..source.checkpoint import LazyCheckpoint
 from . import report
 from .config import output_config
+from .model_card import write_card
 from .shards import ShardWriter, copy_tokenizer
 from .workdir import Progress
 
@@ -119,4 +121,5 @@ class CompressedOutput:
                            source_bytes, self.shards.total_bytes, self.arch.num_experts, self.clock.total(),
                            report.peak_rss_bytes(), self.rss_before_weights)
         report.write(out, self.dir)
+        write_card(out, self.dir, Path(self.opts.out).name, self.opts.command())
         return out
