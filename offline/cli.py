@@ -116,9 +116,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="any method: after merging, up to S gradient steps on every merged expert's matrices "
                         "against the source layer's output on the --output-tokens sample, routing fixed; "
                         "held-out tokens decide when to stop (default: the preset's, or 0 with --method)")
-    c.add_argument("--export", choices=("remap", "vanilla"),
+    c.add_argument("--export", choices=("remap", "vanilla", "profile"),
                    help="remap: N-row router + remap tables (vLLM plugin, per-layer counts); vanilla: N'-row "
-                        "router, a stock Mixtral any loader reads (router rows of each group's dominant expert, or its centroid)")
+                        "router, a stock Mixtral any loader reads (router rows of each group's dominant expert, or its "
+                        "centroid); profile: remap's tables and only the tensors that changed (none for a pruning), "
+                        "the rest read from the unchanged source when served (a few MB per ratio tried)")
     _run_args(c)
 
     k = sub.add_parser("calibrate", help="measure every MoE layer's statistics once, for `compress --stats`",
@@ -238,7 +240,8 @@ def run(argv: list[str]) -> int:
 
 
 def next_steps(model: str, out: Path, export: str) -> str:
-    serve = f"vllm serve {out}" + ("   # the plugin (this package) serves the remap tables" if export != "vanilla" else "")
+    serve = f"vllm serve {out}" + ("   # the plugin (this package) serves the remap tables" if export != "vanilla" else "") \
+        + (f"; it reads {model} too, so keep that as it is" if export == "profile" else "")
     return "\n".join(["next steps:",
                       f"  submoe check {out}                  # the checks vllm serve runs, in seconds",
                       f"  submoe eval --model {out} --reference {model} --data EVAL.jsonl ... --card",

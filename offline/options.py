@@ -24,7 +24,8 @@ class CompressOptions(Calibration):
     method: str
     num_experts: int | list[int]  # one count for every layer, or one per layer
     method_options: dict = field(default_factory=dict)  # e.g. rank, rank_ratio, adaptive, align_neurons
-    export: str = "remap"  # "remap": N router rows + maps (plugin); "vanilla": N'-row router, stock Mixtral
+    export: str = "remap"  # "remap": N router rows + maps (plugin); "vanilla": N'-row router, stock Mixtral;
+    # "profile": remap's block, only the changed tensors, the rest read from the source (submoe_format.profile)
     refine_steps: int = 0  # layer-wise refinement after the merge (methods/refine.py): at most this many steps
     stats: str | None = None  # a `submoe calibrate` directory: its statistics instead of calibrating
     sequential: bool = False  # calibrate each layer on the compressed layers' hidden states (calibration/layers.py)
@@ -75,7 +76,11 @@ def layer_budgets(opts: CompressOptions, source: LazyCheckpoint, arch: SourceArc
         raise CompressError(f"--num-experts must be between 1 and {n - 1} (the source has {n} experts per layer), "
                             f"got {opts.num_experts}")
     _check_export(opts, arch, {c for c in counts if c is not None})
-    if method.drops_experts and opts.export == "remap":
+    if opts.export == "profile" and not source.stored_as_named():
+        raise CompressError(f"--export profile reads the unchanged tensors from {source.dir} as they are stored, so it "
+                            f"needs them under {arch.layout.model_type}'s own names, one tensor per expert; this source "
+                            f"stores experts in another naming or fused: use --export remap")
+    if method.drops_experts and opts.export != "vanilla":
         _check_drops(arch, {c for c in counts if c is not None})
     if opts.sequential and opts.stats:
         raise CompressError(f"--sequential calibrates each layer on what the *compressed* layers before it produce, "
@@ -93,9 +98,9 @@ def layer_budgets(opts: CompressOptions, source: LazyCheckpoint, arch: SourceArc
 
 
 def _check_export(opts: CompressOptions, arch: SourceArchitecture, moe_counts: set[int]) -> None:
-    if opts.export not in ("remap", "vanilla"):
-        raise CompressError(f"--export must be remap or vanilla, got {opts.export!r}")
-    if opts.export == "remap":
+    if opts.export not in ("remap", "vanilla", "profile"):
+        raise CompressError(f"--export must be remap, vanilla or profile, got {opts.export!r}")
+    if opts.export != "vanilla":
         return
     if len(moe_counts) != 1:
         raise CompressError(f"--export vanilla writes a stock {arch.layout.source_architecture}, whose layers all have "

@@ -22,6 +22,7 @@ from .checkpoint import (
     layout_for,
     parse_block,
 )
+from .profile import check_source, source_tensors
 
 INDEX = "model.safetensors.index.json"
 
@@ -61,6 +62,18 @@ def open_safetensors(path: Path) -> Iterator[Any]:
         yield h
 
 
+def profile_sources(config: dict, block: SubMoEBlock, own: dict) -> dict[str, tuple[tuple[int, ...], Path, str]]:
+    """Shape, source file and name there of every tensor a profile reads from its source (`own`: the
+    profile's own tensors), once the source is checked to be as the profile was written against."""
+    check_source(block.profile)
+    read = source_tensors(config, block)
+    both = sorted(set(read) & set(own))
+    if both:
+        raise CheckpointFormatError(f"tensor {both[0]} is both in the profile ({own[both[0]][1]}) and read from its "
+                                    f"source ({read[both[0]].file}): write the profile again")
+    return {name: (t.shape, t.file, t.name) for name, t in read.items()}
+
+
 def tensor_shapes(model_dir: Path) -> dict[str, tuple[tuple[int, ...], Path]]:
     """Every tensor's shape and file, from the safetensors headers alone (no tensor is read)."""
     files = sorted(model_dir.glob("*.safetensors"))
@@ -97,6 +110,8 @@ def check_checkpoint(model_dir: str | Path) -> SubMoEBlock:
     expected = expected_expert_tensors(config, block)
     layout = layout_for(config)
     shapes = tensor_shapes(model_dir)
+    if block.profile is not None:
+        shapes.update({n: (shape, f) for n, (shape, f, _) in profile_sources(config, block, shapes).items()})
     for name, (shape, f) in shapes.items():
         try:
             check_tensor_shape(name, shape, expected, layout)

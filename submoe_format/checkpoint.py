@@ -15,6 +15,10 @@ Version 2 adds dropped router experts: `expert_map[l][i] = null` removes router 
 before the top-k, exactly as a pruned N'-row router would (REAP and frequency pruning as
 published). A layer keeps at least top_k live router experts. Writers use version 1 when nothing
 is dropped, so older readers keep reading what they can serve; readers accept both.
+
+Version 3 adds profiles (submoe_format.profile): a `profile` entry naming the source checkpoint whose
+unchanged tensors the checkpoint reads, and per layer `source_experts[m]`, the source expert that
+served expert m is (null: stored in the checkpoint). Only profiles are written as version 3.
 """
 from __future__ import annotations
 
@@ -26,9 +30,10 @@ from typing import Any, Iterable, Mapping
 from .errors import SubMoEError
 from .families import BY_MODEL_TYPE, MIXTRAL, Family
 
-FORMAT_VERSION = 2  # the newest this code reads and writes
-READABLE_VERSIONS = (1, 2)  # 2 adds dropped router experts (null in expert_map); 1 is still read
+FORMAT_VERSION = 3  # the newest this code reads and writes
+READABLE_VERSIONS = (1, 2, 3)  # 2 adds dropped router experts (null in expert_map), 3 profiles
 BLOCK_KEY = "submoe"
+PROFILE_KEY = "profile"
 
 
 class CheckpointFormatError(SubMoEError):
@@ -57,6 +62,8 @@ class SubMoEBlock:
     num_router_experts: int
     expert_maps: tuple[tuple[int, ...] | None, ...]  # None: a layer without routed experts
     raw: Mapping[str, Any]
+    profile: Mapping[str, Any] | None = None  # a profile's source (path, files); None: all tensors are here
+    source_experts: tuple[tuple[int | None, ...] | None, ...] = ()  # a profile's per-layer served <- source expert
 
     @property
     def experts_per_layer(self) -> tuple[int, ...]:
@@ -74,15 +81,24 @@ def dropped_experts(expert_map: Iterable[int | None] | None) -> list[int]:
 
 
 def make_block(method: str, source: Mapping[str, Any], num_router_experts: int,
-               expert_maps: Iterable[Iterable[int]], **extra: Any) -> dict[str, Any]:
+               expert_maps: Iterable[Iterable[int]], profile: Mapping[str, Any] | None = None,
+               source_experts: Iterable[Iterable[int | None] | None] = (), **extra: Any) -> dict[str, Any]:
+    """The `submoe` block; with `profile` (submoe_format.profile.source_record) and `source_experts`
+    (per layer, the source expert each served expert is, or None), a profile's."""
     maps = [None if m is None else [None if i is None else int(i) for i in m] for m in expert_maps]
+    layers = [None if m is None else {"num_experts": merged_count(m), "expert_map": m} for m in maps]
+    if profile is not None:
+        for layer, kept in zip(layers, source_experts):
+            if layer is not None:
+                layer["source_experts"] = list(kept)
     return {
         # the oldest version that can say it, so older readers keep reading what they can serve
-        "format_version": 2 if any(dropped_experts(m) for m in maps) else 1,
+        "format_version": 3 if profile is not None else 2 if any(dropped_experts(m) for m in maps) else 1,
         "method": method,
         "source": dict(source),
         "num_router_experts": int(num_router_experts),
-        "layers": [None if m is None else {"num_experts": merged_count(m), "expert_map": m} for m in maps],
+        "layers": layers,
+        **({PROFILE_KEY: dict(profile)} if profile is not None else {}),
         **extra,
     }
 
@@ -114,11 +130,13 @@ def parse_block(config: Mapping[str, Any]) -> SubMoEBlock:
         raise CheckpointFormatError(f"{where}.layers must list one entry per decoder layer "
                                     f"(num_hidden_layers={num_layers}), got {got}")
     layout = layout_for(config)
-    maps = []
+    profile = _profile(block, where, version)
+    maps, kept = [], []
     for l, (layer, is_moe) in enumerate(zip(layers, layout.moe_layers(config))):
         lw = f"{where}.layers[{l}]"
         if layer is None and not is_moe:
             maps.append(None)
+            kept.append(None)
             continue
         if (layer is None) != (not is_moe):
             what = "is null but the architecture routes experts there" if is_moe else \
@@ -126,6 +144,7 @@ def parse_block(config: Mapping[str, Any]) -> SubMoEBlock:
             raise CheckpointFormatError(f"{lw} {what} (see {layout.model_type}'s config): the block does not "
                                         f"belong to this config")
         maps.append(_layer_map(layer, lw, n_router, version))
+        kept.append(_source_experts(layer, lw, maps[-1]) if profile else None)
     counts = {key: config[key] for key in layout.num_experts_keys(config) if key in config}
     if len(set(map(repr, counts.values()))) > 1:
         raise CheckpointFormatError(
@@ -142,7 +161,38 @@ def parse_block(config: Mapping[str, Any]) -> SubMoEBlock:
                                     f"(num_router_experts), got {top_k!r}")
     _check_drops(maps, config, layout, top_k, where)
     return SubMoEBlock(method=str(block.get("method", "unknown")), num_router_experts=n_router,
-                       expert_maps=tuple(maps), raw=block)
+                       expert_maps=tuple(maps), raw=block, profile=profile,
+                       source_experts=tuple(kept) if profile else ())
+
+
+def _profile(block: Mapping[str, Any], where: str, version: int) -> Mapping[str, Any] | None:
+    """The validated `profile` entry (None: the checkpoint holds all its tensors)."""
+    profile = block.get(PROFILE_KEY)
+    if profile is None:
+        return None
+    if version < 3:
+        raise CheckpointFormatError(f"{where}.{PROFILE_KEY} needs format_version 3, the block says {version}")
+    files = profile.get("files") if isinstance(profile, Mapping) else None
+    if not isinstance(profile, Mapping) or not isinstance(profile.get("path"), str) or not isinstance(files, Mapping) \
+            or not files or not all(isinstance(v, Mapping) and _int(v.get("bytes")) and isinstance(v.get("header_sha256"), str)
+                                    for v in files.values()):
+        raise CheckpointFormatError(f"{where}.{PROFILE_KEY} must give the source `path` and its `files` "
+                                    f"(name -> bytes, header_sha256): write the profile again")
+    return profile
+
+
+def _source_experts(layer: Mapping[str, Any], lw: str, expert_map: tuple[int | None, ...]) -> tuple[int | None, ...]:
+    """A profile layer's served expert -> the source expert it is unchanged (None: stored in the profile).
+    A kept source expert must be one its served expert serves, as a pruning or a singleton group keeps it."""
+    kept = layer.get("source_experts")
+    n = merged_count(expert_map)
+    if not isinstance(kept, list) or len(kept) != n:
+        raise CheckpointFormatError(f"{lw}.source_experts must list one entry per served expert ({n}) in a profile")
+    for m, j in enumerate(kept):
+        if j is not None and not (_int(j) and 0 <= j < len(expert_map) and expert_map[j] == m):
+            raise CheckpointFormatError(f"{lw}.source_experts[{m}] = {j!r} is not a router expert that served expert "
+                                        f"{m} serves (expert_map): write the profile again")
+    return tuple(kept)
 
 
 def _layer_map(layer: Any, lw: str, n_router: int, version: int) -> tuple[int | None, ...]:

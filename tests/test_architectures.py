@@ -123,7 +123,8 @@ def test_sources_in_other_namings_read_as_the_family_own(sources, tmp_path, fuse
     for family in FAMILIES:
         src = LazyCheckpoint(sources[family])
         ckpt = LazyCheckpoint(other_naming(sources[family], tmp_path / family, fused))
-        assert set(ckpt._file_of).isdisjoint(n for n in src.names() if ".experts." in n), family  # stored otherwise
+        stored = {s.name for _, s in ckpt._where.values()}
+        assert stored.isdisjoint(n for n in src.names() if ".experts." in n), family  # stored otherwise
         assert sorted(ckpt.names()) == sorted(src.names()), family
         for name in src.names():
             assert torch.equal(ckpt.get(name), src.get(name)), (family, name)
@@ -145,6 +146,37 @@ def test_a_source_in_another_naming_compresses_to_the_same_checkpoint(sources, t
         assert layers == outs[0][0]
         assert tensors.keys() == outs[0][1].keys()
         assert all(torch.equal(t, outs[0][1][n]) for n, t in tensors.items())
+
+
+def test_a_profile_needs_a_source_in_the_familys_own_naming(sources, tmp_path):
+    """A profile names the source's tensors as they are stored: fused or renamed experts are refused
+    before anything is read, pointing to the remap export."""
+    src = other_naming(sources["mixtral"], tmp_path / "fused", fused=True)
+    with pytest.raises(CompressError, match="--export profile reads the unchanged tensors .* use --export remap"):
+        compress(CompressOptions(model=str(src), out=tmp_path / "out", method="reap", num_experts=4, export="profile",
+                                 calib=CALIB[:1], samples=4, seq_len=32, progress=False))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_profile_reads_as_its_remap_export_in_every_family(family, sources, tmp_path):
+    """Per-layer counts, shared experts, dense layers, grouped routing: a profile (kept experts read from
+    the source into their slots, merged ones stored) holds the very tensors its remap export does."""
+    counts = [5, 3, 4][:sum(SourceArchitecture.of(json.loads((sources[family] / "config.json").read_text()))
+                            .moe_layers())]
+    outs = {}
+    for export in ("remap", "profile"):
+        outs[export] = tmp_path / export
+        compress(CompressOptions(model=str(sources[family]), out=outs[export], method="freq-prune", num_experts=counts,
+                                 method_options={"substitute_pruned": True}, export=export, calib=CALIB[:1], samples=4,
+                                 seq_len=32, progress=False))
+    remap, profile = LazyCheckpoint(outs["remap"]), LazyCheckpoint(outs["profile"])
+    block = parse_block(profile.config)
+    assert all(j is not None for kept in block.source_experts if kept for j in kept)  # a pruning stores no expert
+    assert sorted(profile.names()) == sorted(remap.names())
+    for name in remap.names():
+        assert torch.equal(profile.get(name), remap.get(name)), name
+    assert profile.nbytes() == remap.nbytes()
 
 
 def test_a_pruned_mixtral_in_llm_compressor_naming_is_evaluated(sources, tmp_path):

@@ -1,4 +1,4 @@
-"""Format validation (versions 1 and 2): each malformed `submoe` block or tensor gets one error naming it."""
+"""Format validation (versions 1 to 3): each malformed `submoe` block or tensor gets one error naming it."""
 import copy
 
 import pytest
@@ -84,6 +84,37 @@ def test_dropped_router_experts_need_format_2_and_parse():
 ])
 def test_malformed_drops_give_one_clear_error(mutate, message):
     config = copy.deepcopy(PRUNED)
+    mutate(config)
+    with pytest.raises(CheckpointFormatError, match=message):
+        parse_block(config)
+
+
+PROFILE = {**BASE, "submoe": make_block(
+    "mergemoe", {"architecture": "MixtralForCausalLM", "num_experts": 8}, 8,
+    [[0, 0, 1, 2, 3, 1, 2, 3], [0, 1, 2, 0, 1, 2, 0, 1]],
+    profile={"path": "/models/src", "files": {"model.safetensors": {"bytes": 10, "header_sha256": "ab"}}},
+    source_experts=[[None, None, 3, 4], [None, None, 2]])}
+
+
+def test_a_profile_is_format_3_and_parses_its_kept_experts():
+    assert PROFILE["submoe"]["format_version"] == 3
+    block = parse_block(PROFILE)
+    assert block.profile["path"] == "/models/src" and block.source_experts == ((None, None, 3, 4), (None, None, 2))
+    assert parse_block(BASE).profile is None
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c: c["submoe"].update(format_version=2), r"`submoe`\.profile needs format_version 3, the block says 2"),
+    (lambda c: c["submoe"]["profile"].pop("files"), r"`submoe`\.profile must give the source `path` and its `files`"),
+    (lambda c: c["submoe"]["profile"]["files"]["model.safetensors"].pop("header_sha256"), "must give the source"),
+    (lambda c: c["submoe"]["layers"][0].pop("source_experts"),
+     r"layers\[0\]\.source_experts must list one entry per served expert \(4\)"),
+    (lambda c: c["submoe"]["layers"][0]["source_experts"].__setitem__(2, 1),  # router expert 1 is served by slot 0
+     r"layers\[0\]\.source_experts\[2\] = 1 is not a router expert that served expert 2 serves"),
+    (lambda c: c["submoe"]["layers"][1]["source_experts"].__setitem__(0, 8), r"source_experts\[0\] = 8 is not"),
+])
+def test_malformed_profiles_give_one_clear_error(mutate, message):
+    config = copy.deepcopy(PROFILE)
     mutate(config)
     with pytest.raises(CheckpointFormatError, match=message):
         parse_block(config)

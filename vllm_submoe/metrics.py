@@ -13,9 +13,9 @@ from submoe_format.checkpoint import (
     CheckpointFormatError,
     layout_for,
     merged_count,
-    safetensors_bytes,
     served_expert_maps,
 )
+from submoe_format.profile import served_weight_bytes
 
 from .vllm_compat import internal
 
@@ -42,8 +42,9 @@ def compression_facts(config: dict, model_dir: str, served_dtype_bytes: int | No
     counts = [merged_count(m) for m in served_expert_maps(config)]  # 0: a layer without routed experts
     source = config.get(BLOCK_KEY, {}).get("source", {})
     expert_params = sum(counts) * 3 * hidden * inter
-    # Local checkpoints: measured from the safetensors headers; otherwise what compress recorded.
-    total = safetensors_bytes(model_dir) or config.get(BLOCK_KEY, {}).get("weight_bytes")
+    # Local checkpoints: measured from the safetensors headers (a profile's source too); otherwise what
+    # compress recorded.
+    total = served_weight_bytes(model_dir, config) or config.get(BLOCK_KEY, {}).get("weight_bytes")
     facts = {
         "experts_per_layer": counts,
         "expert_parameters": expert_params,

@@ -39,7 +39,7 @@ def served_weights(stats: LayerStats, result: LayerResult, export: str = "remap"
 
 def served_gate_weights(routing, logits: torch.Tensor, result: LayerResult, export: str = "remap") -> torch.Tensor:
     """[T, N'] each merged expert's weight on tokens whose N router logits are `logits`, as the export serves it."""
-    if export == "remap":
+    if export != "vanilla":  # remap and profile route over the source's N router rows
         g = gate_weights(routing, remapped_logits(logits, result))  # [T, N]; a dropped expert's column is 0
         served_ids = torch.tensor([e or 0 for e in result.expert_map], device=g.device)
         return torch.zeros(len(g), len(result.experts), dtype=g.dtype, device=g.device).index_add_(1, served_ids, g)
@@ -70,6 +70,6 @@ class Measured(NamedTuple):
 
 def measured(stats: LayerStats, result: LayerResult, export: str, seconds: float) -> Measured:
     """`result` with its output error on the sample and, served with remap tables, its duplicate-slot
-    rate (an N'-row router serves each merged expert once per token: none)."""
+    rate (an N'-row router, `vanilla`, serves each merged expert once per token: none)."""
     return Measured(result, output_error(stats, result, export),
-                    duplicate_slot_rate(stats, result) if export == "remap" else 0.0, seconds)
+                    duplicate_slot_rate(stats, result) if export != "vanilla" else 0.0, seconds)

@@ -10,10 +10,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from submoe_format.check import read_config, tensor_shapes
-from submoe_format.checkpoint import safetensors_bytes
+from submoe_format.check import profile_sources, read_config, tensor_shapes
+from submoe_format.checkpoint import BLOCK_KEY, parse_block
 from submoe_format.errors import SubMoEError
 from submoe_format.families import BY_MODEL_TYPE
+from submoe_format.profile import served_weight_bytes
 
 from .naming import Stored, canonical_sources
 
@@ -56,26 +57,34 @@ class LazyCheckpoint:
             raise CheckpointError(f"{self.dir} has no *.safetensors weights (only safetensors are read; "
                                   f"convert .bin checkpoints first)")
         headers = tensor_shapes(self.dir)
-        self._file_of: dict[str, Path] = {name: f for name, (_, f) in headers.items()}
         shapes = {name: shape for name, (shape, _) in headers.items()}
         family = BY_MODEL_TYPE.get(self.config.get("model_type"))  # an unsupported one is refused by its user
-        self._stored: dict[str, Stored] = (canonical_sources(family, shapes, self.config.get("hidden_size")) if family
-                                           else {n: Stored(n) for n in shapes})
+        stored = (canonical_sources(family, shapes, self.config.get("hidden_size")) if family
+                  else {n: Stored(n) for n in shapes})
+        self._where: dict[str, tuple[Path, Stored]] = {n: (headers[s.name][1], s) for n, s in stored.items()}
+        block = parse_block(self.config) if BLOCK_KEY in self.config else None
+        if block is not None and block.profile is not None:  # the rest is read from the profile's source
+            self._where.update({n: (f, Stored(name)) for n, (_, f, name) in profile_sources(self.config, block,
+                                                                                            headers).items()})
         self._handles: dict[Path, object] = {}
+
+    def stored_as_named(self) -> bool:
+        """Whether every tensor is stored whole under the family's own name (no other naming, no
+        fused experts): what a profile needs of its source, whose tensors it names as they are."""
+        return all(s.name == n and s.expert is None and s.rows is None for n, (_, s) in self._where.items())
 
     def has_tokenizer(self) -> bool:
         return any((self.dir / n).is_file() for n in TOKENIZER_FILES[:2])
 
     def names(self) -> list[str]:
-        return list(self._stored)
+        return list(self._where)
 
     def get(self, name: str) -> torch.Tensor:
         """The stored tensor: a view into the memory-mapped file (safetensors maps without copying),
         valid after `release()` but keeping the whole file mapped while it lives."""
-        if name not in self._stored:
+        if name not in self._where:
             raise CheckpointError(f"{self.dir} is missing tensor {name}")
-        stored = self._stored[name]
-        f = self._file_of[stored.name]
+        f, stored = self._where[name]
         if f not in self._handles:  # its header was read in __init__: opening it again cannot fail on the header
             self._handles[f] = safe_open(str(f), framework="pt")
         return stored.select(self._handles[f].get_tensor(stored.name))
@@ -87,4 +96,5 @@ class LazyCheckpoint:
         self._handles.clear()
 
     def nbytes(self) -> int:
-        return safetensors_bytes(self.dir)
+        """Bytes of the weights it serves (a profile's, those it reads from its source included)."""
+        return served_weight_bytes(self.dir, self.config)

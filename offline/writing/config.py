@@ -1,5 +1,6 @@
 """The output's config.json: the source's, with the served expert count and either the `submoe`
-block (remap export, served by the plugin) or nothing more (vanilla export, a stock checkpoint)."""
+block (remap and profile exports, served by the plugin) or nothing more (vanilla export, a stock
+checkpoint)."""
 from __future__ import annotations
 
 from submoe_format.checkpoint import BLOCK_KEY, make_block, merged_count
@@ -8,7 +9,8 @@ from ..source.architecture import SourceArchitecture
 
 
 def output_config(config: dict, arch: SourceArchitecture, maps: list[list[int] | None], *, method: str, export: str,
-                  source_path: str, source_bytes: int, weight_bytes: int) -> dict:
+                  source_path: str, source_bytes: int, weight_bytes: int, profile: dict | None = None,
+                  source_experts: list | None = None) -> dict:
     layout, n_src = arch.layout, arch.num_experts
     out = dict(config)
     out.update(dict.fromkeys(layout.num_experts_keys(config), max(merged_count(m) for m in maps)))
@@ -21,6 +23,6 @@ def output_config(config: dict, arch: SourceArchitecture, maps: list[list[int] |
         method=method, num_router_experts=n_src, expert_maps=maps,
         source={"architecture": source_arch, "num_experts": n_src, "weight_bytes": source_bytes,
                 "path": source_path},
-        weight_bytes=weight_bytes,
+        weight_bytes=weight_bytes, profile=profile, source_experts=source_experts or (),
     )
     return out

@@ -30,7 +30,7 @@ def model_card(report: dict, name: str, command: list[str]) -> ModelCard:
     s, settings, calib = report["sizes"], report["settings"], report["calibration"]
     source = report["source"]["path"]
     counts = [n for n in s["experts_per_layer"] if n]
-    remap = settings["export"] == "remap"
+    remap = settings["export"] != "vanilla"  # remap and profile: the plugin serves the tables
     data = ModelCardData(base_model=source, library_name="vllm" if remap else "transformers",
                          pipeline_tag="text-generation", model_name=name,
                          tags=["mixture-of-experts", "moe-compression", "vllm-submoe", report["method"]])
@@ -52,6 +52,10 @@ def model_card(report: dict, name: str, command: list[str]) -> ModelCard:
         ("The router keeps the source's rows; `config.json`'s `submoe` block maps each router expert to "
          "the merged expert that serves it, and the plugin applies it inside vLLM's fused-MoE layer."
          if remap else "The router holds one row per kept expert, so any loader of the source architecture reads it."),
+        *(["", f"This is a profile: it stores only the experts the compression changed and reads everything else "
+               f"from `{source}` when it is loaded, which must stay where and as it was (the plugin checks its "
+               f"files' sizes and headers). Publish a `--export remap` of it instead."]
+          if settings["export"] == "profile" else []),
         "",
         "## Provenance", "",
         f"- source checkpoint: `{source}`",

@@ -11,9 +11,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import torch
 from tqdm import tqdm
 
 from submoe_format.checkpoint import merged_count
+from submoe_format.profile import source_record
 
 from ..calibration.layers import CalibratedLayer, save_resume_point
 from ..methods import Method
@@ -73,10 +75,15 @@ class CompressedOutput:
         self.dtype = source.get("model.embed_tokens.weight").dtype  # experts are written as the source stores them
         self.bar = tqdm(total=len(arch.moe_layers()), initial=self.layers_done, unit="layer", disable=not opts.progress,
                         desc=f"compress {opts.method} {arch.num_experts}->{opts.num_experts}")
+        # a profile writes only what changed; what it reads from the source counts in what it serves
+        self.profile = opts.export == "profile"
+        self.source_experts: list[list[int | None] | None] = state.get("source_experts", [])
+        self.served_bytes: int = state.get("served_bytes", 0)
         if self.layers_done:
             self.bar.write(f"resuming {opts.out} after its first {self.layers_done} finished layers", file=sys.stderr)
         else:
-            self.shards.write({n: source.get(n) for n in source.names() if not n.startswith("model.layers.")})
+            outside = {n: source.get(n) for n in source.names() if not n.startswith("model.layers.")}
+            self._save(outside, from_source=set(outside) if self.profile else set())
 
     def add(self, group: list[CalibratedLayer], reduced: list[Measured]) -> None:
         """Write a group of decoder layers, then keep what a run killed from here on resumes from."""
@@ -84,6 +91,7 @@ class CompressedOutput:
             self._write(layer, m)
         save_resume_point(group[-1], self.dir)
         self.work.save(layers_done=self.layers_done, writer=self.shards.state(), maps=self.maps,
+                       source_experts=self.source_experts, served_bytes=self.served_bytes,
                        report_layers=self.report_layers, seconds=self.clock.total(),
                        calibration_seconds=self.clock.calibration)
         self.bar.update(len(group))
@@ -91,35 +99,64 @@ class CompressedOutput:
     def _write(self, layer: CalibratedLayer, m: Measured) -> None:
         """One decoder layer: as read (no routed experts), or with its merged experts."""
         self.layers_done = layer.index + 1
-        if m.result is None:
-            self.shards.write(layer.tensors)
-            self.maps.append(None)
-            return
-        tensors = dict(layer.tensors)
-        if self.opts.export == "vanilla":  # the router keeps each merged expert's representative row
-            router = self.arch.layout.router_tensor(layer.index)
-            tensors[router] = tensors[router][m.result.representatives]
-        self.shards.write({**tensors, **self.arch.expert_tensors(layer.index, m.result.experts.to(self.dtype))})
-        self.maps.append(m.result.expert_map)
-        self.report_layers.append(report.layer_entry(layer.index, layer.stats, m))
+        tensors, kept = dict(layer.tensors), None
+        if m.result is not None:
+            if self.opts.export == "vanilla":  # the router keeps each merged expert's representative row
+                router = self.arch.layout.router_tensor(layer.index)
+                tensors[router] = tensors[router][m.result.representatives]
+            merged = self.arch.expert_tensors(layer.index, m.result.experts.to(self.dtype))
+            tensors.update(merged)
+            if self.profile:
+                kept = self._unchanged_experts(layer.index, m.result.expert_map, merged)
+            self.report_layers.append(report.layer_entry(layer.index, layer.stats, m))
+        from_source = set()
+        if self.profile:  # everything but the experts the compression changed
+            from_source = set(layer.tensors) | {self.arch.layout.expert_tensor(layer.index, slot, w)
+                                                for slot, j in enumerate(kept or []) if j is not None
+                                                for w in ("gate", "down", "up")}
+        self._save(tensors, from_source)
+        self.maps.append(None if m.result is None else m.result.expert_map)
+        self.source_experts.append(kept)
+
+    def _unchanged_experts(self, layer: int, expert_map: list[int | None], merged: dict) -> list[int | None]:
+        """Per served expert, the source expert it is bit for bit (a pruning's kept experts, an
+        unrefined singleton group), which a profile reads from the source; else None."""
+        names = lambda e: [self.arch.layout.expert_tensor(layer, e, w) for w in ("gate", "down", "up")]  # noqa: E731
+
+        def same(slot: int, j: int) -> bool:
+            return all(a.dtype == b.dtype and torch.equal(a, b)
+                       for a, b in ((merged[x], self.source.get(y)) for x, y in zip(names(slot), names(j))))
+        return [next((j for j, e in enumerate(expert_map) if e == slot and same(slot, j)), None)
+                for slot in range(merged_count(expert_map))]
+
+    def _save(self, tensors: dict, from_source: set[str]) -> None:
+        """Write `tensors` but those a profile reads from its source; count them all as served."""
+        self.served_bytes += sum(v.numel() * v.element_size() for v in tensors.values())
+        written = {k: v for k, v in tensors.items() if k not in from_source}
+        if written:
+            self.shards.write(written)
 
     def finish(self, method: Method, calibration: dict) -> dict:
         """config.json, tokenizer, index and report: the directory is then a complete checkpoint."""
         self.bar.close()
+        if not self.shards.files:  # a pruning's profile: one empty file, where vLLM's loader looks for weights
+            self.shards.write({})
         self.shards.finish()
         for f in self.dir.glob("*.f32"):
             f.unlink()
         source_bytes = self.source.nbytes()
         config = output_config(self.source.config, self.arch, self.maps, method=self.opts.method,
                                export=self.opts.export, source_path=str(self.opts.model), source_bytes=source_bytes,
-                               weight_bytes=self.shards.total_bytes)
+                               weight_bytes=self.served_bytes,
+                               profile=source_record(self.source.dir) if self.profile else None,
+                               source_experts=self.source_experts)
         (self.dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         copy_tokenizer(self.source.dir, self.dir)
         # seconds: this run's reading and calibrating (with --stats, reading; calibrate_seconds is the file's)
         calibration = {**calibration, "seconds": round(self.clock.calibration, 2)}
         out = report.build(self.opts, method, calibration, self.report_layers, [merged_count(m) for m in self.maps],
-                           source_bytes, self.shards.total_bytes, self.arch.num_experts, self.clock.total(),
-                           report.peak_rss_bytes(), self.rss_before_weights)
+                           source_bytes, self.served_bytes, self.arch.num_experts, self.clock.total(),
+                           report.peak_rss_bytes(), self.rss_before_weights, written_bytes=self.shards.total_bytes)
         report.write(out, self.dir)
         write_card(out, self.dir, Path(self.opts.out).name, self.opts.command())
         return out

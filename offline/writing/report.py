@@ -39,7 +39,8 @@ def layer_entry(layer: int, stats, measured) -> dict:
 
 def build(opts, method, calib_info: dict, layers: list[dict], experts_per_layer: list[int], source_bytes: int,
           out_bytes: int,
-          n_src: int, seconds: float, peak_rss: int, rss_before_weights: int) -> dict:
+          n_src: int, seconds: float, peak_rss: int, rss_before_weights: int, written_bytes: int) -> dict:
+    """`out_bytes`: the weights the output serves; `written_bytes`: those it stores (less for a profile)."""
     return {
         "method": opts.method,
         "method_description": method.description,
@@ -49,7 +50,7 @@ def build(opts, method, calib_info: dict, layers: list[dict], experts_per_layer:
         "source": {"path": str(opts.model), "num_experts": n_src, "weight_bytes": source_bytes},
         "calibration": calib_info,
         "sizes": {"source_weight_bytes": source_bytes, "weight_bytes": out_bytes,
-                  "compression_ratio": source_bytes / out_bytes,
+                  "compression_ratio": source_bytes / out_bytes, "written_bytes": written_bytes,
                   "experts_per_layer": experts_per_layer},  # 0: a layer without routed experts
         "time_seconds": round(seconds, 2),
         "reduce_seconds": round(sum(l["seconds"] for l in layers), 2),  # grouping, merging, refining
@@ -71,7 +72,9 @@ def to_markdown(r: dict) -> str:
         f"- calibration: {r['calibration']['samples']} windows x {r['calibration']['seq_len']} tokens "
         f"({r['calibration']['tokens']} tokens) from " + ", ".join(r["calibration"]["sources"]),
         f"- weights: {s['source_weight_bytes'] / 1e6:.2f} MB -> {s['weight_bytes'] / 1e6:.2f} MB "
-        f"(ratio {s['compression_ratio']:.3f})",
+        f"(ratio {s['compression_ratio']:.3f})" + (
+            f"; {s['written_bytes'] / 1e6:.2f} MB written, the rest read from the source when served (a profile)"
+            if s.get("written_bytes", s["weight_bytes"]) != s["weight_bytes"] else ""),
         f"- time: {r['time_seconds']:.1f} s (calibration {r['calibration'].get('seconds', 0):.1f} s, "
         f"merging {r['reduce_seconds']:.1f} s), peak resident memory {r['peak_rss_bytes'] / 2**20:.0f} MiB "
         f"({r['rss_before_weights_bytes'] / 2**20:.0f} MiB before any weight was read: libraries, tokenizer, "

@@ -28,6 +28,10 @@ class ShardWriter:
         self.total_bytes = state.get("total_bytes", 0)
         self._shards: list[str] = list(state.get("shards", []))
 
+    @property
+    def files(self) -> list[str]:
+        return list(self._shards)
+
     def state(self) -> dict:
         return {"weight_map": self.weight_map, "total_bytes": self.total_bytes, "shards": self._shards}
 
@@ -54,6 +58,8 @@ class ShardWriter:
             self.total_bytes += v.numel() * v.element_size()
 
     def finish(self) -> None:
+        if not self.weight_map:  # no tensor (a pruning's profile): an empty index would hide the empty file
+            return
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 

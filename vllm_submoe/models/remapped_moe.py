@@ -16,14 +16,18 @@ vLLM's expert map turns them into each rank's local ids, as it does for any MoE.
 """
 from __future__ import annotations
 
+import itertools
+from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from types import ModuleType
 
 import torch
+from safetensors import safe_open
 
 from submoe_format.checkpoint import CheckpointFormatError, SubMoEBlock, check_all_present, check_tensor_shape, \
     expected_expert_tensors, layout_for, merged_count, parse_block
+from submoe_format.profile import check_source, source_tensors
 from ..vllm_compat import internal
 
 FusedMoEFactory = internal("FusedMoEFactory")
@@ -147,6 +151,21 @@ def checked_weights(weights: Iterable[tuple[str, torch.Tensor]], config: dict, b
     check_all_present(seen, expected)
 
 
+def profile_source_weights(config: dict, block: SubMoEBlock, layers: range) -> Iterator[tuple[str, torch.Tensor]]:
+    """What a profile reads from its source, under the served names: every tensor but the routed
+    experts, and each kept expert as its served slot. Other pipeline stages' layers and the experts a
+    compression dropped or merged away are never read."""
+    check_source(block.profile)
+    by_file = defaultdict(list)
+    for served, t in source_tensors(config, block).items():
+        if not served.startswith("model.layers.") or int(served.split(".")[2]) in layers:
+            by_file[t.file].append((served, t.name))
+    for f, names in by_file.items():
+        with safe_open(str(f), framework="pt") as h:
+            for served, name in names:
+                yield served, h.get_tensor(name)
+
+
 class SubMoEModel:
     """Mixed in before a vLLM `...ForCausalLM` class: builds it with merged experts behind the
     checkpoint's remap and validates the `submoe` block before any weight is allocated."""
@@ -166,5 +185,7 @@ class SubMoEModel:
                 f"{self.arch_module.__name__.rsplit('.', 1)[-1]} model routes experts in layers {sorted(built)}")
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        layers = range(self.model.start_layer, self.model.end_layer)
-        return super().load_weights(checked_weights(weights, self.config.to_dict(), self.submoe, layers))
+        layers, config = range(self.model.start_layer, self.model.end_layer), self.config.to_dict()
+        if self.submoe.profile is not None:
+            weights = itertools.chain(weights, profile_source_weights(config, self.submoe, layers))
+        return super().load_weights(checked_weights(weights, config, self.submoe, layers))
