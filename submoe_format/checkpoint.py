@@ -289,6 +289,16 @@ def check_all_present(seen: Iterable[str], expected: Mapping[str, Any]) -> None:
         raise CheckpointFormatError(f"checkpoint is missing tensor(s) {', '.join(missing[:3])}{more}")
 
 
+def safetensors_header_bytes(path: Path) -> bytes:
+    """A safetensors file's JSON header, as stored (tensor names, dtypes, shapes, offsets)."""
+    with path.open("rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = fh.read(size)
+    if len(header) != size:
+        raise CheckpointFormatError(f"{path} is not a readable safetensors file (its header is cut short)")
+    return header
+
+
 def safetensors_bytes(model_dir: str | Path) -> int | None:
     """Bytes of all tensors in a local checkpoint, from the safetensors headers alone."""
     files = sorted(Path(model_dir).glob("*.safetensors"))
@@ -296,7 +306,6 @@ def safetensors_bytes(model_dir: str | Path) -> int | None:
         return None
     total = 0
     for f in files:
-        with f.open("rb") as fh:
-            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        header = json.loads(safetensors_header_bytes(f))
         total += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
     return total

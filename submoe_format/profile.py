@@ -28,16 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from .checkpoint import BLOCK_KEY, CheckpointFormatError, SubMoEBlock, layout_for, parse_block, safetensors_bytes
-
-
-def _header_bytes(path: Path) -> bytes:
-    with path.open("rb") as fh:
-        size = int.from_bytes(fh.read(8), "little")
-        header = fh.read(size)
-    if len(header) != size:
-        raise CheckpointFormatError(f"{path} is not a readable safetensors file (its header is cut short)")
-    return header
+from .checkpoint import (
+    BLOCK_KEY,
+    CheckpointFormatError,
+    SubMoEBlock,
+    layout_for,
+    parse_block,
+    safetensors_bytes,
+    safetensors_header_bytes,
+)
 
 
 def source_record(source_dir: str | Path) -> dict[str, Any]:
@@ -45,7 +44,7 @@ def source_record(source_dir: str | Path) -> dict[str, Any]:
     the digest of its header (a changed tensor changes the header's offsets or dtype; the data
     itself is not hashed, which would read the whole source)."""
     source_dir = Path(source_dir).resolve()
-    files = {f.name: {"bytes": f.stat().st_size, "header_sha256": hashlib.sha256(_header_bytes(f)).hexdigest()}
+    files = {f.name: {"bytes": f.stat().st_size, "header_sha256": hashlib.sha256(safetensors_header_bytes(f)).hexdigest()}
              for f in sorted(source_dir.glob("*.safetensors"))}
     return {"path": str(source_dir), "files": files}
 
@@ -65,14 +64,14 @@ def check_source(profile: Mapping[str, Any]) -> Path:
         if f.stat().st_size != want["bytes"]:
             raise CheckpointFormatError(f"the profile's source file {f} changed since the profile was written "
                                         f"({f.stat().st_size} bytes, was {want['bytes']}): {fix}")
-        if hashlib.sha256(_header_bytes(f)).hexdigest() != want["header_sha256"]:
+        if hashlib.sha256(safetensors_header_bytes(f)).hexdigest() != want["header_sha256"]:
             raise CheckpointFormatError(f"the profile's source file {f} changed since the profile was written "
                                         f"(its safetensors header differs): {fix}")
     return src
 
 
 def _header(path: Path) -> dict[str, Any]:
-    header = json.loads(_header_bytes(path))
+    header = json.loads(safetensors_header_bytes(path))
     header.pop("__metadata__", None)
     return header
 
