@@ -45,6 +45,7 @@ from harness import (
 from tqdm import tqdm
 
 from offline.calibration.settings import Calibration
+from offline.methods import METHODS
 from submoe_format.texts import domain_name
 
 # Experts kept, as fractions of the source's: 8->6, 8->4 on the 8-expert models; 64->48, 32, 16 on the fine-grained one.
@@ -72,7 +73,11 @@ ADDED = {
     # Equal treatment: the refinement is a step after any merge, so published methods get it too, on
     # the same 16k sampled tokens.
     **{f"{m}+refine@16k": (m, {}, {"output_tokens": 16384, "refine_steps": 100})
-       for m in ("mergemoe", "m-smoe", "hc-smoe", "reap")},
+       for m in ("mergemoe", "m-smoe", "hc-smoe", "reap", "mone", "man")},
+    # Least-squares correction vectors per router expert (methods/correction.py), an idea of ours:
+    # on our method, and on the best refined published ones, so what it adds is measured apart.
+    **{f"{m}+refine+correct@16k": (m, {}, {"output_tokens": 16384, "refine_steps": 100, "correct": True})
+       for m in ("output-lsq", "m-smoe", "reap")},
     # The recommended settings as a stock checkpoint (N'-row router; `submoe compress --preset stock`)
     "output-lsq+refine+vanilla@16k": ("output-lsq", {}, {"output_tokens": 16384, "refine_steps": 100,
                                                          "export": "vanilla"}),
@@ -175,26 +180,33 @@ def run(s: Settings) -> dict:
     return results
 
 
+def configuration(label: str) -> tuple[str, dict, dict]:
+    """(method, method options, pipeline options) of an `ADDED` label or a main method's name."""
+    return ADDED[label] if label in ADDED else (label, {}, {})
+
+
 def added_runs(labels: list[str], cal: Calibrations, ev: Evaluator, tmp: Path, n: int, s: Settings) -> list[dict]:
     runs = []
     for seed in s.seeds:
         for lab in tqdm(labels, desc=f"{cal.model_dir.name} seed {seed}: more configurations", unit="run"):
-            method, options, pipeline = ADDED[lab]
+            method, options, pipeline = configuration(lab)
             runs.append({**run_one(cal, ev, tmp, method, options, n, seed, CALIB, s.samples, s, pipeline), "label": lab})
     return runs
 
 
-def add(s: Settings, labels: list[str], earlier: dict) -> dict:
-    """The committed results with the `ADDED` configurations `labels` re-measured, each model's
-    summary recomputed; everything else kept as it was."""
+def add(s: Settings, labels: list[str], earlier: dict, kept: float | None = None) -> dict:
+    """The committed results with the configurations `labels` re-measured at `kept` of the experts
+    (None: the target nearest 50%), each model's summary recomputed; everything else kept as it was."""
     results = json.loads(json.dumps(earlier))
     with tempfile.TemporaryDirectory(prefix="submoe-quality-") as td:
         for name, model_dir in s.models.items():
             entry = results["models"][name]
             ev, cal = Evaluator(model_dir, s), Calibrations(model_dir, Path(td), s.seq_len, s.output_tokens)
-            half = half_target(entry["targets"], entry["source_experts"])
-            runs = [r for r in entry["runs"] if r["label"] not in labels]
-            runs += added_runs(labels, cal, ev, Path(td), half, s)
+            source = entry["source_experts"]
+            n = half_target(entry["targets"], source) if kept is None else max(1, round(kept * source))
+            entry["targets"] = sorted({*entry["targets"], n}, reverse=True)
+            runs = [r for r in entry["runs"] if not (r["label"] in labels and r["num_experts"] == n)]
+            runs += added_runs(labels, cal, ev, Path(td), n, s)
             entry["runs"], entry["summary"] = runs, summarise(runs)
     return results
 
@@ -330,7 +342,8 @@ def to_markdown(results: dict) -> str:
                       f"{r['retention_worst']:.3f} ({r['worst_domain']}) |" for r in a["domain_mismatch"]]
             parts += ["", f"### Ablation: Sub-MoE rank ({ratio})", "", "| rank ratio | KL | retention |", "|---:|---:|---:|"]
             parts += [f"| {r['options']['rank_ratio']} | {r['kl']:.4f} | {r['retention_mean']:.3f} |" for r in a["rank"]]
-    parts += [f"\nRe-measured later: {', '.join(a['labels'])} ({stamp(a['machine'])})" for a in results.get("added", [])]
+    parts += [f"\nRe-measured later at {a.get('kept', 0.5):.0%} of the experts: {', '.join(a['labels'])} "
+              f"({stamp(a['machine'])})" for a in results.get("added", [])]
     parts += ["", "Benchmark time: " + ", ".join(f"{n} {m['seconds']} s ({m['torch_threads']} torch threads)"
                                                  for n, m in results["models"].items()) + "."]
     return "\n".join(parts) + "\n"
@@ -401,9 +414,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    ap.add_argument("--add", nargs="+", choices=list(ADDED), metavar="LABEL",
-                    help=f"measure only these configurations (of {list(ADDED)}) at 50%% of the experts and add them to "
-                         "the committed JSON, replacing their earlier rows")
+    ap.add_argument("--add", nargs="+", choices=[*ADDED, *METHODS], metavar="LABEL",
+                    help=f"measure only these configurations (of {list(ADDED)}, or a method by name) at 50%% of the "
+                         "experts (or --kept) and add them to the committed JSON, replacing their earlier rows")
+    ap.add_argument("--kept", type=float, metavar="FRACTION",
+                    help="with --add: the fraction of each model's experts kept, e.g. 0.25 (8->2, 64->16)")
     ap.add_argument("--update", action="store_true",
                     help="keep the other models' results already in the JSON; replace only the models run")
     args = ap.parse_args(argv)
@@ -421,8 +436,9 @@ def main(argv: list[str] | None = None) -> int:
         if not earlier.is_file():
             print(f"quality: --add extends {earlier}, which does not exist: run the benchmark first", file=sys.stderr)
             return 2
-        results = add(s, args.add, json.loads(earlier.read_text()))
-        results["added"] = [*results.get("added", []), {"labels": args.add, "machine": measured_on}]
+        results = add(s, args.add, json.loads(earlier.read_text()), args.kept)
+        results["added"] = [*results.get("added", []),
+                            {"labels": args.add, "kept": args.kept or 0.5, "machine": measured_on}]
         measured_on = results.pop("machine", None)  # the stamp of the run that measured the rest
     else:
         results = run(s)

@@ -116,6 +116,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="any method: after merging, up to S gradient steps on every merged expert's matrices "
                         "against the source layer's output on the --output-tokens sample, routing fixed; "
                         "held-out tokens decide when to stop (default: the preset's, or 0 with --method)")
+    m.add_argument("--correct", action="store_true", default=None,
+                   help="any method: last, fit one correction vector per router expert by least squares on the "
+                        "layer's output, added with the expert's routing weight when served (remap export)")
     c.add_argument("--export", choices=("remap", "vanilla", "profile"),
                    help="remap: N-row router + remap tables (vLLM plugin, per-layer counts); vanilla: N'-row "
                         "router, a stock Mixtral any loader reads (router rows of each group's dominant expert, or its "
@@ -191,7 +194,8 @@ def _compress_settings(args) -> dict:
     preset = dict(PRESETS[args.preset or DEFAULT_PRESET].settings) if args.preset or not args.method else {}
     if args.stats:
         preset.pop("output_tokens", None)
-    given = {k: getattr(args, k) for k in ("method", "refine_steps", "export") if getattr(args, k) is not None}
+    given = {k: getattr(args, k) for k in ("method", "refine_steps", "correct", "export")
+             if getattr(args, k) is not None}
     return {**preset, **given, **_compress_calibration(args)}
 
 

@@ -4,7 +4,7 @@
     source    the checkpoint, memory-mapped, and its architecture (source/)
     calibrate one decoder layer at a time: run the calibration hidden states through it and
               measure routing and expert outputs, or read what `submoe calibrate` measured (calibration/)
-    reduce    group each layer's experts and merge every group, then refine if asked (methods/)
+    reduce    group each layer's experts and merge every group, then refine and correct if asked (methods/)
     write     a layer at a time (shards of at most 2 GiB), then config.json with the remap tables,
               tokenizer and report, in a work directory that survives a killed run and resumes it (writing/)
 
@@ -20,7 +20,8 @@ from dataclasses import replace
 from .calibration.layer_source import LayerSource
 from .calibration.layers import CalibratedLayer, advance_compressed, in_groups
 from .methods import LayerResult, Method, make_method, reduce_layers
-from .methods.output_error import Measured, measured, served_gate_weights, served_weights
+from .methods.correction import fit_correction
+from .methods.output_error import Measured, experts_target, measured, served_gate_weights, served_weights
 from .methods.refine import Refinement, refine
 from .options import CompressError, CompressOptions, layer_budgets
 from .source.architecture import SourceArchitecture
@@ -57,19 +58,28 @@ def reduce_group(group: list[CalibratedLayer], method: Method, budgets: list[int
         return [Measured(None)]
     t0 = time.time()
     on_cpu = [c.experts.to("cpu") for c in group]  # methods run on the CPU; their outputs come from these experts
-    results = reduce_layers(method, [(e, replace(c.stats, experts=e)) for e, c in zip(on_cpu, group)],
-                            [budgets[c.index] for c in group], opts.seed)
-    if opts.refine_steps:
-        results = [refined(r, replace(c.stats, experts=e), opts) for r, c, e in zip(results, group, on_cpu)]
+    stats = [replace(c.stats, experts=e) for c, e in zip(group, on_cpu)]
+    results = reduce_layers(method, list(zip(on_cpu, stats)), [budgets[c.index] for c in group], opts.seed)
+    # Corrections fitted before refining (which then fits what they leave) and again after it.
+    for step in ([corrected] if opts.correct else []) + ([refined] if opts.refine_steps else []) + \
+            ([corrected] if opts.correct and opts.refine_steps else []):
+        results = [step(s, r, opts) for s, r in zip(stats, results)]
     seconds = (time.time() - t0) / len(group)
     return [measured(c.stats, r, opts.export, seconds) for c, r in zip(group, results)]
 
 
-def refined(result: LayerResult, stats, opts: CompressOptions) -> LayerResult:
-    """The layer's merged experts after layer-wise refinement, routed as the export serves them."""
-    experts, info = refine(result.experts, served_weights(stats, result, opts.export), stats,
+def refined(stats, result: LayerResult, opts: CompressOptions) -> LayerResult:
+    """The layer's merged experts after layer-wise refinement, routed as the export serves them,
+    towards what the layer's corrections leave of the source's output."""
+    experts, info = refine(result.experts, served_weights(stats, result, opts.export),
+                           replace(stats, moe_output=experts_target(stats, result)),
                            Refinement(steps=opts.refine_steps, seed=opts.seed))
     return replace(result, experts=experts, refinement=info)
+
+
+def corrected(stats, result: LayerResult, opts: CompressOptions) -> LayerResult:
+    """The layer with least-squares correction vectors for every router expert (methods/correction.py)."""
+    return replace(result, correction=fit_correction(stats, result))
 
 
 def advance(layer: CalibratedLayer, result: LayerResult, export: str) -> None:

@@ -4,7 +4,9 @@ The torch reference forward of a merged checkpoint is transformers' model of the
 architecture with N router experts whose expert i holds merged expert expert_map[i]: the
 source's own routing over the N logits, then each chosen router expert computes with its
 merged expert, which is exactly the remapped forward. A dropped router expert (format 2) has its
-logit set to -inf inside the router, before the routing, as the plugin does.
+logit set to -inf inside the router, before the routing, as the plugin does. A corrected layer
+(format 4) adds Σ_k w_k correction[i_k] to the MoE block's output, the routing recomputed from the
+router's logits; its constant experts compute with zero weights (an exact zero output).
 """
 from __future__ import annotations
 
@@ -15,7 +17,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from submoe_format.checkpoint import dropped_experts, layout_for, merged_count, served_expert_maps
+from submoe_format.checkpoint import (
+    BLOCK_KEY,
+    correction_tensor,
+    dropped_experts,
+    layout_for,
+    merged_count,
+    parse_block,
+    served_expert_maps,
+)
 from submoe_format.texts import domain_name, read_texts
 
 from .calibration.windows import check_token_ids, token_windows
@@ -33,15 +43,22 @@ def load_reference(model_dir: str, dtype: torch.dtype = torch.float32) -> PreTra
     arch = SourceArchitecture.of({**config, layout_for(config).num_experts_key(config): n_router})
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(arch.config)
-    state = {n: ckpt.get(n) for n in ckpt.names() if not n.startswith("model.layers.")}
+    block = parse_block(config) if BLOCK_KEY in config else None
+    constants = [block.constants(l) if block else () for l in range(len(maps))]
+    state = {n: ckpt.get(n) for n in ckpt.names() if not n.startswith(("model.layers.", "submoe."))}
     names = ckpt.names()
+    routings = {}
     for l, m in enumerate(maps):
         expanded = None
         if m is not None:
             merged = arch.read_experts(ckpt, l, merged_count(m))
             idx = torch.tensor([e or 0 for e in m])  # a dropped expert is never routed to: any slot will do
             expanded = Experts(*(m[idx] for m in merged.matrices().values()))
+            for mat in expanded.matrices().values():
+                mat[list(constants[l])] = 0  # a constant expert's own output: exactly zero
         tensors = {n: ckpt.get(n) for n in arch.non_expert_names(names, l)}
+        if m is not None:
+            routings[l] = arch.layer_routing(l, tensors)
         for k, v in arch.hf_layer_state(l, tensors, expanded).items():
             state[layer_prefix(l) + k] = v
     if arch.config.tie_word_embeddings:
@@ -51,30 +68,49 @@ def load_reference(model_dir: str, dtype: torch.dtype = torch.float32) -> PreTra
         model.tie_weights()
     model.model.rotary_emb = arch.rotary_embedding()  # its buffers are not in the checkpoint
     for l, m in enumerate(maps):
-        if dropped_experts(m):
-            mask_router_logits(getattr(model.model.layers[l].mlp, arch.layout.router_name), dropped_experts(m))
+        corrected = block is not None and block.is_corrected(l)
+        if dropped_experts(m, constants[l]) or corrected:
+            mlp = model.model.layers[l].mlp
+            logits = route_through(getattr(mlp, arch.layout.router_name), dropped_experts(m, constants[l]))
+            if corrected:
+                add_correction(mlp, logits, routings[l], ckpt.get(correction_tensor(l)).to(dtype))
     return model.eval()
 
 
-def mask_router_logits(router: torch.nn.Module, dropped: list[int]) -> None:
+def route_through(router: torch.nn.Module, dropped: list[int]) -> dict[str, torch.Tensor]:
     """Make a transformers router module compute the dropped experts' logits as -inf, before its
-    softmax and top-k. Every supported family's router computes its logits with one
-    `F.linear(hidden, weight)` inside its forward: that call is wrapped while the forward runs."""
+    softmax and top-k, and keep its last logits (the returned dict's "logits"). Every supported
+    family's router computes its logits with one `F.linear(hidden, weight)` inside its forward: that
+    call is wrapped while the forward runs."""
     mask = torch.zeros(router.weight.shape[0], dtype=torch.bool)
     mask[dropped] = True
-    forward = router.forward
+    forward, last = router.forward, {}
 
     def masked_forward(*args, **kwargs):
         linear = F.linear
 
         def masked_linear(x, weight, bias=None):
-            return linear(x, weight, bias).masked_fill(mask.to(x.device), float("-inf"))
+            last["logits"] = linear(x, weight, bias).masked_fill(mask.to(x.device), float("-inf"))
+            return last["logits"]
         F.linear = masked_linear
         try:
             return forward(*args, **kwargs)
         finally:
             F.linear = linear
     router.forward = masked_forward
+    return last
+
+
+def add_correction(mlp: torch.nn.Module, logits: dict[str, torch.Tensor], routing, correction: torch.Tensor) -> None:
+    """After the MoE block's forward, add Σ_k w_k correction[i_k] under the source routing of its
+    router's logits (the block returns its output, or (output, router logits))."""
+    def hook(module, args, out):
+        hidden = out[0] if isinstance(out, tuple) else out
+        w, ids = routing(logits["logits"].reshape(-1, correction.shape[0]))
+        term = (w.unsqueeze(-1).to(correction.dtype) * correction.to(hidden.device)[ids]).sum(1)
+        hidden = hidden + term.view_as(hidden).to(hidden.dtype)
+        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+    mlp.register_forward_hook(hook)
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ class CompressOptions(Calibration):
     export: str = "remap"  # "remap": N router rows + maps (plugin); "vanilla": N'-row router, stock Mixtral;
     # "profile": remap's block, only the changed tensors, the rest read from the source (submoe_format.profile)
     refine_steps: int = 0  # layer-wise refinement after the merge (methods/refine.py): at most this many steps
+    correct: bool = False  # least-squares correction vectors per router expert, last (methods/correction.py)
     stats: str | None = None  # a `submoe calibrate` directory: its statistics instead of calibrating
     sequential: bool = False  # calibrate each layer on the compressed layers' hidden states (calibration/layers.py)
 
@@ -88,6 +89,8 @@ def layer_budgets(opts: CompressOptions, source: LazyCheckpoint, arch: SourceArc
     if opts.sequential and method.joint_layers > 1:
         raise CompressError("--sequential merges a layer before calibrating the next, --adaptive groups adjacent "
                             "layers jointly: drop one")
+    if opts.correct or method.corrects:
+        _check_corrections(opts, method)
     if opts.refine_steps < 0:
         raise CompressError(f"--refine-steps must be >= 0, got {opts.refine_steps}")
     if not source.has_tokenizer():
@@ -114,6 +117,17 @@ def _check_export(opts: CompressOptions, arch: SourceArchitecture, moe_counts: s
     if arch.layout.routing.bias_name:
         raise CompressError("--export vanilla cannot keep the per-layer score-correction bias (e_score_correction_bias) "
                             "over fewer router rows: use --export remap, which routes over the source's experts")
+
+
+def _check_corrections(opts: CompressOptions, method: Method) -> None:
+    what = f"--method {opts.method}" + (" serves pruned experts as constant vectors" if method.corrects else "") \
+        if not opts.correct else "--correct"
+    if opts.export != "remap":
+        raise CompressError(f"{what} writes correction vectors, which the vLLM plugin adds to each layer's output "
+                            f"(format 4); --export {opts.export} cannot carry them: use --export remap")
+    if opts.sequential:
+        raise CompressError(f"{what} writes correction vectors, which --sequential calibration does not carry to "
+                            f"the next layer yet: drop --sequential")
 
 
 def _check_drops(arch: SourceArchitecture, moe_counts: set[int]) -> None:

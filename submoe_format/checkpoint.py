@@ -19,9 +19,17 @@ is dropped, so older readers keep reading what they can serve; readers accept bo
 Version 3 adds profiles (submoe_format.profile): a `profile` entry naming the source checkpoint whose
 unchanged tensors the checkpoint reads, and per layer `source_experts[m]`, the source expert that
 served expert m is (null: stored in the checkpoint). Only profiles are written as version 3.
+
+Version 4 adds correction vectors. A layer with `"correction": true` holds the tensor
+`submoe.layers.{l}.correction` [num_router_experts, hidden]: each token's routed output gains
+sum_k w_k * correction[i_k] over its top-k router experts i_k with routing weights w_k (scaled as
+the routed output is). Its `constant_experts` (MoNE's novices) are router experts routed as usual
+that serve their correction row alone: null in `expert_map`, but not dropped. Only layers with a
+correction are written as version 4.
 """
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +38,8 @@ from typing import Any, Iterable, Mapping
 from .errors import SubMoEError
 from .families import BY_MODEL_TYPE, MIXTRAL, Family
 
-FORMAT_VERSION = 3  # the newest this code reads and writes
-READABLE_VERSIONS = (1, 2, 3)  # 2 adds dropped router experts (null in expert_map), 3 profiles
+FORMAT_VERSION = 4  # the newest this code reads and writes
+READABLE_VERSIONS = (1, 2, 3, 4)  # 2 adds dropped router experts (null in expert_map), 3 profiles, 4 corrections
 BLOCK_KEY = "submoe"
 PROFILE_KEY = "profile"
 
@@ -64,10 +72,24 @@ class SubMoEBlock:
     raw: Mapping[str, Any]
     profile: Mapping[str, Any] | None = None  # a profile's source (path, files); None: all tensors are here
     source_experts: tuple[tuple[int | None, ...] | None, ...] = ()  # a profile's per-layer served <- source expert
+    corrected: tuple[bool, ...] = ()  # per layer: holds a correction tensor (version 4); () when none does
+    constant_experts: tuple[tuple[int, ...], ...] = ()  # per layer: router experts served by their correction alone
 
     @property
     def experts_per_layer(self) -> tuple[int, ...]:
         return tuple(merged_count(m) for m in self.expert_maps)
+
+    def is_corrected(self, layer: int) -> bool:
+        return bool(self.corrected) and self.corrected[layer]
+
+    def constants(self, layer: int) -> tuple[int, ...]:
+        return self.constant_experts[layer] if self.constant_experts else ()
+
+
+def correction_tensor(layer: int) -> str:
+    """A corrected layer's [num_router_experts, hidden] correction vectors (outside `model.`: no
+    architecture's own loader knows it)."""
+    return f"submoe.layers.{layer}.correction"
 
 
 def merged_count(expert_map: Iterable[int | None] | None) -> int:
@@ -75,25 +97,34 @@ def merged_count(expert_map: Iterable[int | None] | None) -> int:
     return 0 if expert_map is None else max(e for e in expert_map if e is not None) + 1
 
 
-def dropped_experts(expert_map: Iterable[int | None] | None) -> list[int]:
-    """Router experts a layer drops (null in its map): their logits leave the top-k."""
-    return [] if expert_map is None else [i for i, e in enumerate(expert_map) if e is None]
+def dropped_experts(expert_map: Iterable[int | None] | None, constant: Iterable[int] = ()) -> list[int]:
+    """Router experts a layer drops (null in its map, not a constant expert): their logits leave the top-k."""
+    constant = set(constant)
+    return [] if expert_map is None else [i for i, e in enumerate(expert_map) if e is None and i not in constant]
 
 
 def make_block(method: str, source: Mapping[str, Any], num_router_experts: int,
                expert_maps: Iterable[Iterable[int]], profile: Mapping[str, Any] | None = None,
-               source_experts: Iterable[Iterable[int | None] | None] = (), **extra: Any) -> dict[str, Any]:
+               source_experts: Iterable[Iterable[int | None] | None] = (), corrected: Iterable[bool] = (),
+               constant_experts: Iterable[Iterable[int]] = (), **extra: Any) -> dict[str, Any]:
     """The `submoe` block; with `profile` (submoe_format.profile.source_record) and `source_experts`
-    (per layer, the source expert each served expert is, or None), a profile's."""
+    (per layer, the source expert each served expert is, or None), a profile's; with `corrected`
+    (per layer) and `constant_experts` (per layer), correction vectors."""
     maps = [None if m is None else [None if i is None else int(i) for i in m] for m in expert_maps]
     layers = [None if m is None else {"num_experts": merged_count(m), "expert_map": m} for m in maps]
     if profile is not None:
         for layer, kept in zip(layers, source_experts):
             if layer is not None:
                 layer["source_experts"] = list(kept)
+    for layer, corr, const in itertools.zip_longest(layers, corrected, constant_experts):
+        if layer is not None and corr:
+            layer["correction"] = True
+            layer["constant_experts"] = sorted(int(i) for i in const or ())
+    version = 4 if any(corrected) else 3 if profile is not None else \
+        2 if any(None in (m or ()) for m in maps) else 1
     return {
         # the oldest version that can say it, so older readers keep reading what they can serve
-        "format_version": 3 if profile is not None else 2 if any(dropped_experts(m) for m in maps) else 1,
+        "format_version": version,
         "method": method,
         "source": dict(source),
         "num_router_experts": int(num_router_experts),
@@ -131,12 +162,14 @@ def parse_block(config: Mapping[str, Any]) -> SubMoEBlock:
                                     f"(num_hidden_layers={num_layers}), got {got}")
     layout = layout_for(config)
     profile = _profile(block, where, version)
-    maps, kept = [], []
+    maps, kept, corrected, constants = [], [], [], []
     for l, (layer, is_moe) in enumerate(zip(layers, layout.moe_layers(config))):
         lw = f"{where}.layers[{l}]"
         if layer is None and not is_moe:
             maps.append(None)
             kept.append(None)
+            corrected.append(False)
+            constants.append(())
             continue
         if (layer is None) != (not is_moe):
             what = "is null but the architecture routes experts there" if is_moe else \
@@ -145,6 +178,8 @@ def parse_block(config: Mapping[str, Any]) -> SubMoEBlock:
                                         f"belong to this config")
         maps.append(_layer_map(layer, lw, n_router, version))
         kept.append(_source_experts(layer, lw, maps[-1]) if profile else None)
+        corrected.append(_corrected(layer, lw, version))
+        constants.append(_constant_experts(layer, lw, maps[-1], corrected[-1]))
     counts = {key: config[key] for key in layout.num_experts_keys(config) if key in config}
     if len(set(map(repr, counts.values()))) > 1:
         raise CheckpointFormatError(
@@ -159,10 +194,39 @@ def parse_block(config: Mapping[str, Any]) -> SubMoEBlock:
     if not _int(top_k) or not 1 <= top_k <= n_router:
         raise CheckpointFormatError(f"config.json `{layout.top_k_field}` must be an integer in 1..{n_router} "
                                     f"(num_router_experts), got {top_k!r}")
-    _check_drops(maps, config, layout, top_k, where)
+    _check_drops(maps, constants, config, layout, top_k, where)
     return SubMoEBlock(method=str(block.get("method", "unknown")), num_router_experts=n_router,
                        expert_maps=tuple(maps), raw=block, profile=profile,
-                       source_experts=tuple(kept) if profile else ())
+                       source_experts=tuple(kept) if profile else (),
+                       corrected=tuple(corrected) if any(corrected) else (),
+                       constant_experts=tuple(constants) if any(corrected) else ())
+
+
+def _corrected(layer: Mapping[str, Any], lw: str, version: int) -> bool:
+    corrected = layer.get("correction", False)
+    if not isinstance(corrected, bool):
+        raise CheckpointFormatError(f"{lw}.correction must be true or false, got {corrected!r}")
+    if corrected and version < 4:
+        raise CheckpointFormatError(f"{lw}.correction needs format_version 4, the block says {version}")
+    return corrected
+
+
+def _constant_experts(layer: Mapping[str, Any], lw: str, expert_map: tuple[int | None, ...],
+                      corrected: bool) -> tuple[int, ...]:
+    """A corrected layer's router experts served by their correction row alone (null in its map)."""
+    constant = layer.get("constant_experts", [])
+    if constant and not corrected:
+        raise CheckpointFormatError(f"{lw}.constant_experts are served by their correction row, but the layer "
+                                    f"has no correction (set `correction: true` and write its tensor)")
+    if not isinstance(constant, list) or not all(_int(i) and 0 <= i < len(expert_map) for i in constant) \
+            or len(set(constant)) != len(constant):
+        raise CheckpointFormatError(f"{lw}.constant_experts must list distinct router experts in "
+                                    f"0..{len(expert_map) - 1}, got {constant!r}")
+    served = [i for i in constant if expert_map[i] is not None]
+    if served:
+        raise CheckpointFormatError(f"{lw}.constant_experts {served} also serve merged experts in expert_map: a "
+                                    f"constant expert's map entry is null")
+    return tuple(constant)
 
 
 def _profile(block: Mapping[str, Any], where: str, version: int) -> Mapping[str, Any] | None:
@@ -224,10 +288,11 @@ def _layer_map(layer: Any, lw: str, n_router: int, version: int) -> tuple[int | 
     return tuple(m)
 
 
-def _check_drops(maps: list, config: Mapping[str, Any], layout: Family, top_k: int, where: str) -> None:
+def _check_drops(maps: list, constants: list, config: Mapping[str, Any], layout: Family, top_k: int,
+                 where: str) -> None:
     """A layer keeps at least top_k live router experts; drops need plain (not grouped) top-k."""
-    for l, m in enumerate(maps):
-        dropped = dropped_experts(m)
+    for l, (m, constant) in enumerate(zip(maps, constants)):
+        dropped = dropped_experts(m, constant)
         if not dropped:
             continue
         live = len(m) - len(dropped)
@@ -261,6 +326,8 @@ def expected_expert_tensors(config: Mapping[str, Any], block: SubMoEBlock) -> di
         if block.expert_maps[l] is None:
             continue
         out[layout.router_tensor(l)] = (block.num_router_experts, hidden)
+        if block.is_corrected(l):
+            out[correction_tensor(l)] = (block.num_router_experts, hidden)
         for j in range(n):
             for which, shape in shapes.items():
                 out[layout.expert_tensor(l, j, which)] = shape

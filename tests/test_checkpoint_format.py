@@ -1,4 +1,4 @@
-"""Format validation (versions 1 to 3): each malformed `submoe` block or tensor gets one error naming it."""
+"""Format validation (versions 1 to 4): each malformed `submoe` block or tensor gets one error naming it."""
 import copy
 
 import pytest
@@ -7,6 +7,8 @@ from submoe_format.checkpoint import (
     CheckpointFormatError,
     check_all_present,
     check_tensor_shape,
+    correction_tensor,
+    dropped_experts,
     expected_expert_tensors,
     layout_for,
     make_block,
@@ -33,7 +35,7 @@ def test_valid_block_parses_with_per_layer_counts():
 
 @pytest.mark.parametrize("mutate, message", [
     (lambda c: c.pop("submoe"), "block is missing"),
-    (lambda c: c["submoe"].update(format_version=99), "format_version is 99; this vllm-submoe reads versions 1, 2"),
+    (lambda c: c["submoe"].update(format_version=99), "format_version is 99; this vllm-submoe reads versions 1, 2, 3, 4"),
     (lambda c: c["submoe"].update(format_version="2"), "format_version is '2'"),
     (lambda c: c["submoe"]["layers"][0]["expert_map"].__setitem__(5, 1.0),
      r"layers\[0\]\.expert_map\[5\] = 1.0 is not an integer"),
@@ -116,6 +118,47 @@ def test_a_profile_is_format_3_and_parses_its_kept_experts():
 def test_malformed_profiles_give_one_clear_error(mutate, message):
     config = copy.deepcopy(PROFILE)
     mutate(config)
+    with pytest.raises(CheckpointFormatError, match=message):
+        parse_block(config)
+
+
+CORRECTED = {**BASE, "submoe": make_block(
+    "mone", {"architecture": "MixtralForCausalLM", "num_experts": 8}, 8,
+    [[0, None, 1, 2, 3, None, None, None], [0, 0, 1, 2, 1, 2, 0, 1]],
+    corrected=[True, True], constant_experts=[[1, 5, 6], []])}
+
+
+def test_corrections_are_format_4_constant_experts_are_not_dropped_and_the_tensor_is_expected():
+    assert CORRECTED["submoe"]["format_version"] == 4
+    block = parse_block(CORRECTED)
+    assert block.constants(0) == (1, 5, 6) and block.constants(1) == () and block.is_corrected(1)
+    assert dropped_experts(block.expert_maps[0], block.constants(0)) == [7]
+    expected = expected_expert_tensors(CORRECTED, block)
+    assert expected[correction_tensor(0)] == expected[correction_tensor(1)] == (8, 64)
+    assert parse_block(BASE).corrected == () and not parse_block(BASE).is_corrected(0)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c: c["submoe"].update(format_version=3), r"layers\[0\]\.correction needs format_version 4"),
+    (lambda c: c["submoe"]["layers"][0].update(correction="yes"), r"layers\[0\]\.correction must be true or false"),
+    (lambda c: c["submoe"]["layers"][0].update(correction=False), r"layers\[0\]\.constant_experts are served by their "
+                                                                  r"correction row, but the layer has no correction"),
+    (lambda c: c["submoe"]["layers"][0].update(constant_experts=[1, 8]), r"constant_experts must list distinct router "
+                                                                         r"experts in 0..7, got \[1, 8\]"),
+    (lambda c: c["submoe"]["layers"][0].update(constant_experts=[1, 1]), "must list distinct"),
+    (lambda c: c["submoe"]["layers"][0].update(constant_experts=[0, 1]), r"constant_experts \[0\] also serve"),
+    (lambda c: c["submoe"]["layers"][0].update(constant_experts=[]),  # all four nulls are then drops, 4 left: fine;
+     None),                                                           # with 7 drops too few are left:
+    (lambda c: c.update(num_local_experts=3) or c["submoe"]["layers"][0].update(
+        expert_map=[0] + [None] * 7, num_experts=1, constant_experts=[]),
+     r"layers\[0\] drops 7 of 8 router experts, leaving 1"),
+])
+def test_malformed_corrections_give_one_clear_error(mutate, message):
+    config = copy.deepcopy(CORRECTED)
+    mutate(config)
+    if message is None:
+        parse_block(config)
+        return
     with pytest.raises(CheckpointFormatError, match=message):
         parse_block(config)
 

@@ -90,8 +90,10 @@ def test_methods_give_valid_maps_and_are_deterministic(method):
     b = reduce_layer(make_method(method), experts, stats, 3, seed=0)
     assert len(a.experts) == 3 and a.experts.gate.shape == (3, 24, 16) and a.experts.down.shape == (3, 16, 24)
     assert sorted(set(a.expert_map) - {None}) == [0, 1, 2] and len(a.expert_map) == 8
-    # pruning drops the other router experts (as published); every other method serves all of them
-    assert a.expert_map.count(None) == (5 if method in ("freq-prune", "reap") else 0)
+    # pruning drops the other router experts (as published), MoNE serves them as constants; every
+    # other method serves all of them by merged experts
+    assert a.expert_map.count(None) == (5 if method in ("freq-prune", "reap", "man", "msan", "mone") else 0)
+    assert len(a.dropped) == (5 if method in ("freq-prune", "reap", "man", "msan") else 0)
     assert a.expert_map == b.expert_map
     torch.testing.assert_close(a.experts.down, b.experts.down, atol=0, rtol=0)
 
@@ -115,7 +117,7 @@ def test_identical_experts_still_fill_the_budget():
     experts, stats = _layer(seed=2)
     same = Experts(*(m[:1].expand_as(m).clone() for m in experts.matrices().values()))
     stats = sample_stats(same, stats.tokens, stats.router_logits)
-    for method in [m for m in METHODS if m not in ("freq-prune", "reap")]:
+    for method in [m for m in METHODS if m not in ("freq-prune", "reap", "man", "msan", "mone")]:  # prunings
         r = reduce_layer(make_method(method), same, stats, 3, seed=0)
         assert len(r.experts) == 3 and sorted(set(r.expert_map)) == [0, 1, 2]
         torch.testing.assert_close(r.experts.gate, same.gate[:3], atol=1e-5, rtol=1e-5)

@@ -362,14 +362,16 @@ def test_duplicate_slot_rate_counts_slots_reaching_a_merged_expert_twice():
 
     from offline.methods.output_error import duplicate_slot_rate
     _, stats = random_layer(router_gain=3.0)
-    assert duplicate_slot_rate(stats, SimpleNamespace(expert_map=list(range(8)))) == 0.0
-    assert duplicate_slot_rate(stats, SimpleNamespace(expert_map=[0] * 8)) == pytest.approx(1 / 2)
+    def result(expert_map):
+        return SimpleNamespace(expert_map=expert_map, dropped=[i for i, e in enumerate(expert_map) if e is None])
+    assert duplicate_slot_rate(stats, result(list(range(8)))) == 0.0
+    assert duplicate_slot_rate(stats, result([0] * 8)) == pytest.approx(1 / 2)
     expert_map = [0, 0, 1, 1, None, 2, 2, 3]
     _, ids = stats.routing(stats.router_logits.masked_fill(torch.tensor([e is None for e in expert_map]), -torch.inf))
     assert 4 not in ids.flatten().tolist()
     brute = sum(len(row) - len({expert_map[i] for i in row}) for row in ids.tolist())
     assert brute > 0
-    assert duplicate_slot_rate(stats, SimpleNamespace(expert_map=expert_map)) == pytest.approx(brute / ids.numel())
+    assert duplicate_slot_rate(stats, result(expert_map)) == pytest.approx(brute / ids.numel())
 
 
 @pytest.mark.parametrize("method", ["average", "m-smoe"])

@@ -1,9 +1,10 @@
 """Every method's checkpoint, served by vLLM, equals the reference forward.
 
-One engine for all methods: a random 13-layer Mixtral is calibrated once and compressed from those
+One engine for all methods: a random 16-layer Mixtral is calibrated once and compressed from those
 statistics once per method (and variant), and layer l of the served "mosaic" checkpoint is taken
 from the l-th method's output, with that method's remap table and its own expert count (pruning
-layers drop router experts: format 2). A second engine, in the same subprocess, serves REAP's
+layers drop router experts; MoNE's and `--correct`'s layers carry correction vectors: format 4).
+A second engine, in the same subprocess, serves REAP's
 `--export vanilla` checkpoint as a stock Mixtral (compared with stock transformers); the same
 pruning with dropped router experts computes the same function as that stock checkpoint (torch).
 """
@@ -30,12 +31,15 @@ from submoe_format.checkpoint import BLOCK_KEY, dropped_experts, make_block, mer
 CONFIGS = [("submoe", {}, 4), ("submoe", {"rank_ratio": 0.5}, 5), ("submoe", {"intra_rank_ratio": 0.5}, 3),
            ("submoe", {"adaptive": True}, 4), ("output-lsq", {}, 4), ("mergemoe", {}, 6), ("hc-smoe", {}, 3),
            ("m-smoe", {"align_neurons": True}, 4), ("reap", {}, 5), ("freq-prune", {}, 2), ("average", {}, 4),
-           ("random", {}, 7), ("reap", {"substitute_pruned": True}, 3)]
+           ("random", {}, 7), ("reap", {"substitute_pruned": True}, 3), ("mone", {}, 3), ("man", {}, 4),
+           ("mergemoe", {"correct": True}, 3)]
 
 
 def _compress(src, stats, out, method, options, n, export="remap"):
+    options = dict(options)
     return compress(CompressOptions(model=str(src), out=out, method=method, num_experts=n, stats=str(stats),
-                                    method_options=options, export=export, progress=False))
+                                    correct=options.pop("correct", False), method_options=options, export=export,
+                                    progress=False))
 
 
 @pytest.fixture(scope="module")
@@ -63,25 +67,33 @@ def mosaic(source, stats, tmp_path_factory):
     root = tmp_path_factory.mktemp("mosaic")
     src = LazyCheckpoint(source)
     tensors = {n: src.get(n) for n in src.names() if not n.startswith("model.layers.")}
-    maps = []
+    maps, corrected, constants = [], [], []
     for l, (method, options, n) in enumerate(CONFIGS):
         out = root / f"layer{l}-{method}"
         _compress(source, stats, out, method, options, n)
         ckpt = LazyCheckpoint(out)
-        tensors.update({name: ckpt.get(name) for name in ckpt.names() if name.startswith(f"model.layers.{l}.")})
-        maps.append(parse_block(ckpt.config).expert_maps[l])
+        tensors.update({name: ckpt.get(name) for name in ckpt.names()
+                        if name.startswith((f"model.layers.{l}.", f"submoe.layers.{l}."))})
+        block = parse_block(ckpt.config)
+        maps.append(block.expert_maps[l])
+        corrected.append(block.is_corrected(l))
+        constants.append(block.constants(l))
     dst = root / "mosaic"
     dst.mkdir()
     save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((root / "layer0-submoe" / "config.json").read_text())
     config["num_local_experts"] = max(merged_count(m) for m in maps)
     config[BLOCK_KEY] = make_block(method="mosaic", num_router_experts=8, expert_maps=maps,
-                                   source=config[BLOCK_KEY]["source"], weight_bytes=(dst / "model.safetensors").stat().st_size)
+                                   source=config[BLOCK_KEY]["source"], weight_bytes=(dst / "model.safetensors").stat().st_size,
+                                   corrected=corrected, constant_experts=constants)
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     copy_tokenizer(source, dst)
     assert [merged_count(m) for m in maps] == [n for _, _, n in CONFIGS]
-    assert [bool(dropped_experts(m)) for m in maps] == [m in ("reap", "freq-prune") and not o for m, o, _ in CONFIGS]
-    assert config[BLOCK_KEY]["format_version"] == 2
+    assert [bool(dropped_experts(m, c)) for m, c in zip(maps, constants)] == \
+        [m in ("reap", "freq-prune", "man") and not o for m, o, _ in CONFIGS]
+    assert [len(c) for c in constants] == [5 if m == "mone" else 0 for m, _, _ in CONFIGS]  # MoNE keeps 3 of 8
+    assert corrected == [m == "mone" or "correct" in o for m, o, _ in CONFIGS]
+    assert config[BLOCK_KEY]["format_version"] == 4
     return dst
 
 

@@ -2,8 +2,8 @@
 
 Two kinds. Statistics a method publishes are accumulated over *every* calibration token as the
 layer streams past: routing frequency, REAP's saliency, each expert's mean output (HC-SMoE) and
-mean gate-weighted output (REAM), and
-two N x N Gram matrices, of the experts' outputs (output similarity: Sub-MoE's grouping) and of
+mean gate-weighted output (REAM), the moments of each expert's output over the tokens routed to
+it (MoNE, MAN/MSAN), and two N x N Gram matrices, of the experts' outputs (output similarity: Sub-MoE's grouping) and of
 the router logits (M-SMoE's). A seeded token sample keeps per-token MoE inputs, router logits and
 the source's routed output, for what needs them token by token (least squares, held-out errors);
 an expert's outputs on the sample are recomputed from the source experts when a method asks for
@@ -30,6 +30,11 @@ class LayerStats:
     output_gram: torch.Tensor | None = None  # [N, N] Σ_t <E_i(x_t), E_j(x_t)> over all tokens
     logit_gram: torch.Tensor | None = None  # [N, N] Σ_t l_ti l_tj over all tokens
     saliency: torch.Tensor | None = None  # [N] REAP: mean over routed tokens of p_j(x) ‖E_j(x)‖
+    # "routed_outputs": over the tokens routed to expert j (j in the top-k), all calibration tokens
+    routed_mean: torch.Tensor | None = None  # [N, H] mean of E_j(x) (MoNE's constant)
+    routed_var: torch.Tensor | None = None  # [N, H] its population variance per dimension
+    routed_norm: torch.Tensor | None = None  # [N] mean ‖E_j(x)‖ (MAN)
+    routed_gate: torch.Tensor | None = None  # [N] mean over all tokens of the routing weight of j (0 if not chosen)
     top_k: int = 2
     samples: int = 0  # calibration windows behind the figures (MergeMoE's collapse threshold)
     routing: Routing | None = None  # the source architecture's routing; None: Mixtral's with top_k
@@ -60,8 +65,16 @@ def gate_weights(routing: Routing, router_logits: torch.Tensor) -> torch.Tensor:
     return torch.zeros(router_logits.shape, dtype=w.dtype, device=w.device).scatter_(1, ids, w)
 
 
-ALL_STATISTICS = frozenset({"output_gram", "mean_outputs", "gated_mean_outputs", "logit_gram", "saliency"})
+ALL_STATISTICS = frozenset({"output_gram", "mean_outputs", "gated_mean_outputs", "logit_gram", "saliency",
+                            "routed_outputs"})
 EVERY_EXPERT = frozenset({"output_gram", "mean_outputs", "gated_mean_outputs"})  # every expert on every token
+ROUTED = frozenset({"saliency", "routed_outputs"})  # each expert on its routed tokens
+FIELDS = {"routed_outputs": ("routed_mean", "routed_var", "routed_norm", "routed_gate")}  # LayerStats fields
+
+
+def statistic_fields(names) -> list[str]:
+    """The LayerStats fields that hold the statistics `names`."""
+    return [f for n in sorted(names) for f in FIELDS.get(n, (n,))]
 
 
 class Accumulator:
@@ -84,13 +97,17 @@ class Accumulator:
         self.gated_sum = torch.zeros(n, hidden, dtype=f64)
         self.logit_gram = torch.zeros(n, n, dtype=f64)
         self.saliency_sum, self.routed = torch.zeros(n, dtype=f64), torch.zeros(n, dtype=f64)
+        self.routed_sum, self.routed_sq = torch.zeros(n, hidden, dtype=f64), torch.zeros(n, hidden, dtype=f64)
+        self.routed_norm_sum, self.gate_sum = torch.zeros(n, dtype=f64), torch.zeros(n, dtype=f64)
         self.count = 0
 
     @torch.no_grad()
     def add(self, x: torch.Tensor, logits: torch.Tensor, routing: Routing, experts: Experts) -> torch.Tensor:
         """Add a batch of MoE inputs x [T, H] with their router logits [T, N]; returns the top-k ids."""
-        _, ids = routing(logits)
+        w, ids = routing(logits)
         self.selections += torch.bincount(ids.flatten().cpu(), minlength=len(self.selections)).double()
+        if "routed_outputs" in self.needs:
+            self.gate_sum.index_add_(0, ids.flatten().cpu(), w.flatten().double().cpu())
         lg = logits.double()
         if "logit_gram" in self.needs:
             self.logit_gram += (lg.T @ lg).cpu()
@@ -98,11 +115,11 @@ class Accumulator:
         routed = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, ids, True)
         if self.needs & EVERY_EXPERT:
             self._every_expert(x, probs, routed, experts)
-        elif "saliency" in self.needs:
+        elif self.needs & ROUTED:
             for e in torch.nonzero(routed.any(0)).flatten().tolist():  # each expert on its routed tokens only
                 rows = torch.nonzero(routed[:, e]).flatten()
-                norms = torch.linalg.vector_norm(expert_forward(x[rows], *experts.expert(e)).double(), dim=-1)
-                self.saliency_sum[e] += (probs[rows, e] * norms).sum().cpu()
+                y = expert_forward(x[rows], *experts.expert(e)).double()
+                self._routed(y.unsqueeze(0), probs[rows, e:e + 1].T, slice(e, e + 1))
         self.routed += routed.sum(0).double().cpu()
         self.count += len(x)
         return ids
@@ -119,8 +136,18 @@ class Accumulator:
                 self.gated_sum += torch.einsum("tn,nth->nh", probs[rows], y).cpu()
             flat = y.reshape(len(y), -1)
             self.output_gram += (flat @ flat.T).cpu()
-            norms = torch.linalg.vector_norm(y, dim=-1).T  # [c, N]
-            self.saliency_sum += (probs[rows] * norms * routed[rows]).sum(0).cpu()
+            self._routed(y, (probs[rows] * routed[rows]).T, slice(None), routed[rows].T.double())
+
+    def _routed(self, y: torch.Tensor, gate: torch.Tensor, experts, mask: torch.Tensor | None = None) -> None:
+        """Add experts' outputs y [n, c, H] on c tokens, of which `mask` [n, c] (None: all) are routed
+        to each, with their REAP gate [n, c] (0 where not routed)."""
+        norms = torch.linalg.vector_norm(y, dim=-1)  # [n, c]
+        self.saliency_sum[experts] += (gate * norms).sum(1).cpu()
+        if "routed_outputs" in self.needs:
+            m = torch.ones_like(norms) if mask is None else mask
+            self.routed_sum[experts] += torch.einsum("nc,nch->nh", m, y).cpu()
+            self.routed_sq[experts] += torch.einsum("nc,nch->nh", m, y * y).cpu()
+            self.routed_norm_sum[experts] += (m * norms).sum(1).cpu()
 
     def stats(self, tokens: torch.Tensor, experts: Experts, router_logits: torch.Tensor, routing: Routing,
               samples: int, moe_output: torch.Tensor | None = None) -> LayerStats:
@@ -133,4 +160,13 @@ class Accumulator:
                           logit_gram=self.logit_gram if "logit_gram" in self.needs else None,
                           saliency=torch.where(self.routed > 0, self.saliency_sum / self.routed.clamp_min(1), 0.0)
                           if "saliency" in self.needs else None,
+                          **(self._routed_moments() if "routed_outputs" in self.needs else {}),
                           samples=samples, routing=routing)
+
+    def _routed_moments(self) -> dict[str, torch.Tensor]:
+        """Per expert, over its routed tokens: mean and variance of its output, mean norm; and its mean
+        routing weight over all tokens. An expert never routed to has zeros."""
+        count = self.routed.clamp_min(1).unsqueeze(1)
+        mean = self.routed_sum / count
+        return {"routed_mean": mean.float(), "routed_var": (self.routed_sq / count - mean * mean).clamp_min(0).float(),
+                "routed_norm": self.routed_norm_sum / count.squeeze(1), "routed_gate": self.gate_sum / max(self.count, 1)}

@@ -22,7 +22,7 @@ from ..source.architecture import SourceArchitecture
 from ..source.checkpoint import LazyCheckpoint
 from .layers import CalibratedLayer, read_layer
 from .settings import CalibrationError
-from .stats import ALL_STATISTICS, LayerStats
+from .stats import ALL_STATISTICS, LayerStats, statistic_fields
 
 FORMAT = 1
 META = "statistics.json"
@@ -65,7 +65,8 @@ def layer_file(index: int) -> str:
 
 
 def save_layer(stats: LayerStats, path: Path) -> None:
-    tensors = {k: getattr(stats, k) for k in (*PER_TOKEN, *sorted(ALL_STATISTICS)) if getattr(stats, k) is not None}
+    tensors = {k: getattr(stats, k) for k in (*PER_TOKEN, *statistic_fields(ALL_STATISTICS))
+               if getattr(stats, k) is not None}
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"samples": str(stats.samples)})
     tmp.replace(path)
@@ -102,8 +103,9 @@ class StatsFile:
         for i in self.meta["moe_layers"]:  # every layer's header now: a bad file fails before anything is written
             path = self.dir / layer_file(i)
             keys, _ = read_layer_file(path, tensors=False)
-            if not keys >= {*PER_TOKEN, *needs}:
-                raise StatsFileError(f"{path} lacks {sorted({*PER_TOKEN, *needs} - keys)}: rerun `submoe calibrate`")
+            wanted = {*PER_TOKEN, *statistic_fields(needs)}
+            if not keys >= wanted:
+                raise StatsFileError(f"{path} lacks {sorted(wanted - keys)}: rerun `submoe calibrate`")
 
     def layer(self, index: int, experts, routing) -> LayerStats:
         _, (tensors, samples) = read_layer_file(self.dir / layer_file(index))

@@ -7,13 +7,14 @@ from .base import Grouping, LayerResult, Merge, Method, MethodError, reduce_laye
 from .baselines import Average, FrequencyPrune, RandomMerge
 from .hcsmoe import HCSMoE, MSMoE
 from .mergemoe import CalibrationWarning, MergeMoE
+from .mone import MoNE
 from .output_lsq import OutputLSQ
 from .ream import REAM
-from .reap import REAP
+from .reap import MAN, MSAN, REAP
 from .submoe import SubMoE
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (
-    SubMoE, OutputLSQ, MergeMoE, HCSMoE, MSMoE, REAP, REAM, FrequencyPrune, Average, RandomMerge)}
+    SubMoE, OutputLSQ, MergeMoE, HCSMoE, MSMoE, REAP, REAM, MoNE, MAN, MSAN, FrequencyPrune, Average, RandomMerge)}
 
 
 def method_options(name: str) -> set[str]:

@@ -34,6 +34,8 @@ class Grouping:
     centres: list[int] | None = None  # per cluster, the member standing for it (None: the most frequent one)
     scores: torch.Tensor | None = None  # [N] per router expert, for methods that rank experts (pruning)
     dropped: list[int] = field(default_factory=list)  # router experts whose logits leave the top-k (pruning)
+    constant: list[int] = field(default_factory=list)  # router experts routed as usual, served by `correction` alone
+    correction: torch.Tensor | None = None  # [N, H] per router expert, added with its routing weight (MoNE)
     chosen_by: str | None = None  # a method that tries several groupings: the winner's name
     held_out_errors: dict[str, float] | None = None  # ... and each candidate's held-out output error
 
@@ -76,6 +78,13 @@ class LayerResult:
     merges: list[Merge] = field(default_factory=list)
     grouping: Grouping | None = None
     refinement: dict | None = None  # layer-wise refinement's held-out errors (methods/refine.py)
+    constant: list[int] = field(default_factory=list)  # router experts served by their correction alone
+    correction: torch.Tensor | None = None  # [N, H] float32 per router expert, added with its routing weight
+
+    @property
+    def dropped(self) -> list[int]:
+        """Router experts whose logits leave the top-k (None in the map and not constant)."""
+        return [i for i, e in enumerate(self.expert_map) if e is None and i not in self.constant]
 
 
 class Method(ABC):
@@ -86,6 +95,7 @@ class Method(ABC):
     joint_layers: int = 1  # layers grouped jointly (Sub-MoE's adaptive variant: 2)
     align_neurons: bool = False  # permute members' neurons to the centre's before merging
     drops_experts: bool = False  # some router experts' logits leave the top-k (format v2)
+    corrects: bool = False  # serves some router experts by correction vectors (format v4: MoNE's constants)
     # The all-token statistics it reads (calibration computes only these): "output_gram", "mean_outputs",
     # "gated_mean_outputs", "logit_gram", "saliency". Every expert on every token is the costly part: only
     # the first three need it.
@@ -137,8 +147,9 @@ def reduce_layer(method: Method, experts: Experts, stats: LayerStats, num_out: i
         m.expert = Experts(out.gate[j:j + 1], out.up[j:j + 1], out.down[j:j + 1])
         merges.append(m)
     check_finite(out.matrices(), "the merged experts")
-    return LayerResult(out, clusters_to_map(grouping.clusters, len(experts), grouping.dropped), grouping.clusters,
-                       list(grouping.centres), merges, grouping)
+    expert_map = clusters_to_map(grouping.clusters, len(experts), [*grouping.dropped, *grouping.constant])
+    return LayerResult(out, expert_map, grouping.clusters, list(grouping.centres), merges, grouping,
+                       constant=sorted(grouping.constant), correction=grouping.correction)
 
 
 def reduce_layers(method: Method, layers: list[tuple[Experts, LayerStats]], budgets: list[int],
@@ -169,7 +180,8 @@ def dominant(frequency: torch.Tensor, members: list[int]) -> int:
 
 
 def clusters_to_map(clusters: list[list[int]], num_experts: int, dropped: list[int] = ()) -> list[int | None]:
-    """Router expert -> its cluster's index, None for a dropped one; every other must be in a cluster."""
+    """Router expert -> its cluster's index, None for one no merged expert serves (dropped or
+    constant); every other must be in a cluster."""
     expert_map: list[int | None] = [-1] * num_experts
     for i in dropped:
         expert_map[i] = None

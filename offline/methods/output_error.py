@@ -3,7 +3,8 @@
 One measure for everything that compares: the report's per-layer error and output-lsq's choice
 between candidate groupings. The source output comes from the calibration statistics (the routed
 output on the sampled tokens), the served one from the merged experts, routed as the export serves
-them: the N router logits then the remap, or (vanilla) the kept N' rows."""
+them: the N router logits then the remap, or (vanilla) the kept N' rows. A layer's correction
+vectors (constant experts, `--correct`) add their routing-weighted sum to the served output."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -18,8 +19,21 @@ from .base import LayerResult
 def remapped_logits(logits: torch.Tensor, result: LayerResult) -> torch.Tensor:
     """The N router logits as the remap export's router sees them: the served router never picks a
     dropped expert (its logit is -inf)."""
-    dropped = torch.tensor([e is None for e in result.expert_map], device=logits.device)
+    dropped = torch.zeros(len(result.expert_map), dtype=torch.bool, device=logits.device)
+    dropped[result.dropped] = True
     return logits.masked_fill(dropped, float("-inf")) if dropped.any() else logits
+
+
+def router_weights(routing, logits: torch.Tensor, result: LayerResult) -> torch.Tensor:
+    """[T, N] each router expert's routing weight as the remap export serves it (0 outside the top-k)."""
+    return gate_weights(routing, remapped_logits(logits, result))
+
+
+def correction_output(routing, logits: torch.Tensor, result: LayerResult) -> torch.Tensor | None:
+    """[T, H] Σ_k w_k correction[i_k], what the layer's correction vectors add (None: it has none)."""
+    if result.correction is None:
+        return None
+    return router_weights(routing, logits, result) @ result.correction.to(logits.device, torch.float32)
 
 
 @torch.no_grad()
@@ -40,7 +54,8 @@ def served_weights(stats: LayerStats, result: LayerResult, export: str = "remap"
 def served_gate_weights(routing, logits: torch.Tensor, result: LayerResult, export: str = "remap") -> torch.Tensor:
     """[T, N'] each merged expert's weight on tokens whose N router logits are `logits`, as the export serves it."""
     if export != "vanilla":  # remap and profile route over the source's N router rows
-        g = gate_weights(routing, remapped_logits(logits, result))  # [T, N]; a dropped expert's column is 0
+        g = router_weights(routing, logits, result)  # [T, N]; a dropped expert's column is 0
+        g[:, result.constant] = 0  # a constant expert is served by its correction vector alone
         served_ids = torch.tensor([e or 0 for e in result.expert_map], device=g.device)
         return torch.zeros(len(g), len(result.experts), dtype=g.dtype, device=g.device).index_add_(1, served_ids, g)
     return gate_weights(routing, logits[:, result.representatives])
@@ -52,10 +67,20 @@ def relative_error(x: torch.Tensor, weights: torch.Tensor, experts: Experts, tar
     return torch.linalg.norm(served - target) / torch.linalg.norm(target).clamp_min(1e-30)
 
 
+def experts_target(stats: LayerStats, result: LayerResult) -> torch.Tensor:
+    """[T, H] what the merged experts should output: the source's routed output less the corrections."""
+    corr = correction_output(stats.routing, stats.router_logits, result)
+    return stats.moe_output if corr is None else stats.moe_output - corr
+
+
 @torch.no_grad()
 def output_error(stats: LayerStats, result: LayerResult, export: str = "remap") -> float:
     """‖served routed-expert output − source's‖ / ‖source's‖ (shared experts add the same to both)."""
-    return relative_error(stats.tokens, served_weights(stats, result, export), result.experts, stats.moe_output).item()
+    served = weighted_expert_sum(stats.tokens, served_weights(stats, result, export), result.experts)
+    corr = correction_output(stats.routing, stats.router_logits, result)
+    if corr is not None:
+        served = served + corr
+    return (torch.linalg.norm(served - stats.moe_output) / torch.linalg.norm(stats.moe_output).clamp_min(1e-30)).item()
 
 
 class Measured(NamedTuple):

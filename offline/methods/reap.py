@@ -29,3 +29,26 @@ class REAP(Pruning):
 
     def scores(self, stats: LayerStats) -> torch.Tensor:
         return reap_scores(stats)
+
+
+class MAN(Pruning):
+    """MAN (Liu et al., arXiv 2606.15716; github.com/ZongfangLiu/unified-expert-pruning): the mean
+    norm of an expert's output over the tokens routed to it, with no gate term and no frequency.
+    Pruned experts are dropped from the top-k, as REAP's are."""
+
+    name = "man"
+    statistics = frozenset({"routed_outputs"})
+    description = "keep the experts with the highest mean output norm on their routed tokens, drop the others (MAN)"
+
+    def scores(self, stats: LayerStats) -> torch.Tensor:
+        return stats.routed_norm.double()
+
+
+class MSAN(MAN):
+    """MSAN: MAN with the squared norm, E‖E_j(x)‖² = Σ_d (var_d + mean_d²) over the routed tokens."""
+
+    name = "msan"
+    description = "keep the experts with the highest mean squared output norm on their routed tokens, drop the others (MSAN)"
+
+    def scores(self, stats: LayerStats) -> torch.Tensor:
+        return (stats.routed_var.double() + stats.routed_mean.double() ** 2).sum(-1)

@@ -10,7 +10,8 @@ from ..source.architecture import SourceArchitecture
 
 def output_config(config: dict, arch: SourceArchitecture, maps: list[list[int] | None], *, method: str, export: str,
                   source_path: str, source_bytes: int, weight_bytes: int, profile: dict | None = None,
-                  source_experts: list | None = None) -> dict:
+                  source_experts: list | None = None, corrected: list[bool] = (),
+                  constant_experts: list[list[int]] = ()) -> dict:
     layout, n_src = arch.layout, arch.num_experts
     out = dict(config)
     out.update(dict.fromkeys(layout.num_experts_keys(config), max(merged_count(m) for m in maps)))
@@ -23,6 +24,7 @@ def output_config(config: dict, arch: SourceArchitecture, maps: list[list[int] |
         method=method, num_router_experts=n_src, expert_maps=maps,
         source={"architecture": source_arch, "num_experts": n_src, "weight_bytes": source_bytes,
                 "path": source_path},
-        weight_bytes=weight_bytes, profile=profile, source_experts=source_experts or (),
+        weight_bytes=weight_bytes, profile=profile, source_experts=source_experts or (), corrected=corrected,
+        constant_experts=constant_experts,
     )
     return out

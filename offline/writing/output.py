@@ -14,7 +14,7 @@ from typing import Iterable, Iterator
 import torch
 from tqdm import tqdm
 
-from submoe_format.checkpoint import merged_count
+from submoe_format.checkpoint import correction_tensor, merged_count
 from submoe_format.profile import source_record
 
 from ..calibration.layers import CalibratedLayer, save_resume_point
@@ -78,6 +78,8 @@ class CompressedOutput:
         # a profile writes only what changed; what it reads from the source counts in what it serves
         self.profile = opts.export == "profile"
         self.source_experts: list[list[int | None] | None] = state.get("source_experts", [])
+        self.corrected: list[bool] = state.get("corrected", [])  # per layer: has correction vectors
+        self.constants: list[list[int]] = state.get("constants", [])  # per layer: router experts served by them alone
         self.served_bytes: int = state.get("served_bytes", 0)
         if self.layers_done:
             self.bar.write(f"resuming {opts.out} after its first {self.layers_done} finished layers", file=sys.stderr)
@@ -92,6 +94,7 @@ class CompressedOutput:
         save_resume_point(group[-1], self.dir)
         self.work.save(layers_done=self.layers_done, writer=self.shards.state(), maps=self.maps,
                        source_experts=self.source_experts, served_bytes=self.served_bytes,
+                       corrected=self.corrected, constants=self.constants,
                        report_layers=self.report_layers, seconds=self.clock.total(),
                        calibration_seconds=self.clock.calibration)
         self.bar.update(len(group))
@@ -106,6 +109,8 @@ class CompressedOutput:
                 tensors[router] = tensors[router][m.result.representatives]
             merged = self.arch.expert_tensors(layer.index, m.result.experts.to(self.dtype))
             tensors.update(merged)
+            if m.result.correction is not None:
+                tensors[correction_tensor(layer.index)] = m.result.correction.to(self.dtype)
             if self.profile:
                 kept = self._unchanged_experts(layer.index, m.result.expert_map, merged)
             self.report_layers.append(report.layer_entry(layer.index, layer.stats, m))
@@ -117,6 +122,8 @@ class CompressedOutput:
         self._save(tensors, from_source)
         self.maps.append(None if m.result is None else m.result.expert_map)
         self.source_experts.append(kept)
+        self.corrected.append(m.result is not None and m.result.correction is not None)
+        self.constants.append([] if m.result is None else m.result.constant)
 
     def _unchanged_experts(self, layer: int, expert_map: list[int | None], merged: dict) -> list[int | None]:
         """Per served expert, the source expert it is bit for bit (a pruning's kept experts, an
@@ -149,7 +156,8 @@ class CompressedOutput:
                                export=self.opts.export, source_path=str(self.opts.model), source_bytes=source_bytes,
                                weight_bytes=self.served_bytes,
                                profile=source_record(self.source.dir) if self.profile else None,
-                               source_experts=self.source_experts)
+                               source_experts=self.source_experts, corrected=self.corrected,
+                               constant_experts=self.constants)
         (self.dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         copy_tokenizer(self.source.dir, self.dir)
         # seconds: this run's reading and calibrating (with --stats, reading; calibrate_seconds is the file's)

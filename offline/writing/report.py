@@ -34,6 +34,9 @@ def layer_entry(layer: int, stats, measured) -> dict:
         **({"grouping": result.grouping.chosen_by, "held_out_error_by_grouping": result.grouping.held_out_errors}
            if result.grouping is not None and result.grouping.chosen_by else {}),
         **({"refinement": result.refinement} if result.refinement else {}),
+        **({"constant_experts": result.constant} if result.constant else {}),
+        **({"correction_norms": [round(v, 5) for v in result.correction.norm(dim=-1).tolist()]}
+           if result.correction is not None else {}),
     }
 
 
@@ -46,6 +49,7 @@ def build(opts, method, calib_info: dict, layers: list[dict], experts_per_layer:
         "method_description": method.description,
         "settings": {"num_experts": opts.num_experts, "seed": opts.seed, "device": opts.device, "export": opts.export,
                      "expert_output_tokens": calib_info["output_tokens"], "refine_steps": opts.refine_steps,
+                     "correct": opts.correct,
                      **method.settings()},
         "source": {"path": str(opts.model), "num_experts": n_src, "weight_bytes": source_bytes},
         "calibration": calib_info,

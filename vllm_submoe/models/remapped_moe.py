@@ -13,10 +13,16 @@ routed scaling factor, ...) and builds
 
 The ids the router returns are global merged-expert ids (0..N'-1); under expert parallelism
 vLLM's expert map turns them into each rank's local ids, as it does for any MoE.
+
+A corrected layer (format 4) adds Σ_k w_k correction[i_k] over each token's router experts to the
+layer's output (its constant experts go to the kernel with weight 0). The term is computed by the
+custom op `submoe::correction` from the same inputs and the same router, after vLLM's MoE layer,
+so torch.compile sees an opaque op (as vLLM's own MoE op) and CUDA graphs replay it.
 """
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -26,7 +32,7 @@ import torch
 from safetensors import safe_open
 
 from submoe_format.checkpoint import CheckpointFormatError, SubMoEBlock, check_all_present, check_tensor_shape, \
-    expected_expert_tensors, layout_for, merged_count, parse_block
+    correction_tensor, dropped_experts, expected_expert_tensors, layout_for, merged_count, parse_block
 from submoe_format.profile import check_source, source_tensors
 from ..vllm_compat import internal
 
@@ -43,17 +49,24 @@ class RemappedRouter(FusedMoERouter):
     Two chosen router experts that map to one merged expert both stay in the top-k list: the
     fused kernels accept duplicate ids and add their weights, which is exactly the merged forward.
     A dropped router expert (None in the map) has its logit set to -inf first, so the source
-    routing runs over the live experts only, as a pruned N'-row router does.
+    routing runs over the live experts only, as a pruned N'-row router does. A constant expert
+    (None in the map, routed as usual) reaches the kernel with weight 0: its correction row serves it.
     """
 
-    def __init__(self, source_router: FusedMoERouter, expert_map: list[int | None]):
+    def __init__(self, source_router: FusedMoERouter, expert_map: list[int | None], constant: tuple[int, ...] = (),
+                 hidden_size: int = 0, output_scale: float = 1.0):
         super().__init__(eplb_state=None)
         self.source_router = source_router
         # Built under vLLM's device context at model construction, so they live on the model's device.
         # A dropped expert is never chosen (at least top_k live ones remain); its id 0 only keeps the
         # table a valid index for kernels that do not bounds-check.
         self.expert_map = torch.tensor([0 if e is None else e for e in expert_map], dtype=torch.int32)
-        self.dropped = torch.tensor([e is None for e in expert_map]) if None in expert_map else None
+        dropped = dropped_experts(expert_map, constant)
+        self.dropped = torch.tensor([i in dropped for i in range(len(expert_map))]) if dropped else None
+        self.served = torch.tensor([i not in constant for i in range(len(expert_map))]) if constant else None
+        # [N, H] in the model's dtype, loaded with the weights (SubMoEModel.load_weights); None: no correction
+        self.correction = torch.zeros(len(expert_map), hidden_size) if hidden_size else None
+        self.output_scale = output_scale  # the routed scaling the runner applies to the output, if it does
 
     def set_capture_fn(self, capture_fn) -> None:
         self.source_router.set_capture_fn(capture_fn)
@@ -69,20 +82,74 @@ class RemappedRouter(FusedMoERouter):
         # logits itself would skip the remap, so only decomposed backends (select_experts, then experts).
         return False
 
+    def route(self, hidden_states: torch.Tensor, router_logits: torch.Tensor,
+              topk_indices_dtype: torch.dtype | None = None, input_ids: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights, router expert ids) [T, k]: the source routing over the live router experts."""
+        if self.dropped is not None:
+            router_logits = router_logits.masked_fill(self.dropped, float("-inf"))
+        return self.source_router.select_experts(hidden_states, router_logits, topk_indices_dtype, input_ids=input_ids)
+
     def _select_experts(self, hidden_states: torch.Tensor, router_logits: torch.Tensor,
                         topk_indices_dtype: torch.dtype | None = None, *,
                         input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.dropped is not None:
-            router_logits = router_logits.masked_fill(self.dropped, float("-inf"))
-        weights, ids = self.source_router.select_experts(hidden_states, router_logits, topk_indices_dtype,
-                                                         input_ids=input_ids)
+        weights, ids = self.route(hidden_states, router_logits, topk_indices_dtype, input_ids)
+        if self.served is not None:
+            weights = weights * self.served[ids.long()]
         return weights, self.expert_map[ids.long()].to(ids.dtype)
 
+    def correction_output(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        """[T, H] Σ_k w_k correction[i_k], in the hidden states' dtype (summed in float32)."""
+        weights, ids = self.route(hidden_states, router_logits)
+        term = (weights.float().unsqueeze(-1) * self.correction[ids.long()].float()).sum(1)
+        return (term * self.output_scale).to(hidden_states.dtype)
 
-def remapped_fused_moe(block: SubMoEBlock, built: set[int]):
-    """A stand-in for `FusedMoEFactory` that builds layer l's N'_l merged experts behind a remap."""
 
-    def factory(*, num_experts: int, top_k: int, prefix: str = "", renormalize: bool = True,
+# key -> a corrected layer's router, for the custom op; the key is the layer's prefix and its router's
+# id, so two models in one process never share one. Weak: a model's layers keep their routers alive.
+_CORRECTED: weakref.WeakValueDictionary[str, RemappedRouter] = weakref.WeakValueDictionary()
+
+
+@torch.library.custom_op("submoe::correction", mutates_args=())
+def correction_op(hidden_states: torch.Tensor, router_logits: torch.Tensor, layer: str) -> torch.Tensor:
+    return _CORRECTED[layer].correction_output(hidden_states, router_logits)
+
+
+@correction_op.register_fake
+def _(hidden_states: torch.Tensor, router_logits: torch.Tensor, layer: str) -> torch.Tensor:
+    return torch.empty_like(hidden_states)
+
+
+class Corrected:
+    """Mixed in before vLLM's MoE layer class of a corrected layer: its output plus the correction term.
+    Parameters and weight loading are the layer's own (the correction is the router's tensor)."""
+
+    submoe_layer: str
+
+    def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = super().forward(hidden_states, router_logits, *args, **kwargs)
+        return out + correction_op(hidden_states, router_logits, self.submoe_layer).view_as(out)
+
+
+def corrected(moe: torch.nn.Module, router: RemappedRouter, prefix: str) -> torch.nn.Module:
+    """`moe` (vLLM's MoE layer, its output already all-reduced across tensor-parallel ranks) adding
+    `router`'s correction term: each rank adds the same term to the same reduced output."""
+    config = getattr(moe, "moe_config", None)
+    if getattr(config, "skip_final_all_reduce", False) or getattr(config, "is_sequence_parallel", False):
+        raise CheckpointFormatError(f"{prefix} has correction vectors, which this plugin adds to a reduced MoE output; "
+                                    f"sequence-parallel MoE leaves it unreduced: serve without it")
+    key = f"{prefix}#{id(router)}"
+    _CORRECTED[key] = router
+    moe.__class__ = type(f"Corrected{type(moe).__name__}", (Corrected, type(moe)), {})
+    moe.submoe_layer = key
+    return moe
+
+
+def remapped_fused_moe(block: SubMoEBlock, built: set[int], routers: dict[int, RemappedRouter]):
+    """A stand-in for `FusedMoEFactory` that builds layer l's N'_l merged experts behind a remap
+    (`routers`: filled with each corrected layer's router)."""
+
+    def factory(*, num_experts: int, top_k: int, hidden_size: int, prefix: str = "", renormalize: bool = True,
                 use_grouped_topk: bool = False, num_expert_group: int | None = None, topk_group: int | None = None,
                 scoring_func: str = "softmax", routed_scaling_factor: float = 1.0,
                 apply_routed_scale_to_output: bool = False, e_score_correction_bias: torch.Tensor | None = None,
@@ -108,24 +175,32 @@ def remapped_fused_moe(block: SubMoEBlock, built: set[int]):
             # as FusedMoEFactory does: scaled by the router unless the runner scales the output
             routed_scaling_factor=1.0 if apply_routed_scale_to_output else routed_scaling_factor)
         built.add(layer)
-        return FusedMoEFactory(num_experts=merged_count(expert_map), top_k=top_k, prefix=prefix, renormalize=renormalize,
-                               scoring_func=scoring_func, routed_scaling_factor=routed_scaling_factor,
-                               apply_routed_scale_to_output=apply_routed_scale_to_output,
-                               router=RemappedRouter(source_router, list(expert_map)), **kwargs)
+        router = RemappedRouter(source_router, list(expert_map), block.constants(layer),
+                                hidden_size if block.is_corrected(layer) else 0,
+                                routed_scaling_factor if apply_routed_scale_to_output else 1.0)
+        moe = FusedMoEFactory(num_experts=merged_count(expert_map), top_k=top_k, hidden_size=hidden_size,
+                              prefix=prefix, renormalize=renormalize, scoring_func=scoring_func,
+                              routed_scaling_factor=routed_scaling_factor,
+                              apply_routed_scale_to_output=apply_routed_scale_to_output, router=router, **kwargs)
+        if block.is_corrected(layer):
+            routers[layer] = router
+            moe = corrected(moe, router, prefix)
+        return moe
 
     return factory
 
 
 @contextmanager
-def merged_experts(arch_module: ModuleType, hf_config, block: SubMoEBlock) -> Iterator[set[int]]:
+def merged_experts(arch_module: ModuleType, hf_config, block: SubMoEBlock,
+                   routers: dict[int, RemappedRouter]) -> Iterator[set[int]]:
     """Build a vLLM model of `arch_module` with merged experts: the config shows vLLM the N router
     experts (router rows, routing) while each MoE layer gets its own N'_l fused experts. Yields
-    the set of layers that got merged experts."""
+    the set of layers that got merged experts; fills `routers` with the corrected layers' routers."""
     key = layout_for(hf_config.to_dict()).num_experts_key(hf_config.to_dict())
     served = getattr(hf_config, key)
     built: set[int] = set()
     original = arch_module.FusedMoEFactory
-    arch_module.FusedMoEFactory = remapped_fused_moe(block, built)
+    arch_module.FusedMoEFactory = remapped_fused_moe(block, built, routers)
     setattr(hf_config, key, block.num_router_experts)
     try:
         yield built
@@ -175,7 +250,8 @@ class SubMoEModel:
     def __init__(self, *, vllm_config, prefix: str = ""):
         hf_config = vllm_config.model_config.hf_config
         self.submoe = parse_block(hf_config.to_dict())
-        with merged_experts(self.arch_module, hf_config, self.submoe) as built:
+        self.submoe_routers: dict[int, RemappedRouter] = {}  # corrected layers' routers, which hold the corrections
+        with merged_experts(self.arch_module, hf_config, self.submoe, self.submoe_routers) as built:
             super().__init__(vllm_config=vllm_config, prefix=prefix)
         stage = range(self.model.start_layer, self.model.end_layer)  # this pipeline stage's layers
         wanted = {l for l in stage if self.submoe.expert_maps[l] is not None}
@@ -188,4 +264,13 @@ class SubMoEModel:
         layers, config = range(self.model.start_layer, self.model.end_layer), self.config.to_dict()
         if self.submoe.profile is not None:
             weights = itertools.chain(weights, profile_source_weights(config, self.submoe, layers))
-        return super().load_weights(checked_weights(weights, config, self.submoe, layers))
+        return super().load_weights(self._corrections_loaded(checked_weights(weights, config, self.submoe, layers)))
+
+    def _corrections_loaded(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        """The weights for vLLM's loader, each correction tensor taken out into its layer's router."""
+        names = {correction_tensor(l): r for l, r in self.submoe_routers.items()}
+        for name, tensor in weights:
+            if name in names:
+                names[name].correction.copy_(tensor)
+            elif not name.startswith("submoe."):  # another pipeline stage's correction: not this rank's
+                yield name, tensor
