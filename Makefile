@@ -14,7 +14,7 @@ export VLLM_NO_USAGE_STATS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export NO_MKDOCS_2_WARNING ?= 1
 
-.PHONY: install demo test test-fast model corpus quality cost duplicates ideas serving scaling compat gpu-check clean
+.PHONY: install demo test test-fast model corpus quality served-quality cost duplicates ideas serving scaling compat gpu-check clean
 
 install: $(STAMP)
 
@@ -73,6 +73,11 @@ model: $(STAMP) corpus
 # three hours on 2 cores).
 quality: $(STAMP)
 	$(PY) benchmarks/quality.py
+
+# KL through `vllm serve` against the reference forward's, for MoNE and --correct checkpoints of the
+# shipped model (served_quality.*; about 5 minutes).
+served-quality: $(STAMP)
+	$(PY) benchmarks/served_quality.py
 
 # What a compression costs: a fresh `submoe compress` per row (method_cost.*; about 10 minutes).
 cost: $(STAMP)

@@ -74,10 +74,11 @@ ADDED = {
     # the same 16k sampled tokens.
     **{f"{m}+refine@16k": (m, {}, {"output_tokens": 16384, "refine_steps": 100})
        for m in ("mergemoe", "m-smoe", "hc-smoe", "reap", "mone", "man")},
-    # Least-squares correction vectors per router expert (methods/correction.py), an idea of ours:
-    # on our method, and on the best refined published ones, so what it adds is measured apart.
-    **{f"{m}+refine+correct@16k": (m, {}, {"output_tokens": 16384, "refine_steps": 100, "correct": True})
-       for m in ("output-lsq", "m-smoe", "reap")},
+    # Least-squares correction vectors per router expert (methods/correction.py), an idea of ours.
+    "output-lsq+refine+correct@16k": ("output-lsq", {}, {"output_tokens": 16384, "refine_steps": 100, "correct": True}),
+    # End-to-end distillation after the layer-wise steps (offline/distillation.py), another idea of ours.
+    "output-lsq+refine+distill@16k": ("output-lsq", {}, {"output_tokens": 16384, "refine_steps": 100,
+                                                         "distill_steps": 200}),
     # The recommended settings as a stock checkpoint (N'-row router; `submoe compress --preset stock`)
     "output-lsq+refine+vanilla@16k": ("output-lsq", {}, {"output_tokens": 16384, "refine_steps": 100,
                                                          "export": "vanilla"}),

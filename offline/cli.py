@@ -116,6 +116,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="any method: after merging, up to S gradient steps on every merged expert's matrices "
                         "against the source layer's output on the --output-tokens sample, routing fixed; "
                         "held-out tokens decide when to stop (default: the preset's, or 0 with --method)")
+    m.add_argument("--distill-steps", type=int, metavar="S",
+                   help="any method, last: up to S steps training every merged expert end to end on the source's "
+                        "next-token distributions over the calibration windows (the whole model in float32: "
+                        "small models); held-out windows decide when to stop")
     m.add_argument("--correct", action="store_true", default=None,
                    help="any method: last, fit one correction vector per router expert by least squares on the "
                         "layer's output, added with the expert's routing weight when served (remap export)")
@@ -194,7 +198,7 @@ def _compress_settings(args) -> dict:
     preset = dict(PRESETS[args.preset or DEFAULT_PRESET].settings) if args.preset or not args.method else {}
     if args.stats:
         preset.pop("output_tokens", None)
-    given = {k: getattr(args, k) for k in ("method", "refine_steps", "correct", "export")
+    given = {k: getattr(args, k) for k in ("method", "refine_steps", "correct", "distill_steps", "export")
              if getattr(args, k) is not None}
     return {**preset, **given, **_compress_calibration(args)}
 

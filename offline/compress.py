@@ -7,6 +7,8 @@
     reduce    group each layer's experts and merge every group, then refine and correct if asked (methods/)
     write     a layer at a time (shards of at most 2 GiB), then config.json with the remap tables,
               tokenizer and report, in a work directory that survives a killed run and resumes it (writing/)
+    distil    if asked, the written checkpoint's merged experts trained end to end on the source's
+              next-token distributions (distillation.py)
 
 Hidden states move on through the *source* layer, so the statistics do not depend on the method:
 `submoe calibrate` writes them once and `compress --stats DIR` reads them instead of calibrating,
@@ -16,9 +18,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from pathlib import Path
 
 from .calibration.layer_source import LayerSource
 from .calibration.layers import CalibratedLayer, advance_compressed, in_groups
+from .calibration.windows import source_windows
+from .distillation import Distillation, distill
 from .methods import LayerResult, Method, make_method, reduce_layers
 from .methods.correction import fit_correction
 from .methods.output_error import Measured, experts_target, measured, served_gate_weights, served_weights
@@ -27,6 +32,7 @@ from .options import CompressError, CompressOptions, layer_budgets
 from .source.architecture import SourceArchitecture
 from .source.checkpoint import LazyCheckpoint
 from .writing.output import CompressedOutput
+from .writing.report import write as write_report
 from .writing.workdir import resumable_output_dir
 
 
@@ -47,7 +53,12 @@ def compress(opts: CompressOptions) -> dict:
                     advance(group[0], reduced[0].result, opts.export)
             out.add(group, reduced)
             del group  # the next layer must not be read while this one is alive
-        return out.finish(method, layers.info)
+        report = out.finish(method, layers.info)
+    if opts.distill_steps:
+        report["distillation"] = distill(Path(opts.out), source.dir, calibration_windows_of(source, layers.info),
+                                         Distillation(steps=opts.distill_steps, seed=opts.seed))
+        write_report(report, Path(opts.out))
+    return report
 
 
 def reduce_group(group: list[CalibratedLayer], method: Method, budgets: list[int | None],
@@ -80,6 +91,12 @@ def refined(stats, result: LayerResult, opts: CompressOptions) -> LayerResult:
 def corrected(stats, result: LayerResult, opts: CompressOptions) -> LayerResult:
     """The layer with least-squares correction vectors for every router expert (methods/correction.py)."""
     return replace(result, correction=fit_correction(stats, result))
+
+
+def calibration_windows_of(source: LazyCheckpoint, info: dict):
+    """The calibration windows a run used (its own, or those its statistics file was measured on)."""
+    return source_windows(source, [s["path"] for s in info["sources"].values()], info["samples"], info["seq_len"],
+                          info["seed"])[0]
 
 
 def advance(layer: CalibratedLayer, result: LayerResult, export: str) -> None:

@@ -105,11 +105,12 @@ def add_correction(mlp: torch.nn.Module, logits: dict[str, torch.Tensor], routin
     """After the MoE block's forward, add Σ_k w_k correction[i_k] under the source routing of its
     router's logits (the block returns its output, or (output, router logits))."""
     def hook(module, args, out):
-        hidden = out[0] if isinstance(out, tuple) else out
-        w, ids = routing(logits["logits"].reshape(-1, correction.shape[0]))
-        term = (w.unsqueeze(-1).to(correction.dtype) * correction.to(hidden.device)[ids]).sum(1)
+        hidden, c = out[0] if isinstance(out, tuple) else out, hook.correction
+        w, ids = routing(logits["logits"].reshape(-1, c.shape[0]))
+        term = (w.unsqueeze(-1).to(c.dtype) * c.to(hidden.device)[ids]).sum(1)
         hidden = hidden + term.view_as(hidden).to(hidden.dtype)
         return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+    hook.correction = correction  # end-to-end distillation trains it (offline/distillation.py)
     mlp.register_forward_hook(hook)
 
 

@@ -28,6 +28,7 @@ class CompressOptions(Calibration):
     # "profile": remap's block, only the changed tensors, the rest read from the source (submoe_format.profile)
     refine_steps: int = 0  # layer-wise refinement after the merge (methods/refine.py): at most this many steps
     correct: bool = False  # least-squares correction vectors per router expert, last (methods/correction.py)
+    distill_steps: int = 0  # end-to-end distillation of the written checkpoint's experts (distillation.py)
     stats: str | None = None  # a `submoe calibrate` directory: its statistics instead of calibrating
     sequential: bool = False  # calibrate each layer on the compressed layers' hidden states (calibration/layers.py)
 
@@ -91,6 +92,11 @@ def layer_budgets(opts: CompressOptions, source: LazyCheckpoint, arch: SourceArc
                             "layers jointly: drop one")
     if opts.correct or method.corrects:
         _check_corrections(opts, method)
+    if opts.distill_steps < 0:
+        raise CompressError(f"--distill-steps must be >= 0, got {opts.distill_steps}")
+    if opts.distill_steps and opts.export != "remap":
+        raise CompressError(f"--distill-steps trains the merged experts behind the remap tables and rewrites "
+                            f"them in the checkpoint; --export {opts.export} does not hold them so: use --export remap")
     if opts.refine_steps < 0:
         raise CompressError(f"--refine-steps must be >= 0, got {opts.refine_steps}")
     if not source.has_tokenizer():

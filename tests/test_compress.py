@@ -109,6 +109,8 @@ def _compress_args(src, out, *extra):
      "--method mone serves pruned experts as constant vectors (.*) --export vanilla cannot carry them"),
     (lambda a: a.extend(["--correct", "--export", "profile"]), "--correct writes correction vectors"),
     (lambda a: a.extend(["--correct", "--sequential"]), "which --sequential calibration does not carry"),
+    (lambda a: a.extend(["--distill-steps", "-1"]), "--distill-steps must be >= 0"),
+    (lambda a: a.extend(["--distill-steps", "5", "--export", "vanilla"]), "--export vanilla does not hold them so"),
 ])
 def test_bad_cli_input_gives_one_clear_error_and_no_output(random_source, tmp_path, capsys, change, message):
     args = _compress_args(random_source, tmp_path / "out")

@@ -117,3 +117,33 @@ def test_the_reference_forward_adds_the_correction_to_the_moe_block(tmp_path):
     tensors[correction_tensor(0)] = torch.zeros_like(tensors[correction_tensor(0)])
     save_file(tensors, str(shard), metadata={"format": "pt"})
     assert not torch.allclose(block_output(load_reference(str(out)), 0), block_output(model, 0), atol=1e-4)
+
+
+def test_distillation_starts_from_the_served_model_lowers_held_out_kl_and_rewrites_the_checkpoint(tmp_path):
+    """The student (merged experts behind the remap, one parameter set per merged expert) computes the
+    reference forward's logits before any step; distilling lowers the held-out KL it reports, and the
+    rewritten checkpoint's reference forward gives exactly that held-out KL."""
+    from conftest import SHIPPED
+
+    from offline.compress import compress
+    from offline.distillation import Distillation, distill, kl, student
+    from offline.evaluate import load_reference
+    from offline.options import CompressOptions
+    from offline.synthetic import random_mixtral
+    src = random_mixtral(tmp_path / "src", SHIPPED, layers=2)
+    out = tmp_path / "mone"
+    compress(CompressOptions(model=str(src), out=out, method="mone", num_experts=3, calib=CALIB[:1], samples=4,
+                             seq_len=32, output_tokens=64, progress=False))
+    windows = torch.randint(0, 1000, (10, 24), generator=torch.Generator().manual_seed(0))
+    model, experts, corrections = student(out)
+    assert set(experts) == set(corrections) == {0, 1} and len(experts[0].gate) == 3
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=windows[:2]).logits,
+                                   load_reference(str(out))(input_ids=windows[:2]).logits, atol=1e-5, rtol=1e-4)
+    info = distill(out, src, windows, Distillation(steps=20, check_every=5, batch=2))
+    assert info["held_out_kl_after"] < info["held_out_kl_before"] and info["held_out_windows"] == 2
+    held = windows[torch.arange(10) % 5 == 0]
+    with torch.no_grad():
+        target = load_reference(str(src))(input_ids=held).logits.float().log_softmax(-1)
+        after = kl(load_reference(str(out))(input_ids=held).logits, target).item()
+    assert after == pytest.approx(info["held_out_kl_after"], rel=1e-4)
