@@ -290,6 +290,72 @@ def readme_with(table: str, readme: str) -> str:
     return readme[:readme.index(start) + len(start)] + "\n" + table + "\n" + readme[readme.index(end):]
 
 
+# Published methods (the project's own is output-lsq; freq-prune, average and random are baselines).
+PUBLISHED = ("submoe", "mergemoe", "hc-smoe", "m-smoe", "reap", "ream", "mone", "man", "msan")
+OURS = "output-lsq+refine@16k"  # the recommended setting (`quality` preset)
+IDEAS = {"output-lsq+refine+correct@16k": "least-squares correction vector per router expert (`--correct`)",
+         "output-lsq+refine+distill@16k": "end-to-end distillation, 200 steps (`--distill-steps 200`)"}
+
+
+def fair_rows(results: dict, fraction: float) -> dict[str, dict]:
+    """model -> the figures of the equal-treatment table at `fraction` of the experts kept: the best
+    published method as published and with the same 16k tokens and refinement, ours, the ideas."""
+    out = {}
+    for name, m in results["models"].items():
+        n = max(1, round(fraction * m["source_experts"]))
+        rows = {r["label"]: r for r in m["summary"] if r["num_experts"] == n}
+        published = [r for r in rows.values() if r["method"] in PUBLISHED and "+refine" not in r["label"]
+                     and "+seq" not in r["label"]]
+        refined = [r for lab, r in rows.items() if r["method"] in PUBLISHED and lab.endswith("+refine@16k")]
+        out[name] = {"n": n, "source": m["source_experts"],
+                     "published": min(published, key=lambda r: r["kl"], default=None),
+                     "refined": min(refined, key=lambda r: r["kl"], default=None),
+                     "ours": rows.get(OURS), **{lab: rows.get(lab) for lab in ("mone", "man", "msan", *IDEAS)}}
+    return out
+
+
+def fair_table(results: dict) -> str:
+    """The equal-treatment tables (50% and 25% of the experts kept) and the goals of issue 27."""
+    parts = []
+    half = fair_rows(results, 0.5)
+    for fraction in (0.5, 0.25):
+        f = fair_rows(results, fraction)
+        models = [m for m in f if f[m]["ours"] or f[m]["published"]]
+        if not models:
+            continue
+        cell = lambda r, d=4: "" if r is None else f"{r['kl']:.{d}f} ± {r['kl_std']:.{d}f} ({r['label']}, {r['seeds']} seeds)"  # noqa: E731
+        lines = [f"### {1 - fraction:.0%} of the experts removed", "",
+                 "| mean KL | " + " | ".join(f"{m} {f[m]['source']}→{f[m]['n']}" for m in models) + " |",
+                 "|---|" + "---:|" * len(models)]
+        lines.append("| best published method, as published | " + " | ".join(cell(f[m]["published"]) for m in models) + " |")
+        lines.append("| best published method, 16k tokens + the same refinement | " +
+                     " | ".join(cell(f[m]["refined"]) for m in models) + " |")
+        for lab in ("mone", "man", "msan"):
+            lines.append(f"| {lab}, as published | " + " | ".join(cell(f[m][lab]) for m in models) + " |")
+        lines.append(f"| **ours: {OURS}** | " + " | ".join(cell(f[m]["ours"]) for m in models) + " |")
+        for lab, what in IDEAS.items():
+            lines.append(f"| ours + {what} | " + " | ".join(cell(f[m][lab]) for m in models) + " |")
+
+        def ratio(m, against):
+            a, b = f[m]["ours"], f[m][against]
+            return f"{a['kl'] / b['kl']:.2f}" if a and b else ""
+        lines.append("| ours / best published, refined (goal at 50%: ≤ 0.5) | " +
+                     " | ".join(ratio(m, "refined") for m in models) + " |")
+        lines.append("| ours / best published, as published | " + " | ".join(ratio(m, "published") for m in models) + " |")
+        if fraction == 0.5:
+            lines.append("| ours: perplexity retention mean (worst domain); goal ≥ 0.95 (≥ 0.90) | " + " | ".join(
+                "" if not f[m]["ours"] else f"{f[m]['ours']['retention_mean']:.3f} ({f[m]['ours']['retention_worst']:.3f})"
+                for m in models) + " |")
+        else:
+            def best_half(m):
+                rs = [r for r in (half[m]["published"], half[m]["refined"]) if r]
+                return min(rs, key=lambda r: r["kl"]) if rs else None
+            lines.append("| best published method at 50% (goal: ours at 75% ≤ it) | " +
+                         " | ".join(cell(best_half(m)) for m in models) + " |")
+        parts += lines + [""]
+    return "\n".join(parts)
+
+
 def main_table(results: dict) -> str:
     models = list(results["models"])
     cols = [(m, results["models"][m]["source_experts"], n) for m in models for n in results["models"][m]["targets"]]
@@ -327,6 +393,10 @@ def to_markdown(results: dict) -> str:
              f"{s['eval_windows']} held-out windows per domain; greedy continuations of {s['prompts_per_domain']} "
              f"prompts per domain, {s['new_tokens']} tokens. Mean ± sample std over seeds {s['seeds']}. "
              f"KL = mean KL(original ‖ compressed) per token; retention = original / compressed perplexity.", "",
+             "## At equal treatment", "",
+             "Every published method as its authors run it and with the project's 16k sampled tokens and "
+             "100 refinement steps; ours is the recommended setting; each idea is a row of its own.", "",
+             "<!-- --8<-- [start:fair] -->", fair_table(results), "<!-- --8<-- [end:fair] -->", "",
              "## Main table", "", main_table(results)]
     for name, m in results["models"].items():
         parts += ["", f"## {name}", "", detail_table(m["summary"], m["original"], m["source_experts"])]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .calibration.layer_source import LayerSource
 from .calibration.layers import CalibratedLayer, advance_compressed, in_groups
-from .calibration.windows import source_windows
+from .calibration.windows import windows_of
 from .distillation import Distillation, distill
 from .methods import LayerResult, Method, make_method, reduce_layers
 from .methods.correction import fit_correction
@@ -55,7 +55,7 @@ def compress(opts: CompressOptions) -> dict:
             del group  # the next layer must not be read while this one is alive
         report = out.finish(method, layers.info)
     if opts.distill_steps:
-        report["distillation"] = distill(Path(opts.out), source.dir, calibration_windows_of(source, layers.info),
+        report["distillation"] = distill(Path(opts.out), source.dir, windows_of(source, layers.info),
                                          Distillation(steps=opts.distill_steps, seed=opts.seed))
         write_report(report, Path(opts.out))
     return report
@@ -71,10 +71,12 @@ def reduce_group(group: list[CalibratedLayer], method: Method, budgets: list[int
     on_cpu = [c.experts.to("cpu") for c in group]  # methods run on the CPU; their outputs come from these experts
     stats = [replace(c.stats, experts=e) for c, e in zip(group, on_cpu)]
     results = reduce_layers(method, list(zip(on_cpu, stats)), [budgets[c.index] for c in group], opts.seed)
-    # Corrections fitted before refining (which then fits what they leave) and again after it.
-    for step in ([corrected] if opts.correct else []) + ([refined] if opts.refine_steps else []) + \
-            ([corrected] if opts.correct and opts.refine_steps else []):
-        results = [step(s, r, opts) for s, r in zip(stats, results)]
+    if opts.correct:  # before refining, which then fits what the corrections leave, and again after it
+        results = [corrected(s, r) for s, r in zip(stats, results)]
+    if opts.refine_steps:
+        results = [refined(s, r, opts) for s, r in zip(stats, results)]
+        if opts.correct:
+            results = [corrected(s, r) for s, r in zip(stats, results)]
     seconds = (time.time() - t0) / len(group)
     return [measured(c.stats, r, opts.export, seconds) for c, r in zip(group, results)]
 
@@ -88,15 +90,9 @@ def refined(stats, result: LayerResult, opts: CompressOptions) -> LayerResult:
     return replace(result, experts=experts, refinement=info)
 
 
-def corrected(stats, result: LayerResult, opts: CompressOptions) -> LayerResult:
+def corrected(stats, result: LayerResult) -> LayerResult:
     """The layer with least-squares correction vectors for every router expert (methods/correction.py)."""
     return replace(result, correction=fit_correction(stats, result))
-
-
-def calibration_windows_of(source: LazyCheckpoint, info: dict):
-    """The calibration windows a run used (its own, or those its statistics file was measured on)."""
-    return source_windows(source, [s["path"] for s in info["sources"].values()], info["samples"], info["seq_len"],
-                          info["seed"])[0]
 
 
 def advance(layer: CalibratedLayer, result: LayerResult, export: str) -> None:

@@ -37,7 +37,7 @@ from .source.checkpoint import LazyCheckpoint
 @dataclass(frozen=True)
 class Distillation:
     steps: int = 0  # at most this many optimiser steps (0: off)
-    lr: float = 0.03  # Adam's step, relative to each tensor's RMS
+    lr: float = 0.01  # Adam's step, relative to each tensor's RMS
     batch: int = 4  # calibration windows per step
     windows: int = 64  # of the calibration windows, at most this many (the source's distributions are kept)
     check_every: int = 25
@@ -119,7 +119,7 @@ def distill(out_dir: Path, source_dir: Path, windows: torch.Tensor, d: Distillat
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if steps % d.check_every == 0:
+        if steps % d.check_every == 0 or steps == d.steps:  # and after the last step
             now = held_out_kl()
             if now < best_kl:
                 best_kl, best, checks_without_gain = now, [p.detach().clone() for p in params], 0

@@ -1,6 +1,8 @@
 """Correction vectors (format 4): MoNE's novices and MAN/MSAN's scores against the papers' rules
 computed by brute force, the least-squares corrections' optimality, and the reference forward's
 correction term against the layer computed by hand. vLLM serving them is in test_methods_served."""
+import json
+
 import pytest
 import torch
 from conftest import CALIB, random_layer
@@ -147,3 +149,23 @@ def test_distillation_starts_from_the_served_model_lowers_held_out_kl_and_rewrit
         target = load_reference(str(src))(input_ids=held).logits.float().log_softmax(-1)
         after = kl(load_reference(str(out))(input_ids=held).logits, target).item()
     assert after == pytest.approx(info["held_out_kl_after"], rel=1e-4)
+
+
+def test_compress_with_distill_steps_reports_and_writes_the_distilled_experts(random_source, tmp_path):
+    """`--distill-steps` end to end: the windows are the calibration's own, the report says what the
+    held-out KL did, and the written experts are the distilled ones (not the merge's)."""
+    from offline.cli import main as cli
+    from offline.source.checkpoint import LazyCheckpoint
+    args = ["compress", "--model", str(random_source), "--method", "mergemoe", "--num-experts", "4", "--calib",
+            CALIB[0], "--samples", "20", "--seq-len", "64", "--no-progress"]
+    assert cli([*args, "--out", str(tmp_path / "plain")]) == 0
+    assert cli([*args, "--out", str(tmp_path / "distilled"), "--distill-steps", "30"]) == 0
+    report = json.loads((tmp_path / "distilled" / "compression_report.json").read_text())
+    d = report["distillation"]
+    assert d["windows"] == 20 and d["held_out_windows"] == 4 and d["steps"] == 30
+    assert d["held_out_kl_after"] < d["held_out_kl_before"]
+    plain, distilled = LazyCheckpoint(tmp_path / "plain"), LazyCheckpoint(tmp_path / "distilled")
+    name = "model.layers.0.block_sparse_moe.experts.0.w2.weight"
+    assert not torch.equal(plain.get(name), distilled.get(name))
+    router = "model.layers.0.block_sparse_moe.gate.weight"
+    assert torch.equal(plain.get(router), distilled.get(router))  # only the experts train

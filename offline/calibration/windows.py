@@ -47,6 +47,13 @@ def source_windows(source, sources: list[str], samples: int, seq_len: int, seed:
     return windows, info
 
 
+def windows_of(source, info: dict) -> torch.Tensor:
+    """The calibration windows a run's `info` describes (`source_windows`' info, or a statistics
+    file's calibration), drawn again: same files, count, length and seed."""
+    return source_windows(source, [s["path"] for s in info["sources"].values()], info["samples"], info["seq_len"],
+                          info["seed"])[0]
+
+
 def calibration_windows(tokenizer, sources: list[str], samples: int, seq_len: int, seed: int) -> tuple[torch.Tensor, dict]:
     """`samples` windows of `seq_len` tokens, spread round-robin over the sources (domains)."""
     if samples < 1:
