@@ -13,6 +13,21 @@ from offline.methods.output_error import output_error, router_weights, served_we
 from offline.moe_math import expert_forward, weighted_expert_sum
 
 
+@pytest.fixture(scope="module")
+def mone_checkpoint(tmp_path_factory):
+    """(a random 2-layer Mixtral, its MoNE 8 -> 3 checkpoint); tests that change it take a copy."""
+    from conftest import SHIPPED
+
+    from offline.compress import compress
+    from offline.options import CompressOptions
+    from offline.synthetic import random_mixtral
+    root = tmp_path_factory.mktemp("mone")
+    src = random_mixtral(root / "src", SHIPPED, layers=2)
+    compress(CompressOptions(model=str(src), out=root / "mone", method="mone", num_experts=3, calib=CALIB[:1],
+                             samples=4, seq_len=32, output_tokens=64, progress=False))
+    return src, root / "mone"
+
+
 def _routed(stats):
     """Per expert: the rows routed to it, its outputs there [r, H] (float64), and every token's weight."""
     w, ids = stats.routing(stats.router_logits)
@@ -71,24 +86,22 @@ def test_least_squares_corrections_solve_their_normal_equations_and_only_lower_t
     assert output_error(stats, r) < before
 
 
-def test_the_reference_forward_adds_the_correction_to_the_moe_block(tmp_path):
+def _copy(checkpoint, tmp_path):
+    import shutil
+    return shutil.copytree(checkpoint, tmp_path / checkpoint.name)
+
+
+def test_the_reference_forward_adds_the_correction_to_the_moe_block(mone_checkpoint, tmp_path):
     """A corrected checkpoint's transformers block = the merged experts under the source routing
     + Σ_k w_k C[i_k], computed here by hand from the checkpoint's tensors; zeroing the correction
     tensor changes the block's output (the term is not lost on the way)."""
-    from conftest import SHIPPED
     from safetensors.torch import load_file, save_file
 
-    from offline.compress import compress
     from offline.evaluate import load_reference
-    from offline.options import CompressOptions
     from offline.source.architecture import SourceArchitecture
     from offline.source.checkpoint import LazyCheckpoint
-    from offline.synthetic import random_mixtral
     from submoe_format.checkpoint import correction_tensor, parse_block
-    src = random_mixtral(tmp_path / "src", SHIPPED, layers=2)
-    out = tmp_path / "mone"
-    compress(CompressOptions(model=str(src), out=out, method="mone", num_experts=4, calib=CALIB[:1], samples=4,
-                             seq_len=32, output_tokens=64, progress=False))
+    src, out = mone_checkpoint[0], _copy(mone_checkpoint[1], tmp_path)
     ckpt = LazyCheckpoint(out)
     block, arch = parse_block(ckpt.config), SourceArchitecture.of(LazyCheckpoint(src).config)
     model = load_reference(str(out))
@@ -121,21 +134,14 @@ def test_the_reference_forward_adds_the_correction_to_the_moe_block(tmp_path):
     assert not torch.allclose(block_output(load_reference(str(out)), 0), block_output(model, 0), atol=1e-4)
 
 
-def test_distillation_starts_from_the_served_model_lowers_held_out_kl_and_rewrites_the_checkpoint(tmp_path):
+def test_distillation_starts_from_the_served_model_lowers_held_out_kl_and_rewrites_the_checkpoint(
+        mone_checkpoint, tmp_path):
     """The student (merged experts behind the remap, one parameter set per merged expert) computes the
     reference forward's logits before any step; distilling lowers the held-out KL it reports, and the
     rewritten checkpoint's reference forward gives exactly that held-out KL."""
-    from conftest import SHIPPED
-
-    from offline.compress import compress
     from offline.distillation import Distillation, distill, kl, student
     from offline.evaluate import load_reference
-    from offline.options import CompressOptions
-    from offline.synthetic import random_mixtral
-    src = random_mixtral(tmp_path / "src", SHIPPED, layers=2)
-    out = tmp_path / "mone"
-    compress(CompressOptions(model=str(src), out=out, method="mone", num_experts=3, calib=CALIB[:1], samples=4,
-                             seq_len=32, output_tokens=64, progress=False))
+    src, out = mone_checkpoint[0], _copy(mone_checkpoint[1], tmp_path)
     windows = torch.randint(0, 1000, (10, 24), generator=torch.Generator().manual_seed(0))
     model, experts, corrections = student(out)
     assert set(experts) == set(corrections) == {0, 1} and len(experts[0].gate) == 3
@@ -169,3 +175,27 @@ def test_compress_with_distill_steps_reports_and_writes_the_distilled_experts(ra
     assert not torch.equal(plain.get(name), distilled.get(name))
     router = "model.layers.0.block_sparse_moe.gate.weight"
     assert torch.equal(plain.get(router), distilled.get(router))  # only the experts train
+
+
+@pytest.mark.parametrize("break_it, message", [
+    (lambda tensors: tensors.pop("submoe.layers.1.correction"), r"missing tensor\(s\) submoe\.layers\.1\.correction"),
+    (lambda tensors: tensors.update({"submoe.layers.1.correction": torch.zeros(8, 8)}),
+     r"tensor submoe\.layers\.1\.correction has shape \(8, 8\), expected \(8, 64\)"),
+])
+def test_a_missing_or_misshaped_correction_is_refused_naming_it(mone_checkpoint, tmp_path, break_it, message):
+    from safetensors.torch import load_file, save_file
+
+    from submoe_format.check import check_checkpoint
+    out = _copy(mone_checkpoint[1], tmp_path)
+    assert check_checkpoint(out).is_corrected(1)
+    shard = next(f for f in out.glob("*.safetensors") if "submoe.layers.1.correction" in load_file(str(f)))
+    tensors = load_file(str(shard))
+    break_it(tensors)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    index = out / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {k: v for k, v in data["weight_map"].items() if k in tensors or v != shard.name}
+        index.write_text(json.dumps(data))
+    with pytest.raises(Exception, match=message):
+        check_checkpoint(out)
