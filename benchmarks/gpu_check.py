@@ -5,8 +5,9 @@ reference forward, and composed with vLLM's online FP8.
     python benchmarks/gpu_check.py [--out benchmarks/results/gpu] [--work build/gpu-check]
 
 1. compiled     the shipped Mixtral 8->4 and the fine-grained Qwen2-MoE 64->32 (shared expert), Sub-MoE,
-                remap export, served in float32 without --enforce-eager: greedy tokens and the prompt's
-                logprobs against the reference forward of the merged model.
+                remap export, and the Mixtral 8->4 by MoNE (constant experts: the plugin's correction
+                op inside the CUDA graph), served in float32 without --enforce-eager: greedy tokens and
+                the prompt's logprobs against the reference forward of the merged model.
 2. fp8          the same checkpoints, and the Mixtral's `--export vanilla` (stock vLLM, no plugin), served
                 in bf16 with and without `--quantization fp8`: agreement of greedy tokens and the
                 prompt logprobs' difference (FP8's cost on top of the merge).
@@ -36,7 +37,9 @@ from offline.options import CompressOptions
 
 MODELS = {"mixtral 8->4": (ROOT / "models" / "tiny-mixtral-8e", 4),
           "qwen2-moe 64->32": (ROOT / "models" / "tiny-qwen2-moe-64e", 32),
-          "mixtral 8->5/3/4/7": (ROOT / "models" / "tiny-mixtral-8e", [5, 3, 4, 7])}
+          "mixtral 8->5/3/4/7": (ROOT / "models" / "tiny-mixtral-8e", [5, 3, 4, 7]),
+          "mixtral 8->4 mone": (ROOT / "models" / "tiny-mixtral-8e", 4)}
+COMPILED = ("mixtral 8->4", "qwen2-moe 64->32", "mixtral 8->4 mone")  # served compiled against the reference
 PARALLEL = {"tp2": "tensor_parallel_size=2", "ep2": "tensor_parallel_size=2,enable_expert_parallel=true",
             "tp2-ray": "tensor_parallel_size=2,distributed_executor_backend=ray"}  # Ray: how vLLM spans nodes
 PROMPTS, PROMPT_LEN, NEW_TOKENS = 8, 24, 12
@@ -51,7 +54,7 @@ def machine() -> dict:
 
 
 def build(work: Path) -> dict[str, dict[str, Path]]:
-    """Each model compressed with Sub-MoE, exported remap (and the Mixtral vanilla); reused when present."""
+    """Each model compressed with Sub-MoE (or MoNE), exported remap (and the Mixtral vanilla); reused when present."""
     import torch
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = {}
@@ -60,9 +63,10 @@ def build(work: Path) -> dict[str, dict[str, Path]]:
         out[name] = {"source": src}
         for export in exports:
             count = n if isinstance(n, int) else "-".join(map(str, n))
-            dst = work / f"{src.name}-{count}e-{export}"
+            method = "mone" if name.endswith("mone") else "submoe"
+            dst = work / f"{src.name}-{count}e-{method}-{export}"
             if not (dst / "config.json").exists():
-                compress(CompressOptions(model=str(src), out=dst, method="submoe", num_experts=n, export=export,
+                compress(CompressOptions(model=str(src), out=dst, method=method, num_experts=n, export=export,
                                          calib=CALIB, samples=64, seq_len=128, device=device, force=True,
                                          progress=False))
             out[name][export] = dst
@@ -136,13 +140,15 @@ def main() -> None:
     checkpoints = build(args.work)
     for name, ck in checkpoints.items():
         ids = prompts(ck["source"])
-        if name != "mixtral 8->4":
+        if name in ("qwen2-moe 64->32", "mixtral 8->5/3/4/7"):
             result["parallel"].update(parallel(name, ck["remap"], ids, args.work))
-        if name not in ("mixtral 8->4", "qwen2-moe 64->32"):
+        if name not in COMPILED:
             continue
         got = served([ck["remap"]], ids, args.work / f"{ck['remap'].name}-compiled")[str(ck["remap"])]
         result["compiled"][name] = {"checkpoint": ck["remap"].name, "flags": "float32, torch.compile + CUDA graphs",
                                     **agreement(got, reference(ck["remap"], ids))}
+        if name.endswith("mone"):
+            continue
         if not has_fp8_kernels():
             result["fp8"][name] = "skipped: this vLLM build has no FP8 kernels"
             continue

@@ -195,19 +195,22 @@ def added_runs(labels: list[str], cal: Calibrations, ev: Evaluator, tmp: Path, n
     return runs
 
 
-def add(s: Settings, labels: list[str], earlier: dict, kept: float | None = None) -> dict:
-    """The committed results with the configurations `labels` re-measured at `kept` of the experts
-    (None: the target nearest 50%), each model's summary recomputed; everything else kept as it was."""
+def add(s: Settings, labels: list[str], earlier: dict, kept: list[float] | None = None) -> dict:
+    """The committed results with the configurations `labels` re-measured at each fraction `kept` of
+    the experts (None: the target nearest 50%), each model's summary recomputed; everything else
+    kept as it was. One calibration per seed serves every fraction."""
     results = json.loads(json.dumps(earlier))
     with tempfile.TemporaryDirectory(prefix="submoe-quality-") as td:
         for name, model_dir in s.models.items():
             entry = results["models"][name]
             ev, cal = Evaluator(model_dir, s), Calibrations(model_dir, Path(td), s.seq_len, s.output_tokens)
             source = entry["source_experts"]
-            n = half_target(entry["targets"], source) if kept is None else max(1, round(kept * source))
-            entry["targets"] = sorted({*entry["targets"], n}, reverse=True)
-            runs = [r for r in entry["runs"] if not (r["label"] in labels and r["num_experts"] == n)]
-            runs += added_runs(labels, cal, ev, Path(td), n, s)
+            targets = [half_target(entry["targets"], source)] if kept is None else \
+                [max(1, round(f * source)) for f in kept]
+            entry["targets"] = sorted({*entry["targets"], *targets}, reverse=True)
+            runs = [r for r in entry["runs"] if not (r["label"] in labels and r["num_experts"] in targets)]
+            for n in targets:
+                runs += added_runs(labels, cal, ev, Path(td), n, s)
             entry["runs"], entry["summary"] = runs, summarise(runs)
     return results
 
@@ -243,6 +246,12 @@ def ablations(cal: Calibrations, ev: Evaluator, tmp: Path, n: int, s: Settings) 
 
 
 # --- reporting -------------------------------------------------------------------------------
+
+def kept_of(added: dict) -> list[float]:
+    """The fractions an `added` entry measured (older entries: one number, or none for 50%)."""
+    kept = added.get("kept", 0.5)
+    return kept if isinstance(kept, list) else [kept]
+
 
 def fmt(row: dict, f: str, digits: int = 3) -> str:
     return f"{row[f]:.{digits}f} ± {row[f + '_std']:.{digits}f}"
@@ -324,7 +333,11 @@ def fair_table(results: dict) -> str:
         models = [m for m in f if f[m]["ours"] or f[m]["published"]]
         if not models:
             continue
-        cell = lambda r, d=4: "" if r is None else f"{r['kl']:.{d}f} ± {r['kl_std']:.{d}f} ({r['label']}, {r['seeds']} seeds)"  # noqa: E731
+        def cell(r, d=4):
+            if r is None:
+                return ""
+            spread = f" ± {r['kl_std']:.{d}f}" if r["seeds"] > 1 else ""
+            return f"{r['kl']:.{d}f}{spread} ({r['label']}, {r['seeds']} seed{'s' if r['seeds'] > 1 else ''})"
         lines = [f"### {1 - fraction:.0%} of the experts removed", "",
                  "| mean KL | " + " | ".join(f"{m} {f[m]['source']}→{f[m]['n']}" for m in models) + " |",
                  "|---|" + "---:|" * len(models)]
@@ -414,7 +427,8 @@ def to_markdown(results: dict) -> str:
                       f"{r['retention_worst']:.3f} ({r['worst_domain']}) |" for r in a["domain_mismatch"]]
             parts += ["", f"### Ablation: Sub-MoE rank ({ratio})", "", "| rank ratio | KL | retention |", "|---:|---:|---:|"]
             parts += [f"| {r['options']['rank_ratio']} | {r['kl']:.4f} | {r['retention_mean']:.3f} |" for r in a["rank"]]
-    parts += [f"\nRe-measured later at {a.get('kept', 0.5):.0%} of the experts: {', '.join(a['labels'])} "
+    parts += [f"\nRe-measured later at {' and '.join(f'{k:.0%}' for k in kept_of(a))} of the experts"
+              f"{'' if a.get('seeds', [0, 1, 2]) == [0, 1, 2] else ', seeds ' + str(a['seeds'])}: {', '.join(a['labels'])} "
               f"({stamp(a['machine'])})" for a in results.get("added", [])]
     parts += ["", "Benchmark time: " + ", ".join(f"{n} {m['seconds']} s ({m['torch_threads']} torch threads)"
                                                  for n, m in results["models"].items()) + "."]
@@ -489,8 +503,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--add", nargs="+", choices=[*ADDED, *METHODS], metavar="LABEL",
                     help=f"measure only these configurations (of {list(ADDED)}, or a method by name) at 50%% of the "
                          "experts (or --kept) and add them to the committed JSON, replacing their earlier rows")
-    ap.add_argument("--kept", type=float, metavar="FRACTION",
-                    help="with --add: the fraction of each model's experts kept, e.g. 0.25 (8->2, 64->16)")
+    ap.add_argument("--kept", type=float, nargs="+", metavar="FRACTION",
+                    help="with --add: the fractions of each model's experts kept, e.g. 0.5 0.25 (8->4 and 8->2)")
     ap.add_argument("--update", action="store_true",
                     help="keep the other models' results already in the JSON; replace only the models run")
     args = ap.parse_args(argv)
@@ -510,7 +524,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         results = add(s, args.add, json.loads(earlier.read_text()), args.kept)
         results["added"] = [*results.get("added", []),
-                            {"labels": args.add, "kept": args.kept or 0.5, "machine": measured_on}]
+                            {"labels": args.add, "kept": args.kept or [0.5], "seeds": args.seeds,
+                             "machine": measured_on}]
         measured_on = results.pop("machine", None)  # the stamp of the run that measured the rest
     else:
         results = run(s)
