@@ -345,10 +345,12 @@ def fair_table(results: dict) -> str:
         lines.append("| best published method, 16k tokens + the same refinement | " +
                      " | ".join(cell(f[m]["refined"]) for m in models) + " |")
         for lab in ("mone", "man", "msan"):
-            lines.append(f"| {lab}, as published | " + " | ".join(cell(f[m][lab]) for m in models) + " |")
+            if any(f[m][lab] for m in models):
+                lines.append(f"| {lab}, as published | " + " | ".join(cell(f[m][lab]) for m in models) + " |")
         lines.append(f"| **ours: {OURS}** | " + " | ".join(cell(f[m]["ours"]) for m in models) + " |")
         for lab, what in IDEAS.items():
-            lines.append(f"| ours + {what} | " + " | ".join(cell(f[m][lab]) for m in models) + " |")
+            if any(f[m][lab] for m in models):
+                lines.append(f"| ours + {what} | " + " | ".join(cell(f[m][lab]) for m in models) + " |")
 
         def ratio(m, against):
             a, b = f[m]["ours"], f[m][against]
