@@ -126,8 +126,7 @@ def _check_export(opts: CompressOptions, arch: SourceArchitecture, moe_counts: s
 
 
 def _check_corrections(opts: CompressOptions, method: Method) -> None:
-    what = f"--method {opts.method}" + (" serves pruned experts as constant vectors" if method.corrects else "") \
-        if not opts.correct else "--correct"
+    what = "--correct" if opts.correct else f"--method {opts.method} serves pruned experts as constant vectors"
     if opts.export != "remap":
         raise CompressError(f"{what} writes correction vectors, which the vLLM plugin adds to each layer's output "
                             f"(format 4); --export {opts.export} cannot carry them: use --export remap")

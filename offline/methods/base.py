@@ -13,6 +13,7 @@ from typing import ClassVar
 
 import torch
 
+from submoe_format.checkpoint import dropped_experts
 from submoe_format.errors import SubMoEError
 
 from ..calibration.stats import ALL_STATISTICS, LayerStats
@@ -84,7 +85,7 @@ class LayerResult:
     @property
     def dropped(self) -> list[int]:
         """Router experts whose logits leave the top-k (None in the map and not constant)."""
-        return [i for i, e in enumerate(self.expert_map) if e is None and i not in self.constant]
+        return dropped_experts(self.expert_map, self.constant)
 
 
 class Method(ABC):
