@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from submoe_format.checkpoint import correction_tensor, merged_count, parse_block
 
 from .evaluate import load_reference
-from .moe_math import expert_forward
+from .moe_math import Experts, weighted_expert_sum
 from .source.architecture import SourceArchitecture
 from .source.checkpoint import LazyCheckpoint
 
@@ -57,12 +57,11 @@ class RemappedExperts(torch.nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         slots = self.slot[top_k_index]  # [T, k]; -1: no merged expert
-        out = torch.zeros_like(hidden_states)
-        for j in torch.unique(slots[slots >= 0]).tolist():
-            token, pos = torch.where(slots == j)
-            y = expert_forward(hidden_states[token], self.gate[j], self.up[j], self.down[j])
-            out = out.index_add(0, token, y * top_k_weights[token, pos, None].to(y.dtype))
-        return out
+        token, pos = torch.nonzero(slots >= 0, as_tuple=True)
+        weights = torch.zeros(len(hidden_states), len(self.gate), device=hidden_states.device)  # [T, N']
+        weights.index_put_((token, slots[token, pos]), top_k_weights[token, pos].float(), accumulate=True)
+        out = weighted_expert_sum(hidden_states, weights, Experts(self.gate, self.up, self.down))
+        return out.to(hidden_states.dtype)
 
 
 def student(out_dir: Path) -> tuple[torch.nn.Module, dict[int, RemappedExperts], dict[int, torch.Tensor]]:
@@ -77,10 +76,9 @@ def student(out_dir: Path) -> tuple[torch.nn.Module, dict[int, RemappedExperts],
         merged = arch.read_experts(ckpt, l, merged_count(m))
         experts[l] = RemappedExperts(*(torch.stack(list(t)) for t in (merged.gate, merged.up, merged.down)), list(m))
         model.model.layers[l].mlp.experts = experts[l]
-    for l, layer in enumerate(model.model.layers):  # the tensors evaluate.add_correction's hooks add
-        for hook in layer.mlp._forward_hooks.values():
-            if getattr(hook, "correction", None) is not None:
-                hook.correction = corrections[l] = hook.correction.detach().float().clone()
+    for l, layer in enumerate(model.model.layers):  # the vectors evaluate.add_correction's hooks add
+        if hasattr(layer.mlp, "submoe_correction"):
+            layer.mlp.submoe_correction = corrections[l] = layer.mlp.submoe_correction.float().clone()
     return model, experts, corrections
 
 

@@ -103,14 +103,15 @@ def route_through(router: torch.nn.Module, dropped: list[int]) -> dict[str, torc
 
 def add_correction(mlp: torch.nn.Module, logits: dict[str, torch.Tensor], routing, correction: torch.Tensor) -> None:
     """After the MoE block's forward, add Σ_k w_k correction[i_k] under the source routing of its
-    router's logits (the block returns its output, or (output, router logits))."""
+    router's logits (the block returns its output, or (output, router logits)). The vectors are the
+    block's `submoe_correction` (end-to-end distillation trains them: offline/distillation.py)."""
     def hook(module, args, out):
-        hidden, c = out[0] if isinstance(out, tuple) else out, hook.correction
+        hidden, c = out[0] if isinstance(out, tuple) else out, module.submoe_correction
         w, ids = routing(logits["logits"].reshape(-1, c.shape[0]))
         term = (w.unsqueeze(-1).to(c.dtype) * c.to(hidden.device)[ids]).sum(1)
         hidden = hidden + term.view_as(hidden).to(hidden.dtype)
         return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
-    hook.correction = correction  # end-to-end distillation trains it (offline/distillation.py)
+    mlp.register_buffer("submoe_correction", correction, persistent=False)
     mlp.register_forward_hook(hook)
 
 
