@@ -78,7 +78,10 @@ ADDED = {
     "output-lsq+refine+correct@16k": ("output-lsq", {}, {"output_tokens": 16384, "refine_steps": 100, "correct": True}),
     # End-to-end distillation after the layer-wise steps (offline/distillation.py), another idea of ours.
     "output-lsq+refine+distill@16k": ("output-lsq", {}, {"output_tokens": 16384, "refine_steps": 100,
-                                                         "distill_steps": 200}),
+                                                         "distill_steps": 800}),
+    # The same distillation after the best published merges, refined: what the grouping still contributes.
+    **{f"{m}+refine+distill@16k": (m, {}, {"output_tokens": 16384, "refine_steps": 100, "distill_steps": 800})
+       for m in ("mergemoe", "m-smoe", "reap")},
     # The recommended settings as a stock checkpoint (N'-row router; `submoe compress --preset stock`)
     "output-lsq+refine+vanilla@16k": ("output-lsq", {}, {"output_tokens": 16384, "refine_steps": 100,
                                                          "export": "vanilla"}),
@@ -304,7 +307,7 @@ def readme_with(table: str, readme: str) -> str:
 PUBLISHED = ("submoe", "mergemoe", "hc-smoe", "m-smoe", "reap", "ream", "mone", "man", "msan")
 OURS = "output-lsq+refine@16k"  # the recommended setting (`quality` preset)
 IDEAS = {"output-lsq+refine+correct@16k": "least-squares correction vector per router expert (`--correct`)",
-         "output-lsq+refine+distill@16k": "end-to-end distillation, 200 steps (`--distill-steps 200`)"}
+         "output-lsq+refine+distill@16k": "end-to-end distillation, at most 800 steps (`--distill-steps 800`)"}
 
 
 def fair_rows(results: dict, fraction: float) -> dict[str, dict]:

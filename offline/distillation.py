@@ -37,9 +37,9 @@ from .source.checkpoint import LazyCheckpoint
 @dataclass(frozen=True)
 class Distillation:
     steps: int = 0  # at most this many optimiser steps (0: off)
-    lr: float = 0.003  # Adam's step, relative to each tensor's RMS (0.01 overshoots after refinement)
+    lr: float = 0.001  # Adam's step, relative to each tensor's RMS (0.003 and 0.01 overshoot after refinement)
     batch: int = 4  # calibration windows per step
-    windows: int = 64  # of the calibration windows, at most this many (the source's distributions are kept)
+    windows: int = 256  # of the calibration windows, at most this many (the source's distributions are kept)
     check_every: int = 25
     patience: int = 4
     seed: int = 0
