@@ -308,6 +308,7 @@ PUBLISHED = ("submoe", "mergemoe", "hc-smoe", "m-smoe", "reap", "ream", "mone", 
 OURS = "output-lsq+refine@16k"  # the recommended setting (`quality` preset)
 IDEAS = {"output-lsq+refine+correct@16k": "least-squares correction vector per router expert (`--correct`)",
          "output-lsq+refine+distill@16k": "end-to-end distillation, at most 800 steps (`--distill-steps 800`)"}
+DISTILLED = "output-lsq+refine+distill@16k"
 
 
 def fair_rows(results: dict, fraction: float) -> dict[str, dict]:
@@ -320,9 +321,11 @@ def fair_rows(results: dict, fraction: float) -> dict[str, dict]:
         published = [r for r in rows.values() if r["method"] in PUBLISHED and "+refine" not in r["label"]
                      and "+seq" not in r["label"]]
         refined = [r for lab, r in rows.items() if r["method"] in PUBLISHED and lab.endswith("+refine@16k")]
+        distilled = [r for lab, r in rows.items() if r["method"] in PUBLISHED and lab.endswith("+refine+distill@16k")]
         out[name] = {"n": n, "source": m["source_experts"],
                      "published": min(published, key=lambda r: r["kl"], default=None),
                      "refined": min(refined, key=lambda r: r["kl"], default=None),
+                     "distilled": min(distilled, key=lambda r: r["kl"], default=None),
                      "ours": rows.get(OURS), **{lab: rows.get(lab) for lab in ("mone", "man", "msan", *IDEAS)}}
     return out
 
@@ -354,6 +357,9 @@ def fair_table(results: dict) -> str:
         for lab, what in IDEAS.items():
             if any(f[m][lab] for m in models):
                 lines.append(f"| ours + {what} | " + " | ".join(cell(f[m][lab]) for m in models) + " |")
+        if any(f[m]["distilled"] for m in models):
+            lines.append(f"| best published method, refined + the same distillation | " +
+                         " | ".join(cell(f[m]["distilled"]) for m in models) + " |")
 
         def ratio(m, against):
             a, b = f[m]["ours"], f[m][against]
@@ -361,6 +367,10 @@ def fair_table(results: dict) -> str:
         lines.append("| ours / best published, refined (goal at 50%: ≤ 0.5) | " +
                      " | ".join(ratio(m, "refined") for m in models) + " |")
         lines.append("| ours / best published, as published | " + " | ".join(ratio(m, "published") for m in models) + " |")
+        if any(f[m]["distilled"] and f[m][DISTILLED] for m in models):
+            lines.append("| both distilled: ours / best published | " + " | ".join(
+                f"{f[m][DISTILLED]['kl'] / f[m]['distilled']['kl']:.2f}" if f[m]["distilled"] and f[m][DISTILLED] else ""
+                for m in models) + " |")
         if fraction == 0.5:
             lines.append("| ours: perplexity retention mean (worst domain); goal ≥ 0.95 (≥ 0.90) | " + " | ".join(
                 "" if not f[m]["ours"] else f"{f[m]['ours']['retention_mean']:.3f} ({f[m]['ours']['retention_worst']:.3f})"
@@ -404,6 +414,26 @@ def detail_table(summary: list[dict], original: dict, source_experts: int) -> st
     return "\n".join(lines)
 
 
+def provenance(added: list[dict], models: list[str]) -> list[str]:
+    """Where and when each configuration added after the main run was measured: its latest
+    measurement only (a label a later `--add` re-measured on the same model and fraction is left
+    out), one line per measurement naming the models it ran on."""
+    latest: set[tuple] = set()
+    lines: dict[str, list[str]] = {}
+    for a in reversed(added):
+        ran_on = a.get("models") or models  # older entries do not say: any model
+        fresh = [lab for lab in a["labels"]
+                 if any((lab, k, m) not in latest for k in kept_of(a) for m in ran_on)]
+        latest |= {(lab, k, m) for lab in a["labels"] for k in kept_of(a) for m in (a.get("models") or [])}
+        if fresh:
+            seeds = "" if a.get("seeds", [0, 1, 2]) == [0, 1, 2] else f", seeds {a['seeds']}"
+            line = (f"at {' and '.join(f'{k:.0%}' for k in kept_of(a))} of the experts{seeds}: "
+                    f"{', '.join(fresh)} ({stamp(a['machine'])})")
+            lines.setdefault(line, []).extend(a.get("models") or [])
+    return [f"Re-measured later{' on ' + ', '.join(dict.fromkeys(reversed(ms))) if ms else ''} {line}\n"
+            for line, ms in reversed(lines.items())]
+
+
 def to_markdown(results: dict) -> str:
     s = results["settings"]
     parts = ["# Quality benchmark", "",
@@ -432,9 +462,7 @@ def to_markdown(results: dict) -> str:
                       f"{r['retention_worst']:.3f} ({r['worst_domain']}) |" for r in a["domain_mismatch"]]
             parts += ["", f"### Ablation: Sub-MoE rank ({ratio})", "", "| rank ratio | KL | retention |", "|---:|---:|---:|"]
             parts += [f"| {r['options']['rank_ratio']} | {r['kl']:.4f} | {r['retention_mean']:.3f} |" for r in a["rank"]]
-    parts += [f"\nRe-measured later at {' and '.join(f'{k:.0%}' for k in kept_of(a))} of the experts"
-              f"{'' if a.get('seeds', [0, 1, 2]) == [0, 1, 2] else ', seeds ' + str(a['seeds'])}: {', '.join(a['labels'])} "
-              f"({stamp(a['machine'])})" for a in results.get("added", [])]
+    parts += ["", *provenance(results.get("added", []), list(results["models"]))]
     parts += ["", "Benchmark time: " + ", ".join(f"{n} {m['seconds']} s ({m['torch_threads']} torch threads)"
                                                  for n, m in results["models"].items()) + "."]
     return "\n".join(parts) + "\n"
@@ -530,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
         results = add(s, args.add, json.loads(earlier.read_text()), args.kept)
         results["added"] = [*results.get("added", []),
                             {"labels": args.add, "kept": args.kept or [0.5], "seeds": args.seeds,
-                             "machine": measured_on}]
+                             "models": args.models, "machine": measured_on}]
         measured_on = results.pop("machine", None)  # the stamp of the run that measured the rest
     else:
         results = run(s)
