@@ -106,6 +106,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="submoe: Sub-MoE†, whitened low-rank truncation of each merged matrix (written dense)")
     m.add_argument("--align-neurons", action="store_true",
                    help="weight-merging methods: permutation-align intermediate neurons before merging")
+    m.add_argument("--hybrid", action="store_true",
+                   help="output-lsq: per layer, also try dropping the least salient experts (REAP's score) from "
+                        "the top-k, all of the reduction or half of it with the rest merged, and keep whichever "
+                        "candidate is closest to the source on held-out tokens")
     m.add_argument("--substitute-pruned", action="store_true",
                    help="reap, freq-prune: serve a pruned expert's tokens by the kept expert with the most similar "
                         "outputs (its router row stays) instead of dropping its logit from the top-k (as published)")
@@ -206,7 +210,7 @@ def _compress_settings(args) -> dict:
 def compress_options(args) -> CompressOptions:
     """`submoe compress`'s parsed arguments as the options `compress` takes."""
     options = {k: getattr(args, k) for k in ("rank", "rank_ratio", "adaptive", "intra_rank_ratio", "align_neurons",
-                                             "substitute_pruned", "group_size")}
+                                             "substitute_pruned", "group_size", "hybrid")}
     return CompressOptions(
         model=args.model, out=args.out, num_experts=args.num_experts, **_compress_settings(args), method_options=options,
         seed=args.seed, device=args.device, force=args.force, stats=args.stats, sequential=args.sequential,

@@ -220,6 +220,29 @@ def test_output_lsq_picks_the_grouping_with_least_held_out_error():
     assert _served_error_by_loop(stats, r) < _served_error_by_loop(stats, plain)
 
 
+def test_output_lsq_hybrid_adds_prune_and_merge_candidates_under_the_same_measure():
+    """--hybrid: REAP's pruning (all of the reduction dropped) and half of it dropped with the rest
+    merged join the three groupings; each scored as they are, the least held-out error wins, and no
+    candidate leaves a token fewer than top_k router experts."""
+    from offline.methods.output_error import output_error
+    from offline.methods.output_lsq import split_stats
+    experts, stats = random_layer(seed=7, t=1500)
+    method, fit, held = make_method("output-lsq", hybrid=True), *split_stats(stats)
+    r = reduce_layer(method, experts, stats, 4, seed=0)
+    plain = reduce_layer(make_method("output-lsq"), experts, stats, 4, seed=0).grouping.held_out_errors
+    errors = r.grouping.held_out_errors
+    assert set(errors) == {*plain, "drop-2+output-kmeans", "drop-4+output-kmeans"}
+    assert all(errors[name] == pytest.approx(err, rel=1e-6) for name, err in plain.items())
+    assert errors[r.grouping.chosen_by] == min(errors.values())
+    # dropping all of the reduction is REAP: same kept experts, and so the same served output
+    reap = reduce_layer(make_method("reap"), experts, fit, 4, seed=0)
+    assert errors["drop-4+output-kmeans"] == pytest.approx(output_error(held, reap), rel=1e-5)
+    assert "saliency" in method.statistics and "saliency" not in make_method("output-lsq").statistics
+    one = reduce_layer(method, experts, stats, 1, seed=0)  # 8 -> 1 under top-2: at most 6 dropped
+    assert {"drop-3+output-kmeans", "drop-6+output-kmeans"} <= set(one.grouping.held_out_errors)
+    assert len(one.expert_map) - len(one.dropped) >= 2
+
+
 def test_neuron_alignment_recovers_a_permutation_and_preserves_the_function():
     experts, stats = random_layer(seed=8)
     perm = torch.randperm(24, generator=torch.Generator().manual_seed(0))

@@ -14,6 +14,8 @@ with few routed tokens from overfitting.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..calibration.stats import LayerStats
@@ -41,6 +43,24 @@ def candidate_groupings(stats: LayerStats, num_out: int, seed: int) -> dict[str,
             "router-logit-centres": router_centres(stats, num_out)}
 
 
+def hybrid_groupings(stats: LayerStats, num_out: int, seed: int) -> dict[str, Grouping]:
+    """Prune and merge in one layer: the d least salient experts (REAP's score) leave the top-k and
+    Sub-MoE's output k-means groups the others, for d = all of the reduction (REAP itself) and half
+    of it. Never under grouped routing (dropping would unbalance the groups), and never below top_k
+    router experts (the format refuses a layer whose tokens cannot fill their top-k)."""
+    n = len(stats.frequency)
+    if stats.routing.num_groups > 1:
+        return {}
+    order = torch.argsort(stats.saliency, descending=True, stable=True).tolist()
+    out = {}
+    for drop in sorted({min(d, n - stats.top_k) for d in ((n - num_out) // 2, n - num_out)} - {0}):
+        kept = sorted(order[:n - drop])
+        features = output_features(stats.output_gram[kept][:, kept])
+        clusters = [[kept[i] for i in c] for c in kmeans_clusters(features, num_out, seed)]
+        out[f"drop-{drop}+output-kmeans"] = Grouping(clusters, dropped=sorted(order[n - drop:]))
+    return out
+
+
 class OutputLSQ(WeightMerge):
     """Ours. Per layer, three candidate groupings — Sub-MoE's k-means on outputs, HC-SMoE's
     average linkage on mean outputs, M-SMoE's frequent centres with router-logit similarity — are
@@ -54,13 +74,24 @@ class OutputLSQ(WeightMerge):
     description = ("ours: per layer the best of three groupings on held-out tokens; frequency-weighted W_G, W_U; "
                    "W_D by gate-weighted least squares on routed tokens, ridge chosen on held-out tokens")
 
+    def __init__(self, align_neurons: bool = False, hybrid: bool = False):
+        super().__init__(align_neurons)
+        self.hybrid = hybrid
+        if hybrid:
+            self.statistics = type(self).statistics | {"saliency"}
+
+    def settings(self) -> dict:
+        return {**super().settings(), "hybrid": self.hybrid}
+
     def group(self, stats: LayerStats, num_out: int, seed: int, experts: Experts) -> Grouping:
         fit, held = split_stats(stats)
-        candidates = candidate_groupings(stats, num_out, seed)
-        errors = {name: output_error(held, reduce_layer(self, experts, fit, num_out, seed, Grouping(c)))
-                  for name, c in candidates.items()}
+        candidates = {name: Grouping(c) for name, c in candidate_groupings(stats, num_out, seed).items()}
+        if self.hybrid:
+            candidates |= hybrid_groupings(stats, num_out, seed)
+        errors = {name: output_error(held, reduce_layer(self, experts, fit, num_out, seed, g))
+                  for name, g in candidates.items()}
         best = min(errors, key=errors.get)
-        return Grouping(candidates[best], chosen_by=best, held_out_errors=errors)
+        return replace(candidates[best], chosen_by=best, held_out_errors=errors)
 
     def merge(self, experts: Experts, members: list[int], centre: int, stats: LayerStats) -> Merge:
         avg = frequency_weighted(experts, members, stats)  # W_G, W_U stay the weighted averages
