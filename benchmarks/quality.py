@@ -82,6 +82,8 @@ ADDED = {
     # The same distillation after the best published merges, refined: what the grouping still contributes.
     **{f"{m}+refine+distill@16k": (m, {}, {"output_tokens": 16384, "refine_steps": 100, "distill_steps": 800})
        for m in ("mergemoe", "m-smoe", "reap")},
+    # Prune and merge in one layer (output-lsq's --hybrid), another idea of ours.
+    "output-lsq+hybrid+refine@16k": ("output-lsq", {"hybrid": True}, {"output_tokens": 16384, "refine_steps": 100}),
     # The recommended settings as a stock checkpoint (N'-row router; `submoe compress --preset stock`)
     "output-lsq+refine+vanilla@16k": ("output-lsq", {}, {"output_tokens": 16384, "refine_steps": 100,
                                                          "export": "vanilla"}),
@@ -307,7 +309,8 @@ def readme_with(table: str, readme: str) -> str:
 PUBLISHED = ("submoe", "mergemoe", "hc-smoe", "m-smoe", "reap", "ream", "mone", "man", "msan")
 OURS = "output-lsq+refine@16k"  # the recommended setting (`quality` preset)
 IDEAS = {"output-lsq+refine+correct@16k": "least-squares correction vector per router expert (`--correct`)",
-         "output-lsq+refine+distill@16k": "end-to-end distillation, at most 800 steps (`--distill-steps 800`)"}
+         "output-lsq+refine+distill@16k": "end-to-end distillation, at most 800 steps (`--distill-steps 800`)",
+         "output-lsq+hybrid+refine@16k": "prune-and-merge candidates per layer (`--hybrid`)"}
 DISTILLED = "output-lsq+refine+distill@16k"
 
 
@@ -422,15 +425,16 @@ def provenance(added: list[dict], models: list[str]) -> list[str]:
     lines: dict[str, list[str]] = {}
     for a in reversed(added):
         ran_on = a.get("models") or models  # older entries do not say: any model
-        fresh = [lab for lab in a["labels"]
-                 if any((lab, k, m) not in latest for k in kept_of(a) for m in ran_on)]
+        fresh = [(lab, k) for lab in a["labels"] for k in kept_of(a) if any((lab, k, m) not in latest for m in ran_on)]
         latest |= {(lab, k, m) for lab in a["labels"] for k in kept_of(a) for m in (a.get("models") or [])}
         if fresh:
             seeds = "" if a.get("seeds", [0, 1, 2]) == [0, 1, 2] else f", seeds {a['seeds']}"
-            line = (f"at {' and '.join(f'{k:.0%}' for k in kept_of(a))} of the experts{seeds}: "
+            kept = dict.fromkeys(k for _, k in fresh)
+            fresh = list(dict.fromkeys(lab for lab, _ in fresh))
+            line = (f"at {' and '.join(f'{k:.0%}' for k in kept)} of the experts{seeds}: "
                     f"{', '.join(fresh)} ({stamp(a['machine'])})")
-            lines.setdefault(line, []).extend(a.get("models") or [])
-    return [f"Re-measured later{' on ' + ', '.join(dict.fromkeys(reversed(ms))) if ms else ''} {line}\n"
+            lines[line] = [*(a.get("models") or []), *lines.get(line, [])]
+    return [f"Re-measured later{' on ' + ', '.join(dict.fromkeys(ms)) if ms else ''} {line}\n"
             for line, ms in reversed(lines.items())]
 
 
