@@ -361,7 +361,7 @@ def fair_table(results: dict) -> str:
             if any(f[m][lab] for m in models):
                 lines.append(f"| ours + {what} | " + " | ".join(cell(f[m][lab]) for m in models) + " |")
         if any(f[m]["distilled"] for m in models):
-            lines.append(f"| best published method, refined + the same distillation | " +
+            lines.append("| best published method, refined + the same distillation | " +
                          " | ".join(cell(f[m]["distilled"]) for m in models) + " |")
 
         def ratio(m, against):
