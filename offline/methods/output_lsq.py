@@ -67,7 +67,8 @@ class OutputLSQ(WeightMerge):
     each merged and the one whose remapped MoE output is closest to the source's on held-out
     calibration tokens wins. Merging: frequency-weighted W_G and W_U; W_D fitted to the cluster's
     share of the MoE output (routed tokens, gate-weighted), with the ridge towards the weighted
-    average chosen on held-out tokens from a grid that includes the average itself."""
+    average chosen on held-out tokens from a grid that includes the average itself. With `hybrid`,
+    prune-and-merge candidates (`hybrid_groupings`) compete too."""
 
     name = "output-lsq"
     statistics = frozenset({"output_gram", "mean_outputs", "logit_gram"})
