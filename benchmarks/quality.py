@@ -308,10 +308,10 @@ def readme_with(table: str, readme: str) -> str:
 # Published methods (the project's own is output-lsq; freq-prune, average and random are baselines).
 PUBLISHED = ("submoe", "mergemoe", "hc-smoe", "m-smoe", "reap", "ream", "mone", "man", "msan")
 OURS = "output-lsq+refine@16k"  # the recommended setting (`quality` preset)
+DISTILLED = "output-lsq+refine+distill@16k"  # ours distilled, against the published methods distilled alike
 IDEAS = {"output-lsq+refine+correct@16k": "least-squares correction vector per router expert (`--correct`)",
-         "output-lsq+refine+distill@16k": "end-to-end distillation, at most 800 steps (`--distill-steps 800`)",
+         DISTILLED: "end-to-end distillation, at most 800 steps (`--distill-steps 800`)",
          "output-lsq+hybrid+refine@16k": "prune-and-merge candidates per layer (`--hybrid`)"}
-DISTILLED = "output-lsq+refine+distill@16k"
 
 
 def fair_rows(results: dict, fraction: float) -> dict[str, dict]:
@@ -323,12 +323,14 @@ def fair_rows(results: dict, fraction: float) -> dict[str, dict]:
         rows = {r["label"]: r for r in m["summary"] if r["num_experts"] == n}
         published = [r for r in rows.values() if r["method"] in PUBLISHED and "+refine" not in r["label"]
                      and "+seq" not in r["label"]]
-        refined = [r for lab, r in rows.items() if r["method"] in PUBLISHED and lab.endswith("+refine@16k")]
-        distilled = [r for lab, r in rows.items() if r["method"] in PUBLISHED and lab.endswith("+refine+distill@16k")]
+
+        def best(suffix: str) -> dict | None:
+            """The published method with the least KL among the configurations `<method><suffix>`."""
+            return min((r for lab, r in rows.items() if r["method"] in PUBLISHED and lab.endswith(suffix)),
+                       key=lambda r: r["kl"], default=None)
         out[name] = {"n": n, "source": m["source_experts"],
                      "published": min(published, key=lambda r: r["kl"], default=None),
-                     "refined": min(refined, key=lambda r: r["kl"], default=None),
-                     "distilled": min(distilled, key=lambda r: r["kl"], default=None),
+                     "refined": best("+refine@16k"), "distilled": best("+refine+distill@16k"),
                      "ours": rows.get(OURS), **{lab: rows.get(lab) for lab in ("mone", "man", "msan", *IDEAS)}}
     return out
 
@@ -364,16 +366,15 @@ def fair_table(results: dict) -> str:
             lines.append("| best published method, refined + the same distillation | " +
                          " | ".join(cell(f[m]["distilled"]) for m in models) + " |")
 
-        def ratio(m, against):
-            a, b = f[m]["ours"], f[m][against]
+        def ratio(m, against, ours="ours"):
+            a, b = f[m][ours], f[m][against]
             return f"{a['kl'] / b['kl']:.2f}" if a and b else ""
         lines.append("| ours / best published, refined (goal at 50%: ≤ 0.5) | " +
                      " | ".join(ratio(m, "refined") for m in models) + " |")
         lines.append("| ours / best published, as published | " + " | ".join(ratio(m, "published") for m in models) + " |")
         if any(f[m]["distilled"] and f[m][DISTILLED] for m in models):
-            lines.append("| both distilled: ours / best published | " + " | ".join(
-                f"{f[m][DISTILLED]['kl'] / f[m]['distilled']['kl']:.2f}" if f[m]["distilled"] and f[m][DISTILLED] else ""
-                for m in models) + " |")
+            lines.append("| both distilled: ours / best published | " +
+                         " | ".join(ratio(m, "distilled", DISTILLED) for m in models) + " |")
         if fraction == 0.5:
             lines.append("| ours: perplexity retention mean (worst domain); goal ≥ 0.95 (≥ 0.90) | " + " | ".join(
                 "" if not f[m]["ours"] else f"{f[m]['ours']['retention_mean']:.3f} ({f[m]['ours']['retention_worst']:.3f})"
@@ -424,16 +425,16 @@ def provenance(added: list[dict], models: list[str]) -> list[str]:
     latest: set[tuple] = set()
     lines: dict[str, list[str]] = {}
     for a in reversed(added):
-        ran_on = a.get("models") or models  # older entries do not say: any model
-        fresh = [(lab, k) for lab in a["labels"] for k in kept_of(a) if any((lab, k, m) not in latest for m in ran_on)]
-        latest |= {(lab, k, m) for lab in a["labels"] for k in kept_of(a) for m in (a.get("models") or [])}
-        if fresh:
+        known = a.get("models") or []  # older entries do not say, so they may have run on any model
+        current = [(lab, k) for lab in a["labels"] for k in kept_of(a)
+                   if any((lab, k, m) not in latest for m in known or models)]
+        latest |= {(lab, k, m) for lab in a["labels"] for k in kept_of(a) for m in known}
+        if current:
             seeds = "" if a.get("seeds", [0, 1, 2]) == [0, 1, 2] else f", seeds {a['seeds']}"
-            kept = dict.fromkeys(k for _, k in fresh)
-            fresh = list(dict.fromkeys(lab for lab, _ in fresh))
+            kept, labels = dict.fromkeys(k for _, k in current), dict.fromkeys(lab for lab, _ in current)
             line = (f"at {' and '.join(f'{k:.0%}' for k in kept)} of the experts{seeds}: "
-                    f"{', '.join(fresh)} ({stamp(a['machine'])})")
-            lines[line] = [*(a.get("models") or []), *lines.get(line, [])]
+                    f"{', '.join(labels)} ({stamp(a['machine'])})")
+            lines[line] = [*known, *lines.get(line, [])]
     return [f"Re-measured later{' on ' + ', '.join(dict.fromkeys(ms)) if ms else ''} {line}\n"
             for line, ms in reversed(lines.items())]
 

@@ -25,6 +25,7 @@ from .clustering import kmeans_clusters, output_features
 from .hcsmoe import mean_output_clusters, router_centres
 from .merging import frequency_weighted, least_squares_down, ridge_fits, with_down
 from .output_error import output_error
+from .reap import reap_scores
 
 RIDGES = (1e-3, 1e-2, 1e-1, 1.0)
 
@@ -51,7 +52,7 @@ def hybrid_groupings(stats: LayerStats, num_out: int, seed: int) -> dict[str, Gr
     n = len(stats.frequency)
     if stats.routing.num_groups > 1:
         return {}
-    order = torch.argsort(stats.saliency, descending=True, stable=True).tolist()
+    order = torch.argsort(reap_scores(stats), descending=True, stable=True).tolist()
     out = {}
     for drop in sorted({min(d, n - stats.top_k) for d in ((n - num_out) // 2, n - num_out)} - {0}):
         kept = sorted(order[:n - drop])
