@@ -1,39 +1,54 @@
-"""Two ideas for the project's method, measured on the upcycled stand-in (seed 0, 8->4), kept only
-if they pay (neither did):
+"""Ideas for the project's method, measured at seed 0, 8->4, kept only if they pay (none did):
 
 - per-layer budgets from measured sensitivity: each layer's held-out output error with output-lsq
   at 2-6 experts, a greedy split of the same total, and the KL of the served split against the
   uniform one;
 - router recalibration: after the merge and refinement, Adam on the N router rows against the
   layer's routed output as served (the top-k choice follows the new rows; gradients reach them
-  through the selected experts' weights), held-out error every 25 steps.
+  through the selected experts' weights), held-out error every 25 steps;
+- layer by layer, ours refined against MergeMoE refined (upcycled): every mixture of the two
+  checkpoints' layers, its summed layer error and its KL, to see whether the layer-wise objective
+  ranks merges as the served model does;
+- W_D fitted also to the cluster's function on every sampled token (MergeMoE's target, the
+  members' frequency-weighted output), with MergeMoE's grouping as a fourth candidate, on the
+  upcycled and the from-scratch stand-ins.
 
-    make ideas      # python benchmarks/ideas.py [--out benchmarks/results]; about 5 minutes on 2 cores
+    make ideas      # python benchmarks/ideas.py [--out benchmarks/results]; about 10 minutes on 2 cores
 
 Writes ideas.json and ideas.md.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
+import re
+import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from harness import CALIB, MODELS, RESULTS, ROOT, Calibrations, EvalSettings, Evaluator, compressed, machine, write_results
+from safetensors.torch import load_file, save_file
 
 from offline.calibration.settings import Calibration
 from offline.calibration.stats_file import StatsFile, stats_layers
 from offline.compress import reduce_group
-from offline.methods import make_method, reduce_layer
+from offline.methods import METHODS, Grouping, Merge, make_method, reduce_layer
+from offline.methods.clustering import assign_to_centres
+from offline.methods.mergemoe import weight_similarity
+from offline.methods.merging import frequency_weighted, least_squares_down, merge_weights, ridge_fits, with_down
 from offline.methods.output_error import output_error, relative_error, served_gate_weights
-from offline.methods.output_lsq import split_stats
+from offline.methods.output_lsq import RIDGES, OutputLSQ, split_stats
+from offline.moe_math import Experts, expert_hidden, weighted_expert_sum
 from offline.options import CompressOptions
 from offline.source.architecture import SourceArchitecture
 from offline.source.checkpoint import LazyCheckpoint
 
 MODEL, N, COUNTS, ROUTER_LRS = MODELS["upcycled"], 4, range(2, 7), (1e-2, 1e-3, 2e-4)
 TOKENS = 16384  # sampled tokens, as the project's method uses them
+FUNCTION_WEIGHTS = (1.0, 3.0)  # the function rows' total weight against the routed rows'
 
 
 def greedy_split(errors: dict[int, dict[int, float]], total: int, lo: int, hi: int) -> list[int]:
@@ -65,6 +80,105 @@ def router_refit(stats, result, router: torch.Tensor, lr: float, steps: int = 10
             with torch.no_grad():
                 history.append(rows_error(held, r).item())
     return history
+
+
+class FunctionFitLSQ(OutputLSQ):
+    """output-lsq with MergeMoE's grouping as a fourth candidate and, beside the routed rows, one row
+    per sampled token whose target is the members' frequency-weighted output: the merged expert is
+    asked to stay close to the cluster's function where the source does not route to it, which is
+    where a compressed model's drifted hidden states may send tokens. The function rows weigh
+    `function_weight` times the routed rows in all; the ridge is still chosen on held-out routed rows."""
+
+    name = "output-lsq+function-fit"
+
+    def __init__(self, function_weight: float = 0.0):
+        super().__init__()
+        self.function_weight = function_weight
+
+    def candidates(self, stats, num_out, seed, experts):
+        merge_groups = assign_to_centres(stats.frequency, weight_similarity(experts), num_out)
+        return {**super().candidates(stats, num_out, seed, experts), "weight-centres": Grouping(merge_groups)}
+
+    def merge(self, experts: Experts, members: list[int], centre: int, stats) -> Merge:
+        avg = frequency_weighted(experts, members, stats)
+        g = stats.gate_weights()[:, members]
+        routed = g.sum(1) > 0
+        if len(members) == 1 or routed.sum() < 10:
+            return avg
+        gate, up, prior = avg.expert.gate[0], avg.expert.up[0], avg.expert.down[0]
+        x, g = stats.tokens[routed], g[routed]
+        hidden = (expert_hidden(x, gate, up) * g.sum(1, keepdim=True).to(x.dtype)).float()
+        target = weighted_expert_sum(x, g.float(), stats.experts, members)
+        w = merge_weights(stats.frequency, members).float().expand(len(stats.tokens), -1)
+        f_hidden = expert_hidden(stats.tokens, gate, up).float()
+        f_target = weighted_expert_sum(stats.tokens, w, stats.experts, members)
+        c = (self.function_weight * hidden.pow(2).sum() / f_hidden.pow(2).sum().clamp_min(1e-30)).sqrt()
+        held = torch.arange(len(x)) % 5 == 0
+        rows = lambda keep: (torch.cat([hidden[keep], c * f_hidden]), torch.cat([target[keep], c * f_target]))  # noqa: E731
+        held_error = lambda d: torch.linalg.norm(target[held] - hidden[held] @ d.float().T).item()  # noqa: E731
+        fits = ridge_fits(*rows(~held), prior.float(), RIDGES)
+        errors = {**{r: held_error(d) for r, d in fits.items()}, "average": held_error(prior)}
+        ridge = min(errors, key=errors.get)
+        down = prior if ridge == "average" else \
+            least_squares_down(*rows(torch.ones_like(held)), prior=prior.float(), ridge=ridge).to(prior.dtype)
+        return with_down(avg, down, ridge=ridge)
+
+
+def layer_of(key: str) -> int | None:
+    m = re.match(r"model\.layers\.(\d+)\.", key)
+    return int(m.group(1)) if m else None
+
+
+def mixture(a: Path, b: Path, from_b: set[int], out: Path) -> None:
+    """Checkpoint `a` with the decoder layers `from_b` (weights and remap tables) taken from `b`:
+    both compress the same source, so only the MoE blocks differ."""
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(a, out, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    tensors = {}
+    for src in (a, b):
+        for f in src.glob("*.safetensors"):
+            tensors |= {k: v for k, v in load_file(f).items() if (layer_of(k) in from_b) == (src == b)}
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    config, other = (json.loads((d / "config.json").read_text()) for d in (out, b))
+    for i in from_b:
+        config["submoe"]["layers"][i] = other["submoe"]["layers"][i]
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def layer_errors(ckpt: Path) -> list[float]:
+    return [l["moe_output_relative_error"] for l in json.loads((ckpt / "compression_report.json").read_text())["layers"]]
+
+
+def layer_swaps(cal: Calibrations, ev: Evaluator, tmp: Path) -> list[dict]:
+    """Every mixture of ours refined and MergeMoE refined, layer by layer."""
+    ckpt = {m: tmp / f"swap-{m}" for m in ("output-lsq", "mergemoe")}
+    for m, out in ckpt.items():
+        compressed(cal, out, m, N, 0, CALIB, Calibration.samples, output_tokens=TOKENS, refine_steps=100)
+    errors = {m: layer_errors(out) for m, out in ckpt.items()}
+    rows = []
+    for pick in itertools.product((0, 1), repeat=len(errors["mergemoe"])):
+        from_b = {i for i, p in enumerate(pick) if p}
+        mixture(ckpt["output-lsq"], ckpt["mergemoe"], from_b, tmp / "mixture")
+        rows.append({"mergemoe_layers": sorted(from_b), "kl": ev.score(tmp / "mixture")["kl"],
+                     "summed_layer_error": sum(errors["mergemoe" if p else "output-lsq"][i] for i, p in enumerate(pick))})
+    return rows
+
+
+def function_fit(tmp: Path) -> dict[str, dict[str, float]]:
+    """KL of ours refined, and of FunctionFitLSQ refined at each weight, on the two 8-expert stand-ins."""
+    METHODS[FunctionFitLSQ.name] = FunctionFitLSQ  # a configuration of this benchmark, not a shipped method
+    out = {}
+    for model in ("upcycled", "from-scratch"):
+        cal, ev = Calibrations(MODELS[model], tmp / model, output_tokens=TOKENS), Evaluator(MODELS[model], EvalSettings())
+        out[model] = {}
+        for weight in (None, 0.0, *FUNCTION_WEIGHTS):
+            method, options = ("output-lsq", {}) if weight is None else (FunctionFitLSQ.name, {"function_weight": weight})
+            ckpt = tmp / f"fit-{model}-{weight}"
+            compressed(cal, ckpt, method, N, 0, CALIB, Calibration.samples, options, output_tokens=TOKENS,
+                       refine_steps=100)
+            out[model]["ours" if weight is None else f"function weight {weight:g}"] = ev.score(ckpt)["kl"]
+            print(model, weight, out[model], flush=True)
+    return out
 
 
 def main() -> None:
@@ -100,13 +214,20 @@ def main() -> None:
             compressed(cal, out, "output-lsq", counts, 0, CALIB, Calibration.samples, output_tokens=TOKENS)
             summed = sum(sensitivity[l][c] for l, c in zip(sorted(sensitivity), counts))
             kl[name] = {"counts": counts, "summed_layer_error": summed, "kl": ev.score(out)["kl"]}
-    result = {"model": str(MODEL.relative_to(ROOT)), "sensitivity": sensitivity, "splits": kl, "router_refit": router}
-    lines = ["# Two ideas, measured (upcycled stand-in, seed 0, 8->4)", "",
+        swaps, fits = layer_swaps(cal, ev, Path(td)), function_fit(Path(td))
+    result = {"model": str(MODEL.relative_to(ROOT)), "sensitivity": sensitivity, "splits": kl, "router_refit": router,
+              "layer_swaps": swaps, "function_fit": fits}
+    lines = ["# Ideas, measured (upcycled stand-in unless named, seed 0, 8->4)", "",
              "| split of 16 experts | counts | summed held-out layer error | KL |", "|---|---|---:|---:|"]
     lines += [f"| {n} | {r['counts']} | {r['summed_layer_error']:.3f} | {r['kl']:.4f} |" for n, r in kl.items()]
     lines += ["", "| layer | router refit: held-out error before, then every 25 steps, per step size |", "|---|---|"]
     lines += [f"| {l} | " + "; ".join(f"{lr}: " + " ".join(f"{e:.4f}" for e in h) for lr, h in runs.items()) + " |"
               for l, runs in router.items()]
+    lines += ["", "| layers from MergeMoE refined, the rest ours refined | summed layer error | KL |", "|---|---:|---:|"]
+    lines += [f"| {r['mergemoe_layers'] or 'none'} | {r['summed_layer_error']:.4f} | {r['kl']:.4f} |" for r in swaps]
+    configs = list(next(iter(fits.values())))
+    lines += ["", "| KL, refined | " + " | ".join(configs) + " |", "|---|" + "---:|" * len(configs)]
+    lines += [f"| {m} | " + " | ".join(f"{v[c]:.4f}" for c in configs) + " |" for m, v in fits.items()]
     write_results(args.out, "ideas", result, "\n".join(lines) + "\n", measured_on)
     print("\n".join(lines))
 

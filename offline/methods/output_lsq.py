@@ -85,11 +85,13 @@ class OutputLSQ(WeightMerge):
     def settings(self) -> dict:
         return {**super().settings(), "hybrid": self.hybrid}
 
+    def candidates(self, stats: LayerStats, num_out: int, seed: int, experts: Experts) -> dict[str, Grouping]:
+        out = {name: Grouping(c) for name, c in candidate_groupings(stats, num_out, seed).items()}
+        return out | hybrid_groupings(stats, num_out, seed) if self.hybrid else out
+
     def group(self, stats: LayerStats, num_out: int, seed: int, experts: Experts) -> Grouping:
         fit, held = split_stats(stats)
-        candidates = {name: Grouping(c) for name, c in candidate_groupings(stats, num_out, seed).items()}
-        if self.hybrid:
-            candidates |= hybrid_groupings(stats, num_out, seed)
+        candidates = self.candidates(stats, num_out, seed, experts)
         errors = {name: output_error(held, reduce_layer(self, experts, fit, num_out, seed, g))
                   for name, g in candidates.items()}
         best = min(errors, key=errors.get)
