@@ -32,6 +32,7 @@ from .options import CompressError, CompressOptions, layer_budgets
 from .source.architecture import SourceArchitecture
 from .source.checkpoint import LazyCheckpoint
 from .writing.output import CompressedOutput
+from .writing.report import peak_rss_bytes
 from .writing.report import write as write_report
 from .writing.workdir import resumable_output_dir
 
@@ -57,6 +58,8 @@ def compress(opts: CompressOptions) -> dict:
     if opts.distill_steps:
         report["distillation"] = distill(Path(opts.out), source.dir, windows_of(source, layers.info),
                                          Distillation(steps=opts.distill_steps, seed=opts.seed))
+        # the run's time and peak memory are the whole run's, the distillation included
+        report.update(time_seconds=round(time.time() - started, 2), peak_rss_bytes=peak_rss_bytes())
         write_report(report, Path(opts.out))
     return report
 

@@ -170,6 +170,9 @@ def test_compress_with_distill_steps_reports_and_writes_the_distilled_experts(ra
     d = report["distillation"]
     assert d["windows"] == 20 and d["held_out_windows"] == 4 and d["steps"] == 30
     assert d["held_out_kl_after"] < d["held_out_kl_before"]
+    # the run's time counts the distillation, and the readable report names its share
+    assert report["time_seconds"] > report["reduce_seconds"] + d["seconds"]
+    assert f"distillation {d['seconds']:.1f} s" in (tmp_path / "distilled" / "compression_report.md").read_text()
     plain, distilled = LazyCheckpoint(tmp_path / "plain"), LazyCheckpoint(tmp_path / "distilled")
     name = "model.layers.0.block_sparse_moe.experts.0.w2.weight"
     assert not torch.equal(plain.get(name), distilled.get(name))

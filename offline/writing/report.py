@@ -66,6 +66,7 @@ def build(opts, method, calib_info: dict, layers: list[dict], experts_per_layer:
 
 def to_markdown(r: dict) -> str:
     s = r["sizes"]
+    distilled = f", distillation {r['distillation']['seconds']:.1f} s" if "distillation" in r else ""
     lines = [
         f"# Compression report: {r['method']}",
         "",
@@ -80,7 +81,7 @@ def to_markdown(r: dict) -> str:
             f"; {s['written_bytes'] / 1e6:.2f} MB written, the rest read from the source when served (a profile)"
             if s.get("written_bytes", s["weight_bytes"]) != s["weight_bytes"] else ""),
         f"- time: {r['time_seconds']:.1f} s (calibration {r['calibration'].get('seconds', 0):.1f} s, "
-        f"merging {r['reduce_seconds']:.1f} s), peak resident memory {r['peak_rss_bytes'] / 2**20:.0f} MiB "
+        f"merging {r['reduce_seconds']:.1f} s{distilled}), peak resident memory {r['peak_rss_bytes'] / 2**20:.0f} MiB "
         f"({r['rss_before_weights_bytes'] / 2**20:.0f} MiB before any weight was read: libraries, tokenizer, "
         f"calibration tokens)",
         "",
