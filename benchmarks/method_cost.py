@@ -4,9 +4,10 @@ the whole run, and peak resident memory.
 
     make cost        # python benchmarks/method_cost.py [--out benchmarks/results]
 
-Rows: the project's method as the quality benchmark measures it (output-lsq+refine@16k) and its
-closed-form part alone on every stand-in at 50% of the experts; every main method, as published and
-refined the same way, on the upcycled one. "Calibration" is what the method needs (reading each
+Rows: the project's method as the quality benchmark measures it (output-lsq+refine@16k), with
+each of its options (distillation, hybrid, correction vectors) and its closed-form part alone, on
+every stand-in at 50% of the experts; every published method, as published and refined the same
+way, on the upcycled one. "Calibration" is what the method needs (reading each
 layer, running the calibration windows through it, the statistics it reads); "whole /
 calibration" is the run's time over it.
 Writes method_cost.json and method_cost.md.
@@ -25,16 +26,24 @@ from quality import MAIN_METHODS
 CONFIGS = {"output-lsq+refine@16k": ("output-lsq", ("--output-tokens", "16384", "--refine-steps", "100")),
            "output-lsq+refine+vanilla@16k": ("output-lsq", ("--output-tokens", "16384", "--refine-steps", "100",
                                                             "--export", "vanilla")),
-           "output-lsq@16k": ("output-lsq", ("--output-tokens", "16384"))}
+           "output-lsq@16k": ("output-lsq", ("--output-tokens", "16384")),
+           # its three options, each on top of the quality preset
+           "output-lsq+refine+distill@16k": ("output-lsq", ("--output-tokens", "16384", "--refine-steps", "100",
+                                                            "--distill-steps", "800")),
+           "output-lsq+hybrid+refine@16k": ("output-lsq", ("--output-tokens", "16384", "--refine-steps", "100",
+                                                           "--hybrid")),
+           "output-lsq+refine+correct@16k": ("output-lsq", ("--output-tokens", "16384", "--refine-steps", "100",
+                                                            "--correct"))}
+AS_PUBLISHED = [*MAIN_METHODS, "mone", "man", "msan"]  # and the main table's baselines
 
 
 def plan() -> list[tuple[str, Path, str, str, tuple[str, ...]]]:
     """(stand-in, its directory, configuration, method, more options) per row."""
     rows = [(name, path, label, method, extra) for name, path in MODELS.items() for label, (method, extra) in CONFIGS.items()]
     refined = [(f"{m}+refine@16k", m, ("--output-tokens", "16384", "--refine-steps", "100"))
-               for m in ("mergemoe", "m-smoe", "hc-smoe", "reap")]
+               for m in ("mergemoe", "m-smoe", "hc-smoe", "reap", "mone", "man")]
     return rows + [("upcycled", MODELS["upcycled"], label, m, extra)
-                   for label, m, extra in [(m, m, ()) for m in MAIN_METHODS] + refined]
+                   for label, m, extra in [(m, m, ()) for m in AS_PUBLISHED] + refined]
 
 
 def markdown(rows: list[dict]) -> str:
