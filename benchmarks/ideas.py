@@ -13,7 +13,7 @@
   members' frequency-weighted output), with MergeMoE's grouping as a fourth candidate, on the
   upcycled and the from-scratch stand-ins.
 
-    make ideas      # python benchmarks/ideas.py [--out benchmarks/results]; about 10 minutes on 2 cores
+    make ideas      # python benchmarks/ideas.py [--out benchmarks/results]; about 15 minutes on 2 cores
 
 Writes ideas.json and ideas.md.
 """
