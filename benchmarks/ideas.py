@@ -125,7 +125,7 @@ class FunctionFitLSQ(OutputLSQ):
 
 
 def layer_of(key: str) -> int | None:
-    m = re.match(r"model\.layers\.(\d+)\.", key)
+    m = re.match(r"(?:model|submoe)\.layers\.(\d+)\.", key)  # decoder weights and the format's per-layer tensors
     return int(m.group(1)) if m else None
 
 

@@ -19,29 +19,25 @@ import tempfile
 from pathlib import Path
 
 from harness import MODELS, RESULTS, cost_run, machine, source_experts, write_results
-from quality import MAIN_METHODS
+from quality import MAIN_METHODS, REFINED
 
 # the project's method as quality.py's ADDED rows run it (the quality preset; as a stock checkpoint,
 # the stock preset), and its closed-form part alone
-CONFIGS = {"output-lsq+refine@16k": ("output-lsq", ("--output-tokens", "16384", "--refine-steps", "100")),
-           "output-lsq+refine+vanilla@16k": ("output-lsq", ("--output-tokens", "16384", "--refine-steps", "100",
-                                                            "--export", "vanilla")),
+QUALITY = ("--output-tokens", "16384", "--refine-steps", "100")  # the quality preset's pipeline
+CONFIGS = {"output-lsq+refine@16k": ("output-lsq", QUALITY),
+           "output-lsq+refine+vanilla@16k": ("output-lsq", (*QUALITY, "--export", "vanilla")),
            "output-lsq@16k": ("output-lsq", ("--output-tokens", "16384")),
            # its three options, each on top of the quality preset
-           "output-lsq+refine+distill@16k": ("output-lsq", ("--output-tokens", "16384", "--refine-steps", "100",
-                                                            "--distill-steps", "800")),
-           "output-lsq+hybrid+refine@16k": ("output-lsq", ("--output-tokens", "16384", "--refine-steps", "100",
-                                                           "--hybrid")),
-           "output-lsq+refine+correct@16k": ("output-lsq", ("--output-tokens", "16384", "--refine-steps", "100",
-                                                            "--correct"))}
+           "output-lsq+refine+distill@16k": ("output-lsq", (*QUALITY, "--distill-steps", "800")),
+           "output-lsq+hybrid+refine@16k": ("output-lsq", (*QUALITY, "--hybrid")),
+           "output-lsq+refine+correct@16k": ("output-lsq", (*QUALITY, "--correct"))}
 AS_PUBLISHED = [*MAIN_METHODS, "mone", "man", "msan"]  # and the main table's baselines
 
 
 def plan() -> list[tuple[str, Path, str, str, tuple[str, ...]]]:
     """(stand-in, its directory, configuration, method, more options) per row."""
     rows = [(name, path, label, method, extra) for name, path in MODELS.items() for label, (method, extra) in CONFIGS.items()]
-    refined = [(f"{m}+refine@16k", m, ("--output-tokens", "16384", "--refine-steps", "100"))
-               for m in ("mergemoe", "m-smoe", "hc-smoe", "reap", "mone", "man")]
+    refined = [(f"{m}+refine@16k", m, QUALITY) for m in REFINED]
     return rows + [("upcycled", MODELS["upcycled"], label, m, extra)
                    for label, m, extra in [(m, m, ()) for m in AS_PUBLISHED] + refined]
 

@@ -57,6 +57,7 @@ VARIANTS = [("submoe", {"adaptive": True}), ("submoe", {"intra_rank_ratio": 0.5}
 # More configurations, at 50% of the experts only, every seed: (method, method options, pipeline
 # options). More sampled tokens help every least-squares fit, so MergeMoE is measured on the same 16k
 # tokens as ours. `--add LABEL ...` re-measures some of them into the committed results.
+REFINED = ("mergemoe", "m-smoe", "hc-smoe", "reap", "mone", "man")  # published methods also measured refined
 ADDED = {
     "mergemoe@16k": ("mergemoe", {}, {"output_tokens": 16384}),
     "output-lsq@16k": ("output-lsq", {}, {"output_tokens": 16384}),
@@ -73,7 +74,7 @@ ADDED = {
     # Equal treatment: the refinement is a step after any merge, so published methods get it too, on
     # the same 16k sampled tokens.
     **{f"{m}+refine@16k": (m, {}, {"output_tokens": 16384, "refine_steps": 100})
-       for m in ("mergemoe", "m-smoe", "hc-smoe", "reap", "mone", "man")},
+       for m in REFINED},
     # Least-squares correction vectors per router expert (methods/correction.py), an idea of ours.
     "output-lsq+refine+correct@16k": ("output-lsq", {}, {"output_tokens": 16384, "refine_steps": 100, "correct": True}),
     # End-to-end distillation after the layer-wise steps (offline/distillation.py), another idea of ours.
