@@ -35,13 +35,9 @@ from safetensors.torch import load_file, save_file
 from offline.calibration.settings import Calibration
 from offline.calibration.stats_file import StatsFile, stats_layers
 from offline.compress import reduce_group
-from offline.methods import METHODS, Grouping, Merge, make_method, reduce_layer
-from offline.methods.clustering import assign_to_centres
-from offline.methods.mergemoe import weight_similarity
-from offline.methods.merging import frequency_weighted, least_squares_down, merge_weights, ridge_fits, with_down
+from offline.methods import METHODS, make_method, reduce_layer
 from offline.methods.output_error import output_error, relative_error, served_gate_weights
-from offline.methods.output_lsq import RIDGES, OutputLSQ, split_stats
-from offline.moe_math import Experts, expert_hidden, weighted_expert_sum
+from offline.methods.output_lsq import OutputLSQ, split_stats, weight_centre_grouping
 from offline.options import CompressOptions
 from offline.source.architecture import SourceArchitecture
 from offline.source.checkpoint import LazyCheckpoint
@@ -83,45 +79,16 @@ def router_refit(stats, result, router: torch.Tensor, lr: float, steps: int = 10
 
 
 class FunctionFitLSQ(OutputLSQ):
-    """output-lsq with MergeMoE's grouping as a fourth candidate and, beside the routed rows, one row
-    per sampled token whose target is the members' frequency-weighted output: the merged expert is
-    asked to stay close to the cluster's function where the source does not route to it, which is
-    where a compressed model's drifted hidden states may send tokens. The function rows weigh
-    `function_weight` times the routed rows in all; the ridge is still chosen on held-out routed rows."""
+    """output-lsq with MergeMoE's grouping as a fourth candidate at every `function_weight`, 0
+    included (the candidate alone); above 0 it is output-lsq's own `function_weight`: beside the
+    routed rows, W_D fits one row per sampled token whose target is the members' frequency-weighted
+    output, weighing `function_weight` times the routed rows in all."""
 
     name = "output-lsq+function-fit"
 
-    def __init__(self, function_weight: float = 0.0):
-        super().__init__()
-        self.function_weight = function_weight
-
     def candidates(self, stats, num_out, seed, experts):
-        merge_groups = assign_to_centres(stats.frequency, weight_similarity(experts), num_out)
-        return {**super().candidates(stats, num_out, seed, experts), "weight-centres": Grouping(merge_groups)}
-
-    def merge(self, experts: Experts, members: list[int], centre: int, stats) -> Merge:
-        avg = frequency_weighted(experts, members, stats)
-        g = stats.gate_weights()[:, members]
-        routed = g.sum(1) > 0
-        if len(members) == 1 or routed.sum() < 10:
-            return avg
-        gate, up, prior = avg.expert.gate[0], avg.expert.up[0], avg.expert.down[0]
-        x, g = stats.tokens[routed], g[routed]
-        hidden = (expert_hidden(x, gate, up) * g.sum(1, keepdim=True).to(x.dtype)).float()
-        target = weighted_expert_sum(x, g.float(), stats.experts, members)
-        w = merge_weights(stats.frequency, members).float().expand(len(stats.tokens), -1)
-        f_hidden = expert_hidden(stats.tokens, gate, up).float()
-        f_target = weighted_expert_sum(stats.tokens, w, stats.experts, members)
-        c = (self.function_weight * hidden.pow(2).sum() / f_hidden.pow(2).sum().clamp_min(1e-30)).sqrt()
-        held = torch.arange(len(x)) % 5 == 0
-        rows = lambda keep: (torch.cat([hidden[keep], c * f_hidden]), torch.cat([target[keep], c * f_target]))  # noqa: E731
-        held_error = lambda d: torch.linalg.norm(target[held] - hidden[held] @ d.float().T).item()  # noqa: E731
-        fits = ridge_fits(*rows(~held), prior.float(), RIDGES)
-        errors = {**{r: held_error(d) for r, d in fits.items()}, "average": held_error(prior)}
-        ridge = min(errors, key=errors.get)
-        down = prior if ridge == "average" else \
-            least_squares_down(*rows(torch.ones_like(held)), prior=prior.float(), ridge=ridge).to(prior.dtype)
-        return with_down(avg, down, ridge=ridge)
+        own = super().candidates(stats, num_out, seed, experts)
+        return own if self.function_weight else own | weight_centre_grouping(stats, num_out, experts)
 
 
 def layer_of(key: str) -> int | None:

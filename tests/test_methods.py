@@ -243,6 +243,38 @@ def test_output_lsq_hybrid_adds_prune_and_merge_candidates_under_the_same_measur
     assert len(one.expert_map) - len(one.dropped) >= 2
 
 
+def test_output_lsq_function_weight_fits_routed_and_function_rows_and_adds_mergemoes_grouping():
+    """--function-weight W: MergeMoE's grouping competes, and each fitted W_D solves the ridge least
+    squares over the routed rows stacked on one row per sampled token, target the members'
+    frequency-weighted output, those rows weighing W times the routed rows in all: the normal
+    equations, built here from that definition in float64, hold (and the routed rows alone do not)."""
+    experts, stats = random_layer(seed=7, t=1500)
+    r = reduce_layer(make_method("output-lsq", function_weight=3.0), experts, stats, 4, seed=0)
+    errors = r.grouping.held_out_errors
+    assert "weight-centres" in errors and errors[r.grouping.chosen_by] == min(errors.values())
+    fitted = [m for m in r.merges if len(m.members) > 1 and m.ridge != "average"]
+    assert fitted
+    x = stats.tokens.double()
+    for m in fitted:
+        source = [expert_forward(x, *(t.double() for t in stats.experts.expert(i))) for i in m.members]
+        g = stats.gate_weights()[:, m.members].double()
+        routed = g.sum(1) > 0
+        f = merge_weights(stats.frequency, m.members)
+        gate, up, down = (t[0].double() for t in m.expert.matrices().values())
+        h = expert_hidden(x, gate, up)
+        p = h[routed] * g[routed].sum(1, keepdim=True)
+        y = sum(g[routed, k, None] * source[k][routed] for k in range(len(m.members)))
+        c = (3.0 * p.pow(2).sum() / h.pow(2).sum()).sqrt()
+        rows, target = torch.cat([p, c * h]), torch.cat([y, c * sum(fk * s for fk, s in zip(f, source))])
+        prior = sum(fk * experts.down[i].double() for fk, i in zip(f, m.members))
+        scale = rows.pow(2).sum(0).mean()  # the Gram matrix's mean diagonal
+        gradient = rows.T @ (rows @ down.T - target) + m.ridge * scale * (down - prior).T
+        routed_only = p.T @ (p @ down.T - y) + m.ridge * p.pow(2).sum(0).mean() * (down - prior).T
+        size = (rows.T @ target).norm()
+        assert gradient.norm() < 1e-4 * size
+        assert routed_only.norm() > 1e-2 * size
+
+
 def test_neuron_alignment_recovers_a_permutation_and_preserves_the_function():
     experts, stats = random_layer(seed=8)
     perm = torch.randperm(24, generator=torch.Generator().manual_seed(0))

@@ -11,6 +11,12 @@ on the tokens routed to the cluster, each weighted by its routing weight into th
 Σ g_i E_i(x): exactly the cluster's share of the MoE output error. A ridge towards the weighted
 average, chosen on held-out tokens from a grid that includes the average itself, keeps a cluster
 with few routed tokens from overfitting.
+
+`function_weight` > 0 also asks W_D to stay close to the cluster's function on every sampled token,
+routed there or not (MergeMoE's target, the members' frequency-weighted output), and lets MergeMoE's
+grouping compete: where a compressed model's drifted hidden states send tokens elsewhere, the
+merged expert still computes something like its members. Whether that pays shows only in the
+model's output, never in the layer's (benchmarks/ideas.py): `compress --choose-end-to-end` decides.
 """
 from __future__ import annotations
 
@@ -20,10 +26,11 @@ import torch
 
 from ..calibration.stats import LayerStats
 from ..moe_math import Experts, expert_hidden, weighted_expert_sum
-from .base import Grouping, Merge, WeightMerge, reduce_layer
-from .clustering import kmeans_clusters, output_features
+from .base import Grouping, Merge, MethodError, WeightMerge, reduce_layer
+from .clustering import assign_to_centres, kmeans_clusters, output_features
 from .hcsmoe import mean_output_clusters, router_centres
-from .merging import frequency_weighted, least_squares_down, ridge_fits, with_down
+from .mergemoe import weight_similarity
+from .merging import frequency_weighted, least_squares_down, merge_weights, ridge_fits, with_down
 from .output_error import output_error
 from .reap import reap_scores
 
@@ -42,6 +49,11 @@ def candidate_groupings(stats: LayerStats, num_out: int, seed: int) -> dict[str,
     return {"output-kmeans": kmeans_clusters(output_features(stats.output_gram), num_out, seed),
             "output-hierarchical": mean_output_clusters(stats, num_out),
             "router-logit-centres": router_centres(stats, num_out)}
+
+
+def weight_centre_grouping(stats: LayerStats, num_out: int, experts: Experts) -> dict[str, Grouping]:
+    """MergeMoE's grouping: the most frequent experts are centres, the others join the most similar by weights."""
+    return {"weight-centres": Grouping(assign_to_centres(stats.frequency, weight_similarity(experts), num_out))}
 
 
 def hybrid_groupings(stats: LayerStats, num_out: int, seed: int) -> dict[str, Grouping]:
@@ -69,24 +81,32 @@ class OutputLSQ(WeightMerge):
     calibration tokens wins. Merging: frequency-weighted W_G and W_U; W_D fitted to the cluster's
     share of the MoE output (routed tokens, gate-weighted), with the ridge towards the weighted
     average chosen on held-out tokens from a grid that includes the average itself. With `hybrid`,
-    prune-and-merge candidates (`hybrid_groupings`) compete too."""
+    prune-and-merge candidates (`hybrid_groupings`) compete too; with `function_weight`, MergeMoE's
+    grouping, and W_D also fits the cluster's function (`function_rows`)."""
 
     name = "output-lsq"
     statistics = frozenset({"output_gram", "mean_outputs", "logit_gram"})
     description = ("ours: per layer the best of three groupings on held-out tokens; frequency-weighted W_G, W_U; "
                    "W_D by gate-weighted least squares on routed tokens, ridge chosen on held-out tokens")
 
-    def __init__(self, align_neurons: bool = False, hybrid: bool = False):
+    def __init__(self, align_neurons: bool = False, hybrid: bool = False, function_weight: float = 0.0):
         super().__init__(align_neurons)
-        self.hybrid = hybrid
+        if function_weight < 0:
+            raise MethodError(f"--function-weight must be >= 0, got {function_weight}")
+        self.hybrid, self.function_weight = hybrid, function_weight
         if hybrid:
             self.statistics = type(self).statistics | {"saliency"}
+        if function_weight:
+            self.description = (f"{type(self).description}; W_D also fitted to the cluster's function on every "
+                                f"sampled token (weight {function_weight:g}), MergeMoE's grouping a fourth candidate")
 
     def settings(self) -> dict:
-        return {**super().settings(), "hybrid": self.hybrid}
+        return {**super().settings(), "hybrid": self.hybrid, "function_weight": self.function_weight}
 
     def candidates(self, stats: LayerStats, num_out: int, seed: int, experts: Experts) -> dict[str, Grouping]:
         out = {name: Grouping(c) for name, c in candidate_groupings(stats, num_out, seed).items()}
+        if self.function_weight:
+            out |= weight_centre_grouping(stats, num_out, experts)
         return out | hybrid_groupings(stats, num_out, seed) if self.hybrid else out
 
     def group(self, stats: LayerStats, num_out: int, seed: int, experts: Experts) -> Grouping:
@@ -112,12 +132,29 @@ class OutputLSQ(WeightMerge):
         hidden = expert_hidden(x, avg.expert.gate[0], avg.expert.up[0]) * g.sum(1, keepdim=True).to(x.dtype)
         held = torch.arange(len(x)) % 5 == 0
         prior = avg.expert.down[0]
+        extra = self.function_rows(avg.expert, members, stats, hidden) if self.function_weight else None
 
-        def held_error(w: torch.Tensor) -> float:
-            return torch.linalg.norm(target[held] - hidden[held] @ w.T).item()
+        def rows(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if extra is None:
+                return hidden[keep], target[keep]
+            return torch.cat([hidden[keep].float(), extra[0]]), torch.cat([target[keep].float(), extra[1]])
 
-        fits = ridge_fits(hidden[~held], target[~held], prior, RIDGES)
+        def held_error(w: torch.Tensor) -> float:  # on the routed rows alone: the served objective
+            return torch.linalg.norm(target[held] - hidden[held] @ w.to(hidden.dtype).T).item()
+
+        fits = ridge_fits(*rows(~held), prior, RIDGES)
         errors = {**{r: held_error(w) for r, w in fits.items()}, "average": held_error(prior)}
         ridge = min(errors, key=errors.get)
-        down = prior if ridge == "average" else least_squares_down(hidden, target, prior=prior, ridge=ridge)
+        down = prior if ridge == "average" else \
+            least_squares_down(*rows(torch.ones_like(held)), prior=prior, ridge=ridge).to(prior.dtype)
         return with_down(avg, down, least_squares_tokens=int(routed.sum()), ridge=ridge)
+
+    def function_rows(self, merged: Experts, members: list[int], stats: LayerStats,
+                      routed_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One row per sampled token, target the members' frequency-weighted output (float32), scaled
+        so that the rows weigh `function_weight` times the routed rows in all."""
+        w = merge_weights(stats.frequency, members).float().expand(len(stats.tokens), -1)
+        hidden = expert_hidden(stats.tokens, merged.gate[0], merged.up[0]).float()
+        target = weighted_expert_sum(stats.tokens, w, stats.experts, members).float()
+        scale = (self.function_weight * routed_hidden.float().pow(2).sum() / hidden.pow(2).sum().clamp_min(1e-30)).sqrt()
+        return scale * hidden, scale * target
