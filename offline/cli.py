@@ -110,6 +110,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="output-lsq: per layer, also try dropping the least salient experts (REAP's score) from "
                         "the top-k, all of the reduction or half of it with the rest merged, and keep whichever "
                         "candidate is closest to the source on held-out tokens")
+    m.add_argument("--function-weight", type=float, metavar="W",
+                   help="output-lsq: also fit each merged W_D to the cluster's function on every sampled token "
+                        "(the members' frequency-weighted output), W times the routed tokens' weight, and let "
+                        "MergeMoE's grouping compete (default 0: the routed tokens alone)")
+    m.add_argument("--choose-end-to-end", action="store_true", default=None,
+                   help="output-lsq: compress with --function-weight 0 and 3 from one calibration and keep the "
+                        "one whose next-token distributions on calibration text the calibration did not draw are "
+                        "closer to the source's (three whole-model passes in float32: small models)")
     m.add_argument("--substitute-pruned", action="store_true",
                    help="reap, freq-prune: serve a pruned expert's tokens by the kept expert with the most similar "
                         "outputs (its router row stays) instead of dropping its logit from the top-k (as published)")
@@ -202,7 +210,8 @@ def _compress_settings(args) -> dict:
     preset = dict(PRESETS[args.preset or DEFAULT_PRESET].settings) if args.preset or not args.method else {}
     if args.stats:
         preset.pop("output_tokens", None)
-    given = {k: getattr(args, k) for k in ("method", "refine_steps", "correct", "distill_steps", "export")
+    given = {k: getattr(args, k) for k in ("method", "refine_steps", "correct", "distill_steps", "export",
+                                           "choose_end_to_end")
              if getattr(args, k) is not None}
     return {**preset, **given, **_compress_calibration(args)}
 
@@ -210,7 +219,7 @@ def _compress_settings(args) -> dict:
 def compress_options(args) -> CompressOptions:
     """`submoe compress`'s parsed arguments as the options `compress` takes."""
     options = {k: getattr(args, k) for k in ("rank", "rank_ratio", "adaptive", "intra_rank_ratio", "align_neurons",
-                                             "substitute_pruned", "group_size", "hybrid")}
+                                             "substitute_pruned", "group_size", "hybrid", "function_weight")}
     return CompressOptions(
         model=args.model, out=args.out, num_experts=args.num_experts, **_compress_settings(args), method_options=options,
         seed=args.seed, device=args.device, force=args.force, stats=args.stats, sequential=args.sequential,

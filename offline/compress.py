@@ -10,6 +10,9 @@
     distil    if asked, the written checkpoint's merged experts trained end to end on the source's
               next-token distributions (distillation.py)
 
+With `--choose-end-to-end` the calibrate-reduce-write steps run once per candidate fit of W_D, and
+the candidate closer to the source end to end is kept (choice.py), before distilling.
+
 Hidden states move on through the *source* layer, so the statistics do not depend on the method:
 `submoe calibrate` writes them once and `compress --stats DIR` reads them instead of calibrating,
 for any method and ratio. `--sequential` instead moves them on through each merged layer.
@@ -23,6 +26,7 @@ from pathlib import Path
 from .calibration.layer_source import LayerSource
 from .calibration.layers import CalibratedLayer, advance_compressed, in_groups
 from .calibration.windows import windows_of
+from .choice import compress_choosing
 from .distillation import Distillation, distill
 from .methods import LayerResult, Method, make_method, reduce_layers
 from .methods.correction import fit_correction
@@ -40,6 +44,19 @@ from .writing.workdir import resumable_output_dir
 def compress(opts: CompressOptions) -> dict:
     """Compress `opts.model` into `opts.out`; returns the compression report."""
     started = time.time()
+    report = compress_choosing(opts, compress) if opts.choose_end_to_end else reduce_and_write(opts, started)
+    if opts.distill_steps:
+        source = LazyCheckpoint(opts.model)
+        report["distillation"] = distill(Path(opts.out), source.dir, windows_of(source, report["calibration"]),
+                                         Distillation(steps=opts.distill_steps, seed=opts.seed))
+        # the run's time and peak memory are the whole run's, the distillation included
+        report.update(time_seconds=round(time.time() - started, 2), peak_rss_bytes=peak_rss_bytes())
+        write_report(report, Path(opts.out))
+    return report
+
+
+def reduce_and_write(opts: CompressOptions, started: float) -> dict:
+    """Calibrate, reduce and write, a layer at a time; returns the compression report."""
     source = LazyCheckpoint(opts.model)
     arch = SourceArchitecture.of(source.config)
     method = make_method(opts.method, **opts.method_options)
@@ -54,14 +71,7 @@ def compress(opts: CompressOptions) -> dict:
                     advance(group[0], reduced[0].result, opts.export)
             out.add(group, reduced)
             del group  # the next layer must not be read while this one is alive
-        report = out.finish(method, layers.info)
-    if opts.distill_steps:
-        report["distillation"] = distill(Path(opts.out), source.dir, windows_of(source, layers.info),
-                                         Distillation(steps=opts.distill_steps, seed=opts.seed))
-        # the run's time and peak memory are the whole run's, the distillation included
-        report.update(time_seconds=round(time.time() - started, 2), peak_rss_bytes=peak_rss_bytes())
-        write_report(report, Path(opts.out))
-    return report
+        return out.finish(method, layers.info)
 
 
 def reduce_group(group: list[CalibratedLayer], method: Method, budgets: list[int | None],

@@ -29,6 +29,7 @@ class CompressOptions(Calibration):
     refine_steps: int = 0  # layer-wise refinement after the merge (methods/refine.py): at most this many steps
     correct: bool = False  # least-squares correction vectors per router expert, last (methods/correction.py)
     distill_steps: int = 0  # end-to-end distillation of the written checkpoint's experts (distillation.py)
+    choose_end_to_end: bool = False  # output-lsq's two W_D fits, the one closer to the source end to end kept (choice.py)
     stats: str | None = None  # a `submoe calibrate` directory: its statistics instead of calibrating
     sequential: bool = False  # calibrate each layer on the compressed layers' hidden states (calibration/layers.py)
 
@@ -97,6 +98,8 @@ def layer_budgets(opts: CompressOptions, source: LazyCheckpoint, arch: SourceArc
     if opts.distill_steps and opts.export != "remap":
         raise CompressError(f"--distill-steps trains the merged experts behind the remap tables and rewrites "
                             f"them in the checkpoint; --export {opts.export} does not hold them so: use --export remap")
+    if opts.choose_end_to_end:
+        _check_choice(opts)
     if opts.refine_steps < 0:
         raise CompressError(f"--refine-steps must be >= 0, got {opts.refine_steps}")
     if not source.has_tokenizer():
@@ -133,6 +136,17 @@ def _check_corrections(opts: CompressOptions, method: Method) -> None:
     if opts.sequential:
         raise CompressError(f"{what} writes correction vectors, which --sequential calibration does not carry to "
                             f"the next layer yet: drop --sequential")
+
+
+def _check_choice(opts: CompressOptions) -> None:
+    if opts.method != "output-lsq":
+        raise CompressError(f"--choose-end-to-end chooses between output-lsq's two fits of W_D; --method {opts.method} "
+                            f"has one: use --method output-lsq (the default preset's), or drop --choose-end-to-end")
+    if opts.method_options.get("function_weight") is not None:
+        raise CompressError("--choose-end-to-end sets --function-weight itself (0, then 3): drop --function-weight")
+    if opts.sequential:
+        raise CompressError("--choose-end-to-end compresses both fits from one calibration, which --sequential makes "
+                            "depend on the fit: drop one")
 
 
 def _check_drops(arch: SourceArchitecture, moe_counts: set[int]) -> None:

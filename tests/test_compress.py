@@ -87,6 +87,11 @@ def _compress_args(src, out, *extra):
             "--calib", CALIB[0], "--samples", "4", "--seq-len", "32", "--no-progress", *extra]
 
 
+def _output_lsq(args, *extra):
+    args[args.index("submoe")] = "output-lsq"
+    args.extend(extra)
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda a: a.__setitem__(a.index("submoe"), "magic"), "unknown method 'magic'; choose one of: submoe"),
     (lambda a: a.__setitem__(a.index("--num-experts") + 1, "8"), "--num-experts must be between 1 and 7"),
@@ -111,6 +116,12 @@ def _compress_args(src, out, *extra):
     (lambda a: a.extend(["--correct", "--sequential"]), "which --sequential calibration does not carry"),
     (lambda a: a.extend(["--distill-steps", "-1"]), "--distill-steps must be >= 0"),
     (lambda a: a.extend(["--distill-steps", "5", "--export", "vanilla"]), "--export vanilla does not hold them so"),
+    (lambda a: a.append("--choose-end-to-end"), "--choose-end-to-end chooses between output-lsq's two fits of W_D"),
+    (lambda a: _output_lsq(a, "--choose-end-to-end", "--function-weight", "1"), "sets --function-weight itself"),
+    (lambda a: _output_lsq(a, "--choose-end-to-end", "--sequential"), "which --sequential makes depend on the fit"),
+    (lambda a: _output_lsq(a, "--function-weight", "-1"), "--function-weight must be >= 0"),
+    (lambda a: _output_lsq(a, "--choose-end-to-end", "--samples", "100000"),
+     "only 0 window(s) of 32 tokens are left over"),
 ])
 def test_bad_cli_input_gives_one_clear_error_and_no_output(random_source, tmp_path, capsys, change, message):
     args = _compress_args(random_source, tmp_path / "out")
@@ -120,6 +131,46 @@ def test_bad_cli_input_gives_one_clear_error_and_no_output(random_source, tmp_pa
     assert err.startswith("submoe compress: error:") and len(err.strip().splitlines()) == 1
     assert re.search(message, err) if "(.*)" in message else message in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_choose_end_to_end_keeps_the_fit_closer_to_the_source_on_left_over_calibration_text(random_source, tmp_path):
+    """--choose-end-to-end: both of output-lsq's fits compressed from one calibration; the kept
+    checkpoint's KL, recomputed here on calibration windows the calibration did not draw, is the
+    lower of the two the report gives, and neither candidate nor the statistics are left behind.
+    From `submoe calibrate`'s statistics of the same settings (--stats) it chooses alike and leaves
+    them as they were."""
+    from offline.calibration.windows import held_out_windows, windows_of
+    from offline.choice import FITS, WINDOWS, next_token_kls
+    from offline.source.checkpoint import LazyCheckpoint
+    out = tmp_path / "chosen"
+    args = _compress_args(random_source, out, "--choose-end-to-end")
+    _output_lsq(args)
+    args[args.index("--samples") + 1], args[args.index("--seq-len") + 1] = "8", "64"
+    assert cli(args) == 0
+    report = json.loads((out / "compression_report.json").read_text())
+    c = report["end_to_end_choice"]
+    assert set(c["kl"]) == set(FITS) and c["chosen"] == min(c["kl"], key=c["kl"].get)
+    assert report["settings"]["function_weight"] == c["function_weight"] == FITS[c["chosen"]]
+    source = LazyCheckpoint(random_source)
+    held, used = held_out_windows(source, report["calibration"], WINDOWS), windows_of(source, report["calibration"])
+    assert len(held) == c["windows"] >= 4 and not (held[:, None] == used[None]).all(-1).any()
+    assert next_token_kls(random_source, {"kept": out}, held)["kept"] == pytest.approx(c["kl"][c["chosen"]], rel=1e-4)
+    assert not (out / "candidates").exists() and not (out / "statistics").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["chosen"]  # no work directory either
+    assert "--choose-end-to-end" in (out / "README.md").read_text()
+    assert "end-to-end choice" in (out / "compression_report.md").read_text()
+    calibration = args[args.index("--calib"):args.index("--no-progress")]
+    assert cli(["calibrate", "--model", str(random_source), "--out", str(tmp_path / "stats"), *calibration,
+                "--no-progress"]) == 0
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "stats").iterdir())
+    args = _compress_args(random_source, tmp_path / "from-stats", "--choose-end-to-end", "--stats",
+                          str(tmp_path / "stats"))
+    args[args.index("--calib"):args.index("--no-progress")] = []
+    _output_lsq(args)
+    assert cli(args) == 0
+    again = json.loads((tmp_path / "from-stats" / "compression_report.json").read_text())["end_to_end_choice"]
+    assert again["chosen"] == c["chosen"] and again["kl"] == pytest.approx(c["kl"], rel=1e-4)
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "stats").iterdir()) == before
 
 
 @pytest.mark.parametrize("content, message", [

@@ -60,19 +60,41 @@ def calibration_windows(tokenizer, sources: list[str], samples: int, seq_len: in
         raise DataError(f"--samples must be at least 1, got {samples}")
     if not sources:
         raise DataError("no calibration data: pass --calib FILE [FILE ...]")
+    windows, used = round_robin(shuffled_pools(tokenizer, sources, seq_len, seed), samples)
+    info = {"sources": {domain_name(s): {"path": s, "windows": used[i]} for i, s in enumerate(sources)},
+            "samples": len(windows), "seq_len": seq_len, "tokens": windows.numel(), "seed": seed,
+            "requested_samples": samples}
+    return windows, info
+
+
+def held_out_windows(source, info: dict, count: int) -> torch.Tensor:
+    """Up to `count` windows of the calibration text that the calibration `info` describes did not
+    draw (each source's shuffled windows after those it used, round-robin); [0, seq_len] if none is left."""
+    from transformers import AutoTokenizer
+    paths = [s["path"] for s in info["sources"].values()]
+    pools = shuffled_pools(AutoTokenizer.from_pretrained(str(source.dir)), paths, info["seq_len"], info["seed"])
+    rest = [p[s["windows"]:] for p, s in zip(pools, info["sources"].values())]
+    if not any(len(p) for p in rest):
+        return torch.zeros(0, info["seq_len"], dtype=torch.long)
+    return round_robin(rest, count)[0]
+
+
+def shuffled_pools(tokenizer, sources: list[str], seq_len: int, seed: int) -> list[torch.Tensor]:
+    """Each source cut into windows, in a seeded random order."""
     gen = torch.Generator().manual_seed(seed)
     pools = []
     for spec in sources:
         w = token_windows(tokenizer, read_texts(spec), seq_len)
         pools.append(w[torch.randperm(len(w), generator=gen)])
+    return pools
+
+
+def round_robin(pools: list[torch.Tensor], count: int) -> tuple[torch.Tensor, list[int]]:
+    """Up to `count` windows taken one from each pool in turn, and how many each pool gave."""
     chosen, used = [], [0] * len(pools)
-    while len(chosen) < samples and any(used[i] < len(p) for i, p in enumerate(pools)):
+    while len(chosen) < count and any(used[i] < len(p) for i, p in enumerate(pools)):
         for i, p in enumerate(pools):
-            if used[i] < len(p) and len(chosen) < samples:
+            if used[i] < len(p) and len(chosen) < count:
                 chosen.append(p[used[i]])
                 used[i] += 1
-    windows = torch.stack(chosen)
-    info = {"sources": {domain_name(s): {"path": s, "windows": used[i]} for i, s in enumerate(sources)},
-            "samples": len(windows), "seq_len": seq_len, "tokens": windows.numel(), "seed": seed,
-            "requested_samples": samples}
-    return windows, info
+    return torch.stack(chosen), used

@@ -84,6 +84,13 @@ def to_markdown(r: dict) -> str:
         f"merging {r['reduce_seconds']:.1f} s{distilled}), peak resident memory {r['peak_rss_bytes'] / 2**20:.0f} MiB "
         f"({r['rss_before_weights_bytes'] / 2**20:.0f} MiB before any weight was read: libraries, tokenizer, "
         f"calibration tokens)",
+    ]
+    if "end_to_end_choice" in r:
+        c = r["end_to_end_choice"]
+        lines.append(f"- end-to-end choice: `{c['chosen']}` kept (function weight {c['function_weight']:g}); KL per "
+                     f"token against the source on {c['windows']} calibration windows the calibration did not draw: "
+                     + ", ".join(f"{n} {v:.5f}" for n, v in c["kl"].items()) + f" ({c['seconds']:.1f} s)")
+    lines += [
         "",
         "| layer | experts | expert map | routing frequency | MoE output rel. error |",
         "|---:|---:|---|---|---:|",

@@ -1,0 +1,109 @@
+"""`submoe compress --choose-end-to-end`: output-lsq compressed with each of its two fits of W_D,
+and the one whose next-token distributions are closer to the source's kept.
+
+Why: fitting W_D also to the cluster's function on every sampled token (`--function-weight 3`)
+lowers the KL on the upcycled stand-in and raises it from scratch, and the layer-wise objective
+cannot tell which model needs which: the held-out layer error prefers the routed fit alone on both
+(benchmarks/ideas.py). The model's own output can. Both candidates are compressed from one
+calibration (its statistics do not depend on the method: `--stats`, or measured once here), then
+scored by KL(source ‖ candidate) per token on windows of the calibration text the calibration did
+not draw. Like distillation, the scoring runs the whole model, three times over (float32, on the
+CPU): meant for models that fit there.
+
+    validate  the options, and that the calibration text has windows left over to score on
+    calibrate once, into the work directory (unless --stats)
+    compress  each fit, as `compress --stats` (resumable, each in its own directory)
+    score     both against the source on the left-over windows; the closer one becomes --out
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .calibrate import calibrate
+from .calibration.settings import CalibrateOptions, Calibration
+from .calibration.stats_file import META, StatsFile
+from .calibration.windows import held_out_windows, source_windows
+from .distillation import kl
+from .evaluate import load_reference
+from .methods import make_method
+from .options import CompressError, CompressOptions, layer_budgets
+from .source.architecture import SourceArchitecture
+from .source.checkpoint import LazyCheckpoint
+from .writing.model_card import write_card
+from .writing.report import peak_rss_bytes
+from .writing.report import write as write_report
+from .writing.workdir import REPORT, resumable_output_dir
+
+FITS = {"routed": 0.0, "routed+function": 3.0}  # output-lsq's function_weight of each candidate
+WINDOWS = 64  # left-over calibration windows scored (16k tokens at the default length), as many as exist
+MIN_WINDOWS = 4
+
+
+def compress_choosing(opts: CompressOptions, compress: Callable[[CompressOptions], dict]) -> dict:
+    """`compress` (the one-fit pipeline) run for each of `FITS` into `opts.out`'s work directory;
+    the candidate with the lower KL against the source becomes `opts.out`. Returns its report."""
+    started = time.time()
+    source = LazyCheckpoint(opts.model)
+    layer_budgets(opts, source, SourceArchitecture.of(source.config), make_method(opts.method, **opts.method_options))
+    methods = [make_method(opts.method, **{**opts.method_options, "function_weight": w}) for w in FITS.values()]
+    info = StatsFile(opts.stats).calibration if opts.stats else \
+        source_windows(source, opts.calib, opts.samples, opts.seq_len, opts.seed)[1]
+    windows = held_out_windows(source, info, WINDOWS)
+    if len(windows) < MIN_WINDOWS:
+        raise CompressError(f"--choose-end-to-end scores the candidates on calibration text the calibration did not "
+                            f"draw, and only {len(windows)} window(s) of {info['seq_len']} tokens are left over after "
+                            f"its {info['samples']}: give more --calib text or fewer --samples")
+    with resumable_output_dir(opts.out, opts.force, opts.fingerprint(), opts.restart, protect=source.dir) as work:
+        stats = Path(opts.stats) if opts.stats else work.dir / "statistics"
+        if not (stats / META).is_file():
+            calibration = {f.name: getattr(opts, f.name) for f in fields(Calibration)}
+            calibrate(CalibrateOptions(**{**calibration, "out": stats, "force": True},
+                                       statistics=frozenset().union(*(m.statistics for m in methods))))
+        candidates = {}
+        for name, weight in FITS.items():
+            candidates[name] = work.dir / "candidates" / name
+            if not (candidates[name] / REPORT).is_file():  # a resumed run keeps a finished candidate
+                compress(replace(opts, out=candidates[name], stats=str(stats), choose_end_to_end=False,
+                                 distill_steps=0, force=True, restart=False,
+                                 method_options={**opts.method_options, "function_weight": weight}))
+            work.save(candidates_done=list(candidates))
+        t0 = time.time()
+        kls = next_token_kls(source.dir, candidates, windows)
+        chosen = min(kls, key=kls.get)
+        for f in candidates[chosen].iterdir():
+            f.rename(work.dir / f.name)
+        shutil.rmtree(work.dir / "candidates")
+        report = json.loads((work.dir / REPORT).read_text())
+        if not opts.stats:  # its statistics lived in the work directory: the calibration was this run's
+            shutil.rmtree(stats)
+            report["calibration"].pop("statistics_file", None)
+            report["calibration"]["seconds"] = report["calibration"].pop("calibrate_seconds")
+        report["end_to_end_choice"] = {
+            "chosen": chosen, "function_weight": FITS[chosen],
+            "kl": {n: round(v, 6) for n, v in kls.items()},  # per token, on the left-over windows
+            "windows": len(windows), "tokens": windows.numel(), "seconds": round(time.time() - t0, 2)}
+        report.update(time_seconds=round(time.time() - started, 2), peak_rss_bytes=peak_rss_bytes())
+        write_report(report, work.dir)
+        write_card(report, work.dir, Path(opts.out).name, opts.command())
+    return report
+
+
+@torch.no_grad()
+def next_token_kls(source_dir: Path, candidates: dict[str, Path], windows: torch.Tensor,
+                   batch: int = 8) -> dict[str, float]:
+    """Each candidate's mean KL(source ‖ candidate) per token of the next-token distributions on `windows`."""
+    teacher = load_reference(str(source_dir))
+    models = {n: load_reference(str(d)) for n, d in candidates.items()}
+    sums = dict.fromkeys(candidates, 0.0)
+    for w in windows.split(batch):
+        target = teacher(input_ids=w).logits.float().log_softmax(-1)
+        for n, m in models.items():
+            sums[n] += kl(m(input_ids=w).logits, target, reduction="sum").item()
+    return {n: s / windows.numel() for n, s in sums.items()}
