@@ -88,7 +88,7 @@ class FunctionFitLSQ(OutputLSQ):
 
     def candidates(self, stats, num_out, seed, experts):
         own = super().candidates(stats, num_out, seed, experts)
-        return own if self.function_weight else own | weight_centre_grouping(stats, num_out, experts)
+        return own if self.function_weight else own | weight_centre_grouping(stats, num_out, seed, experts)
 
 
 def layer_of(key: str) -> int | None:

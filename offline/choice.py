@@ -42,68 +42,82 @@ from .writing.report import write as write_report
 from .writing.workdir import REPORT, resumable_output_dir
 
 FITS = {"routed": 0.0, "routed+function": 3.0}  # output-lsq's function_weight of each candidate
-WINDOWS = 64  # left-over calibration windows scored (16k tokens at the default length), as many as exist
-MIN_WINDOWS = 4
+SCORED_TOKENS = 16384  # left-over calibration text scored: 64 windows at the default length ...
+MIN_WINDOWS = 4  # ... and at least this many
 
 
-def compress_choosing(opts: CompressOptions, compress: Callable[[CompressOptions], dict]) -> dict:
-    """`compress` (the one-fit pipeline) run for each of `FITS` into `opts.out`'s work directory;
-    the candidate with the lower KL against the source becomes `opts.out`. Returns its report."""
+def compress_choosing(opts: CompressOptions, reduce_and_write: Callable[[CompressOptions], dict]) -> dict:
+    """`reduce_and_write` (one fit's pipeline) run for each of `FITS` in `opts.out`'s work directory;
+    the candidate with the lower KL against the source becomes `opts.out`. Every step is kept in
+    the work directory, so a killed run resumes where it stopped. Returns the report."""
     started = time.time()
     source = LazyCheckpoint(opts.model)
     layer_budgets(opts, source, SourceArchitecture.of(source.config), make_method(opts.method, **opts.method_options))
     methods = [make_method(opts.method, **{**opts.method_options, "function_weight": w}) for w in FITS.values()]
     info = StatsFile(opts.stats).calibration if opts.stats else \
         source_windows(source, opts.calib, opts.samples, opts.seq_len, opts.seed)[1]
-    windows = held_out_windows(source, info, WINDOWS)
+    windows = held_out_windows(source, info, max(MIN_WINDOWS, SCORED_TOKENS // info["seq_len"]))
     if len(windows) < MIN_WINDOWS:
+        fix = (f"calibrate {opts.stats} again with more text or fewer --samples" if opts.stats
+               else "give more --calib text or fewer --samples")
         raise CompressError(f"--choose-end-to-end scores the candidates on calibration text the calibration did not "
                             f"draw, and only {len(windows)} window(s) of {info['seq_len']} tokens are left over after "
-                            f"its {info['samples']}: give more --calib text or fewer --samples")
+                            f"its {info['samples']}: {fix}")
     with resumable_output_dir(opts.out, opts.force, opts.fingerprint(), opts.restart, protect=source.dir) as work:
+        earlier, state = work.state.get("seconds", 0.0), dict(work.state)
+
+        def save(**more) -> None:  # from the start: a killed run keeps its calibration and candidates
+            state.update(more, seconds=earlier + time.time() - started)
+            work.save(**state)
+        save()
         stats = Path(opts.stats) if opts.stats else work.dir / "statistics"
-        if not (stats / META).is_file():
-            calibration = {f.name: getattr(opts, f.name) for f in fields(Calibration)}
-            calibrate(CalibrateOptions(**{**calibration, "out": stats, "force": True},
-                                       statistics=frozenset().union(*(m.statistics for m in methods))))
-        candidates = {}
-        for name, weight in FITS.items():
-            candidates[name] = work.dir / "candidates" / name
-            if not (candidates[name] / REPORT).is_file():  # a resumed run keeps a finished candidate
-                compress(replace(opts, out=candidates[name], stats=str(stats), choose_end_to_end=False,
-                                 distill_steps=0, force=True, restart=False,
-                                 method_options={**opts.method_options, "function_weight": weight}))
-            work.save(candidates_done=list(candidates))
-        t0 = time.time()
-        kls = next_token_kls(source.dir, candidates, windows)
-        chosen = min(kls, key=kls.get)
-        for f in candidates[chosen].iterdir():
-            f.rename(work.dir / f.name)
-        shutil.rmtree(work.dir / "candidates")
+        candidates = {name: work.dir / "candidates" / name for name in FITS}
+        if "chosen" not in state:
+            if not (stats / META).is_file():
+                calibration = {f.name: getattr(opts, f.name) for f in fields(Calibration)}
+                calibrate(CalibrateOptions(**{**calibration, "out": stats, "force": True},
+                                           statistics=frozenset().union(*(m.statistics for m in methods))))
+            for name, weight in FITS.items():
+                if not (candidates[name] / REPORT).is_file():
+                    reduce_and_write(replace(opts, out=candidates[name], stats=str(stats), choose_end_to_end=False,
+                                             distill_steps=0, force=True, restart=False,
+                                             method_options={**opts.method_options, "function_weight": weight}))
+            t0 = time.time()
+            kls = next_token_kls(source.dir, candidates, windows)
+            save(chosen=min(kls, key=kls.get), kl=kls, scoring_seconds=time.time() - t0)
+        chosen = state["chosen"]
+        if candidates[chosen].exists():  # the kept candidate's files become the output's
+            for f in candidates[chosen].iterdir():
+                f.rename(work.dir / f.name)
         report = json.loads((work.dir / REPORT).read_text())
         if not opts.stats:  # its statistics lived in the work directory: the calibration was this run's
-            shutil.rmtree(stats)
-            report["calibration"].pop("statistics_file", None)
-            report["calibration"]["seconds"] = report["calibration"].pop("calibrate_seconds")
+            calibration = report["calibration"]
+            calibration.pop("statistics_file", None)
+            calibration["seconds"] = calibration.pop("calibrate_seconds", calibration["seconds"])
         report["end_to_end_choice"] = {
             "chosen": chosen, "function_weight": FITS[chosen],
-            "kl": {n: round(v, 6) for n, v in kls.items()},  # per token, on the left-over windows
-            "windows": len(windows), "tokens": windows.numel(), "seconds": round(time.time() - t0, 2)}
-        report.update(time_seconds=round(time.time() - started, 2), peak_rss_bytes=peak_rss_bytes())
+            "kl": {n: round(v, 6) for n, v in state["kl"].items()},  # per token, on the left-over windows
+            "windows": len(windows), "tokens": windows.numel(), "seconds": round(state["scoring_seconds"], 2)}
+        report.update(time_seconds=round(earlier + time.time() - started, 2), peak_rss_bytes=peak_rss_bytes())
         write_report(report, work.dir)
         write_card(report, work.dir, Path(opts.out).name, opts.command())
+        shutil.rmtree(work.dir / "candidates", ignore_errors=True)
+        if not opts.stats:
+            shutil.rmtree(stats, ignore_errors=True)
     return report
 
 
 @torch.no_grad()
 def next_token_kls(source_dir: Path, candidates: dict[str, Path], windows: torch.Tensor,
                    batch: int = 8) -> dict[str, float]:
-    """Each candidate's mean KL(source ‖ candidate) per token of the next-token distributions on `windows`."""
-    teacher = load_reference(str(source_dir))
-    models = {n: load_reference(str(d)) for n, d in candidates.items()}
-    sums = dict.fromkeys(candidates, 0.0)
-    for w in windows.split(batch):
-        target = teacher(input_ids=w).logits.float().log_softmax(-1)
-        for n, m in models.items():
-            sums[n] += kl(m(input_ids=w).logits, target, reduction="sum").item()
-    return {n: s / windows.numel() for n, s in sums.items()}
+    """Each candidate's mean KL(source ‖ candidate) per token of the next-token distributions on
+    `windows`; the source and one candidate held at a time."""
+    teacher, out = load_reference(str(source_dir)), {}
+    for name, directory in candidates.items():
+        model, total = load_reference(str(directory)), 0.0
+        for w in windows.split(batch):
+            total += kl(model(input_ids=w).logits, teacher(input_ids=w).logits.float().log_softmax(-1),
+                        reduction="sum").item()
+        out[name] = total / windows.numel()
+        del model
+    return out

@@ -117,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--choose-end-to-end", action="store_true", default=None,
                    help="output-lsq: compress with --function-weight 0 and 3 from one calibration and keep the "
                         "one whose next-token distributions on calibration text the calibration did not draw are "
-                        "closer to the source's (three whole-model passes in float32: small models)")
+                        "closer to the source's (the source and each candidate run in float32: small models)")
     m.add_argument("--substitute-pruned", action="store_true",
                    help="reap, freq-prune: serve a pruned expert's tokens by the kept expert with the most similar "
                         "outputs (its router row stays) instead of dropping its logit from the top-k (as published)")

@@ -10,8 +10,9 @@
     distil    if asked, the written checkpoint's merged experts trained end to end on the source's
               next-token distributions (distillation.py)
 
-With `--choose-end-to-end` the calibrate-reduce-write steps run once per candidate fit of W_D, and
-the candidate closer to the source end to end is kept (choice.py), before distilling.
+With `--choose-end-to-end` the source is calibrated once, the reduce-write steps run once per
+candidate fit of W_D, and the candidate closer to the source end to end is kept (choice.py),
+before distilling.
 
 Hidden states move on through the *source* layer, so the statistics do not depend on the method:
 `submoe calibrate` writes them once and `compress --stats DIR` reads them instead of calibrating,
@@ -44,7 +45,8 @@ from .writing.workdir import resumable_output_dir
 def compress(opts: CompressOptions) -> dict:
     """Compress `opts.model` into `opts.out`; returns the compression report."""
     started = time.time()
-    report = compress_choosing(opts, compress) if opts.choose_end_to_end else reduce_and_write(opts, started)
+    report = compress_choosing(opts, lambda o: reduce_and_write(o, time.time())) if opts.choose_end_to_end \
+        else reduce_and_write(opts, started)
     if opts.distill_steps:
         source = LazyCheckpoint(opts.model)
         report["distillation"] = distill(Path(opts.out), source.dir, windows_of(source, report["calibration"]),

@@ -16,8 +16,9 @@ class DataError(SubMoEError):
 
 
 def domain_name(spec: str) -> str:
-    """Name a data source in reports: file stem for files, dataset id for hub datasets."""
-    return spec[len(HUB_PREFIX):].split(":")[0] if spec.startswith(HUB_PREFIX) else Path(spec).stem
+    """Name a data source in reports: file stem for files, dataset id (and config, if given) for hub
+    datasets, so that two configs of one dataset are two domains."""
+    return ":".join(spec[len(HUB_PREFIX):].split(":")[:2]) if spec.startswith(HUB_PREFIX) else Path(spec).stem
 
 
 def read_texts(spec: str) -> list[str]:

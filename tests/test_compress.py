@@ -119,9 +119,10 @@ def _output_lsq(args, *extra):
     (lambda a: a.append("--choose-end-to-end"), "--choose-end-to-end chooses between output-lsq's two fits of W_D"),
     (lambda a: _output_lsq(a, "--choose-end-to-end", "--function-weight", "1"), "sets --function-weight itself"),
     (lambda a: _output_lsq(a, "--choose-end-to-end", "--sequential"), "which --sequential makes depend on the fit"),
-    (lambda a: _output_lsq(a, "--function-weight", "-1"), "--function-weight must be >= 0"),
+    (lambda a: _output_lsq(a, "--function-weight", "-1"), "--function-weight must be a number >= 0"),
     (lambda a: _output_lsq(a, "--choose-end-to-end", "--samples", "100000"),
      "only 0 window(s) of 32 tokens are left over"),
+    (lambda a: a.insert(a.index("--calib") + 1, CALIB[0]), "is given twice: rename or merge those files"),
 ])
 def test_bad_cli_input_gives_one_clear_error_and_no_output(random_source, tmp_path, capsys, change, message):
     args = _compress_args(random_source, tmp_path / "out")
@@ -140,7 +141,7 @@ def test_choose_end_to_end_keeps_the_fit_closer_to_the_source_on_left_over_calib
     From `submoe calibrate`'s statistics of the same settings (--stats) it chooses alike and leaves
     them as they were."""
     from offline.calibration.windows import held_out_windows, windows_of
-    from offline.choice import FITS, WINDOWS, next_token_kls
+    from offline.choice import FITS, MIN_WINDOWS, SCORED_TOKENS, next_token_kls
     from offline.source.checkpoint import LazyCheckpoint
     out = tmp_path / "chosen"
     args = _compress_args(random_source, out, "--choose-end-to-end")
@@ -152,7 +153,8 @@ def test_choose_end_to_end_keeps_the_fit_closer_to_the_source_on_left_over_calib
     assert set(c["kl"]) == set(FITS) and c["chosen"] == min(c["kl"], key=c["kl"].get)
     assert report["settings"]["function_weight"] == c["function_weight"] == FITS[c["chosen"]]
     source = LazyCheckpoint(random_source)
-    held, used = held_out_windows(source, report["calibration"], WINDOWS), windows_of(source, report["calibration"])
+    held = held_out_windows(source, report["calibration"], max(MIN_WINDOWS, SCORED_TOKENS // 64))
+    used = windows_of(source, report["calibration"])
     assert len(held) == c["windows"] >= 4 and not (held[:, None] == used[None]).all(-1).any()
     assert next_token_kls(random_source, {"kept": out}, held)["kept"] == pytest.approx(c["kl"][c["chosen"]], rel=1e-4)
     assert not (out / "candidates").exists() and not (out / "statistics").exists()
@@ -171,6 +173,40 @@ def test_choose_end_to_end_keeps_the_fit_closer_to_the_source_on_left_over_calib
     again = json.loads((tmp_path / "from-stats" / "compression_report.json").read_text())["end_to_end_choice"]
     assert again["chosen"] == c["chosen"] and again["kl"] == pytest.approx(c["kl"], rel=1e-4)
     assert sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "stats").iterdir()) == before
+
+
+def test_choose_end_to_end_resumes_a_killed_run_without_redoing_what_it_finished(random_source, tmp_path):
+    """Killed while compressing the second fit, the run keeps its calibration and the first fit;
+    the same command then compresses the second fit only and chooses."""
+    import time
+
+    from offline.calibration.stats_file import META
+    from offline.choice import FITS, compress_choosing
+    from offline.compress import reduce_and_write
+    from offline.options import CompressOptions
+    opts = CompressOptions(model=str(random_source), out=tmp_path / "out", method="output-lsq", num_experts=4,
+                           calib=CALIB[:1], samples=8, seq_len=64, choose_end_to_end=True, progress=False)
+    fits = []
+
+    def killed_at_the_second(o):
+        fits.append(o.method_options["function_weight"])
+        if len(fits) == 2:
+            raise KeyboardInterrupt
+        return reduce_and_write(o, time.time())
+    with pytest.raises(KeyboardInterrupt):
+        compress_choosing(opts, killed_at_the_second)
+    work = tmp_path / ".out.partial"
+    kept = [work / "statistics" / META, work / "candidates" / "routed" / "compression_report.json"]
+    stamps = [f.stat().st_mtime_ns for f in kept]
+    resumed = []
+
+    def resumed_at_the_second(o):  # what the first run finished is still there, untouched
+        resumed.append((o.method_options["function_weight"], [f.stat().st_mtime_ns for f in kept]))
+        return reduce_and_write(o, time.time())
+    report = compress_choosing(opts, resumed_at_the_second)
+    assert resumed == [(FITS["routed+function"], stamps)]
+    assert set(report["end_to_end_choice"]["kl"]) == set(FITS) and not work.exists()
+    assert (tmp_path / "out" / "compression_report.json").is_file()
 
 
 @pytest.mark.parametrize("content, message", [

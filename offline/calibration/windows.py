@@ -60,6 +60,11 @@ def calibration_windows(tokenizer, sources: list[str], samples: int, seq_len: in
         raise DataError(f"--samples must be at least 1, got {samples}")
     if not sources:
         raise DataError("no calibration data: pass --calib FILE [FILE ...]")
+    names = [domain_name(s) for s in sources]
+    if len(set(names)) < len(names):  # the report, and whatever draws the windows again, name each source once
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise DataError(f"--calib sources must have different names (a domain is named after its file), but "
+                        f"{', '.join(twice)} is given twice: rename or merge those files")
     windows, used = round_robin(shuffled_pools(tokenizer, sources, seq_len, seed), samples)
     info = {"sources": {domain_name(s): {"path": s, "windows": used[i]} for i, s in enumerate(sources)},
             "samples": len(windows), "seq_len": seq_len, "tokens": windows.numel(), "seed": seed,
@@ -69,14 +74,19 @@ def calibration_windows(tokenizer, sources: list[str], samples: int, seq_len: in
 
 def held_out_windows(source, info: dict, count: int) -> torch.Tensor:
     """Up to `count` windows of the calibration text that the calibration `info` describes did not
-    draw (each source's shuffled windows after those it used, round-robin); [0, seq_len] if none is left."""
+    draw (each source's shuffled windows after those it used, round-robin), their ids checked
+    against the source's vocabulary; [0, seq_len] if none is left."""
     from transformers import AutoTokenizer
     paths = [s["path"] for s in info["sources"].values()]
     pools = shuffled_pools(AutoTokenizer.from_pretrained(str(source.dir)), paths, info["seq_len"], info["seed"])
-    rest = [p[s["windows"]:] for p, s in zip(pools, info["sources"].values())]
+    used = [s["windows"] for s in info["sources"].values()]
+    if round_robin(pools, info["samples"])[1] != used:  # the text changed, or two sources share a name
+        raise DataError(f"the calibration text ({', '.join(paths)}) no longer cuts into the windows the "
+                        f"calibration drew from it (per source {used}): calibrate again")
+    rest = [p[u:] for p, u in zip(pools, used)]
     if not any(len(p) for p in rest):
         return torch.zeros(0, info["seq_len"], dtype=torch.long)
-    return round_robin(rest, count)[0]
+    return check_token_ids(round_robin(rest, count)[0], source.config.get("vocab_size"), source.dir)
 
 
 def shuffled_pools(tokenizer, sources: list[str], seq_len: int, seed: int) -> list[torch.Tensor]:

@@ -20,6 +20,7 @@ model's output, never in the layer's (benchmarks/ideas.py): `compress --choose-e
 """
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
@@ -27,9 +28,9 @@ import torch
 from ..calibration.stats import LayerStats
 from ..moe_math import Experts, expert_hidden, weighted_expert_sum
 from .base import Grouping, Merge, MethodError, WeightMerge, reduce_layer
-from .clustering import assign_to_centres, kmeans_clusters, output_features
+from .clustering import kmeans_clusters, output_features
 from .hcsmoe import mean_output_clusters, router_centres
-from .mergemoe import weight_similarity
+from .mergemoe import MergeMoE
 from .merging import frequency_weighted, least_squares_down, merge_weights, ridge_fits, with_down
 from .output_error import output_error
 from .reap import reap_scores
@@ -51,9 +52,9 @@ def candidate_groupings(stats: LayerStats, num_out: int, seed: int) -> dict[str,
             "router-logit-centres": router_centres(stats, num_out)}
 
 
-def weight_centre_grouping(stats: LayerStats, num_out: int, experts: Experts) -> dict[str, Grouping]:
+def weight_centre_grouping(stats: LayerStats, num_out: int, seed: int, experts: Experts) -> dict[str, Grouping]:
     """MergeMoE's grouping: the most frequent experts are centres, the others join the most similar by weights."""
-    return {"weight-centres": Grouping(assign_to_centres(stats.frequency, weight_similarity(experts), num_out))}
+    return {"weight-centres": MergeMoE().group(stats, num_out, seed, experts)}
 
 
 def hybrid_groupings(stats: LayerStats, num_out: int, seed: int) -> dict[str, Grouping]:
@@ -91,8 +92,8 @@ class OutputLSQ(WeightMerge):
 
     def __init__(self, align_neurons: bool = False, hybrid: bool = False, function_weight: float = 0.0):
         super().__init__(align_neurons)
-        if function_weight < 0:
-            raise MethodError(f"--function-weight must be >= 0, got {function_weight}")
+        if not math.isfinite(function_weight) or function_weight < 0:
+            raise MethodError(f"--function-weight must be a number >= 0, got {function_weight}")
         self.hybrid, self.function_weight = hybrid, function_weight
         if hybrid:
             self.statistics = type(self).statistics | {"saliency"}
@@ -106,7 +107,7 @@ class OutputLSQ(WeightMerge):
     def candidates(self, stats: LayerStats, num_out: int, seed: int, experts: Experts) -> dict[str, Grouping]:
         out = {name: Grouping(c) for name, c in candidate_groupings(stats, num_out, seed).items()}
         if self.function_weight:
-            out |= weight_centre_grouping(stats, num_out, experts)
+            out |= weight_centre_grouping(stats, num_out, seed, experts)
         return out | hybrid_groupings(stats, num_out, seed) if self.hybrid else out
 
     def group(self, stats: LayerStats, num_out: int, seed: int, experts: Experts) -> Grouping:
@@ -137,24 +138,24 @@ class OutputLSQ(WeightMerge):
         def rows(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             if extra is None:
                 return hidden[keep], target[keep]
-            return torch.cat([hidden[keep].float(), extra[0]]), torch.cat([target[keep].float(), extra[1]])
+            return torch.cat([hidden[keep], extra[0]]), torch.cat([target[keep], extra[1]])
 
         def held_error(w: torch.Tensor) -> float:  # on the routed rows alone: the served objective
-            return torch.linalg.norm(target[held] - hidden[held] @ w.to(hidden.dtype).T).item()
+            return torch.linalg.norm(target[held] - hidden[held] @ w.T).item()
 
         fits = ridge_fits(*rows(~held), prior, RIDGES)
         errors = {**{r: held_error(w) for r, w in fits.items()}, "average": held_error(prior)}
         ridge = min(errors, key=errors.get)
-        down = prior if ridge == "average" else \
-            least_squares_down(*rows(torch.ones_like(held)), prior=prior, ridge=ridge).to(prior.dtype)
+        down = prior if ridge == "average" else least_squares_down(*rows(torch.ones_like(held)), prior=prior, ridge=ridge)
         return with_down(avg, down, least_squares_tokens=int(routed.sum()), ridge=ridge)
 
     def function_rows(self, merged: Experts, members: list[int], stats: LayerStats,
                       routed_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One row per sampled token, target the members' frequency-weighted output (float32), scaled
-        so that the rows weigh `function_weight` times the routed rows in all."""
+        """One row per sampled token, target the members' frequency-weighted output, scaled so that the
+        rows weigh `function_weight` times the routed rows in all. (The held-out routed tokens are
+        among them, as in the configuration measured: the ridge choice sees their function rows.)"""
         w = merge_weights(stats.frequency, members).float().expand(len(stats.tokens), -1)
-        hidden = expert_hidden(stats.tokens, merged.gate[0], merged.up[0]).float()
-        target = weighted_expert_sum(stats.tokens, w, stats.experts, members).float()
-        scale = (self.function_weight * routed_hidden.float().pow(2).sum() / hidden.pow(2).sum().clamp_min(1e-30)).sqrt()
+        hidden = expert_hidden(stats.tokens, merged.gate[0], merged.up[0])
+        target = weighted_expert_sum(stats.tokens, w, stats.experts, members)
+        scale = (self.function_weight * routed_hidden.pow(2).sum() / hidden.pow(2).sum().clamp_min(1e-30)).sqrt()
         return scale * hidden, scale * target
