@@ -79,7 +79,7 @@ quality: $(STAMP)
 served-quality: $(STAMP)
 	$(PY) benchmarks/served_quality.py
 
-# What a compression costs: a fresh `submoe compress` per row (method_cost.*; about 10 minutes).
+# What a compression costs: a fresh `submoe compress` per row (method_cost.*; about 40 minutes).
 cost: $(STAMP)
 	$(PY) benchmarks/method_cost.py
 

@@ -5,11 +5,11 @@ the whole run, and peak resident memory.
     make cost        # python benchmarks/method_cost.py [--out benchmarks/results]
 
 Rows: the project's method as the quality benchmark measures it (output-lsq+refine@16k), with
-each of its options (distillation, hybrid, correction vectors) and its closed-form part alone, on
-every stand-in at 50% of the experts; every published method, as published and refined the same
-way, on the upcycled one. "Calibration" is what the method needs (reading each
-layer, running the calibration windows through it, the statistics it reads); "whole /
-calibration" is the run's time over it.
+each of its options (distillation, hybrid, correction vectors, the end-to-end choice of the fit)
+and its closed-form part alone, on every stand-in at 50% of the experts; every published method,
+as published and refined the same way, on the upcycled one. "Calibration" is what the method
+needs (reading each layer, running the calibration windows through it, the statistics it reads);
+"whole / calibration" is the run's time over it.
 Writes method_cost.json and method_cost.md.
 """
 from __future__ import annotations
@@ -27,10 +27,11 @@ QUALITY = ("--output-tokens", "16384", "--refine-steps", "100")  # the quality p
 CONFIGS = {"output-lsq+refine@16k": ("output-lsq", QUALITY),
            "output-lsq+refine+vanilla@16k": ("output-lsq", (*QUALITY, "--export", "vanilla")),
            "output-lsq@16k": ("output-lsq", ("--output-tokens", "16384")),
-           # its three options, each on top of the quality preset
+           # its four options, each on top of the quality preset
            "output-lsq+refine+distill@16k": ("output-lsq", (*QUALITY, "--distill-steps", "800")),
            "output-lsq+hybrid+refine@16k": ("output-lsq", (*QUALITY, "--hybrid")),
-           "output-lsq+refine+correct@16k": ("output-lsq", (*QUALITY, "--correct"))}
+           "output-lsq+refine+correct@16k": ("output-lsq", (*QUALITY, "--correct")),
+           "output-lsq+choose+refine@16k": ("output-lsq", (*QUALITY, "--choose-end-to-end"))}
 AS_PUBLISHED = [*MAIN_METHODS, "mone", "man", "msan"]  # and the main table's baselines
 
 

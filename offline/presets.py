@@ -33,14 +33,14 @@ PRESETS = {
     "quality": Preset(
         {"method": "output-lsq", "output_tokens": 16384, "refine_steps": 100},
         "the best measured: output-lsq's grouping and least-squares merge, then layer-wise refinement",
-        "output-lsq+refine@16k", (0.066, 0.044, 0.004), 29),
+        "output-lsq+refine@16k", (0.066, 0.044, 0.004), 35),
     "fast": Preset(
         {"method": "reap"},
         "REAP as published: prunes by saliency, no pass of every expert over every token and no refinement",
-        "reap", (0.167, 0.198, 0.072), 7),
+        "reap", (0.167, 0.198, 0.072), 8),
     "stock": Preset(
         {"method": "output-lsq", "output_tokens": 16384, "refine_steps": 100, "export": "vanilla"},
         "the quality preset written as a stock checkpoint (N'-row router) that tools without the plugin load",
-        "output-lsq+refine+vanilla@16k", (0.091, 0.055, 0.010), 29),
+        "output-lsq+refine+vanilla@16k", (0.091, 0.055, 0.010), 35),
 }
 DEFAULT = "quality"

@@ -159,7 +159,8 @@ def test_choose_end_to_end_keeps_the_fit_closer_to_the_source_on_left_over_calib
     assert next_token_kls(random_source, {"kept": out}, held)["kept"] == pytest.approx(c["kl"][c["chosen"]], rel=1e-4)
     assert not (out / "candidates").exists() and not (out / "statistics").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["chosen"]  # no work directory either
-    assert "--choose-end-to-end" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "--choose-end-to-end" in card and f"the `{c['chosen']}` fit of W_D kept" in card
     assert "end-to-end choice" in (out / "compression_report.md").read_text()
     calibration = args[args.index("--calib"):args.index("--no-progress")]
     assert cli(["calibrate", "--model", str(random_source), "--out", str(tmp_path / "stats"), *calibration,

@@ -38,6 +38,7 @@ def model_card(report: dict, name: str, command: list[str]) -> ModelCard:
     serve = (["pip install vllm-submoe   # the plugin that serves the remap tables", f"vllm serve {name}"]
              if remap else [f"vllm serve {name}   # a stock checkpoint: no plugin needed"])
     sources = ", ".join(f"`{v['path']}`" if isinstance(v, dict) else f"`{k}`" for k, v in calib["sources"].items())
+    choice = report.get("end_to_end_choice")
     body = "\n".join([
         f"# {name}", "",
         f"`{source}` with its experts reduced by vllm-submoe: "
@@ -61,6 +62,9 @@ def model_card(report: dict, name: str, command: list[str]) -> ModelCard:
         f"- source checkpoint: `{source}`",
         f"- calibration: {calib['samples']} windows of {calib['seq_len']} tokens from {sources}"
         + (f" (statistics file `{calib['statistics_file']}`)" if "statistics_file" in calib else ""),
+        *([f"- end-to-end choice: the `{choice['chosen']}` fit of W_D kept, KL per token against the source on "
+           f"{choice['tokens']} calibration tokens the calibration did not draw: "
+           + ", ".join(f"{n} {v:.5f}" for n, v in choice["kl"].items())] if choice else []),
         f"- tool: vllm-submoe {tool_version()}",
         f"- command: `{shlex.join(command)}`",
         "- compression report: `compression_report.md` and `compression_report.json` beside this card", ""])
