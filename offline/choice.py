@@ -7,8 +7,8 @@ cannot tell which model needs which: the held-out layer error prefers the routed
 (benchmarks/ideas.py). The model's own output can. Both candidates are compressed from one
 calibration (its statistics do not depend on the method: `--stats`, or measured once here), then
 scored by KL(source ‖ candidate) per token on windows of the calibration text the calibration did
-not draw. Like distillation, the scoring runs the whole model, three times over (float32, on the
-CPU): meant for models that fit there.
+not draw. Like distillation, the scoring runs the whole model in float32 on the CPU (the source
+once per candidate, beside it): meant for models that fit there.
 
     validate  the options, and that the calibration text has windows left over to score on
     calibrate once, into the work directory (unless --stats)

@@ -12,6 +12,8 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from submoe_format.errors import SubMoEError
 
+from .report import choice_summary
+
 CARD = "README.md"
 QUALITY = "## Quality"
 NOT_MEASURED = ("Not measured yet. `submoe eval --model {dir} --reference {source} --data EVAL.jsonl ... --card` "
@@ -62,9 +64,7 @@ def model_card(report: dict, name: str, command: list[str]) -> ModelCard:
         f"- source checkpoint: `{source}`",
         f"- calibration: {calib['samples']} windows of {calib['seq_len']} tokens from {sources}"
         + (f" (statistics file `{calib['statistics_file']}`)" if "statistics_file" in calib else ""),
-        *([f"- end-to-end choice: the `{choice['chosen']}` fit of W_D kept, KL per token against the source on "
-           f"{choice['tokens']} calibration tokens the calibration did not draw: "
-           + ", ".join(f"{n} {v:.5f}" for n, v in choice["kl"].items())] if choice else []),
+        *([f"- end-to-end choice: {choice_summary(choice)}"] if choice else []),
         f"- tool: vllm-submoe {tool_version()}",
         f"- command: `{shlex.join(command)}`",
         "- compression report: `compression_report.md` and `compression_report.json` beside this card", ""])

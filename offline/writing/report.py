@@ -64,6 +64,13 @@ def build(opts, method, calib_info: dict, layers: list[dict], experts_per_layer:
     }
 
 
+def choice_summary(c: dict) -> str:
+    """`--choose-end-to-end`'s outcome (the report's `end_to_end_choice`), for the report and the model card."""
+    return (f"the `{c['chosen']}` fit of W_D kept (function weight {c['function_weight']:g}); KL per token against "
+            f"the source on {c['tokens']} tokens of calibration text the calibration did not draw: "
+            + ", ".join(f"{n} {v:.5f}" for n, v in c["kl"].items()))
+
+
 def to_markdown(r: dict) -> str:
     s = r["sizes"]
     distilled = f", distillation {r['distillation']['seconds']:.1f} s" if "distillation" in r else ""
@@ -86,10 +93,8 @@ def to_markdown(r: dict) -> str:
         f"calibration tokens)",
     ]
     if "end_to_end_choice" in r:
-        c = r["end_to_end_choice"]
-        lines.append(f"- end-to-end choice: `{c['chosen']}` kept (function weight {c['function_weight']:g}); KL per "
-                     f"token against the source on {c['windows']} calibration windows the calibration did not draw: "
-                     + ", ".join(f"{n} {v:.5f}" for n, v in c["kl"].items()) + f" ({c['seconds']:.1f} s)")
+        lines.append(f"- end-to-end choice: {choice_summary(r['end_to_end_choice'])} "
+                     f"({r['end_to_end_choice']['seconds']:.1f} s)")
     lines += [
         "",
         "| layer | experts | expert map | routing frequency | MoE output rel. error |",
